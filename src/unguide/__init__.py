@@ -1,0 +1,6 @@
+"""unguide: controlled concept erasure for text-to-image diffusion models (LoRA adapter + UnGuidance)."""
+from .errors import UnguideError
+from .models import ModelBundle, load_model
+
+__version__ = "0.1.0"
+__all__ = ["UnguideError", "ModelBundle", "load_model", "__version__"]

@@ -1,0 +1,202 @@
+"""Erasure adapters on the one denoiser in memory, switchable between "base" and "adapted".
+
+* ``object``   (reference): LoRA rank 1, scale 8, on cross-attention key/value (``attn2.to_k``, ``attn2.to_v``).
+* ``explicit`` (reference): LoRA on every Linear layer except cross-attention, the time embedding and the output.
+* ``full``     (ESD-x baseline): the cross-attention key/value weights themselves are trained; the base weights are
+  kept as a copy of just those tensors and swapped in when the base model is asked for.
+
+LoRA files are written in the diffusers format (``pytorch_lora_weights.safetensors`` with a ``unet.`` prefix and the
+adapter config in its metadata), so ``StableDiffusionPipeline.load_lora_weights`` loads them.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import UnguideError
+from .io import load_tensors, save_tensors
+
+ADAPTER_NAME = "erasure"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+FULL_FILE = "full_weights.safetensors"
+
+
+@dataclass
+class AdapterConfig:
+    preset: str = "object"
+    rank: int = 1
+    alpha: float = 8.0  # the LoRA output scale itself (peft lora_alpha = alpha * rank)
+
+
+def target_modules(unet: nn.Module, preset: str) -> list[str]:
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)]
+    if preset in ("object", "full"):
+        chosen = [n for n in names if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")]
+    elif preset == "explicit":
+        chosen = [n for n in names if ".attn2." not in n and not n.startswith("time_embedding")
+                  and not n.startswith("conv_out")]
+    else:
+        raise UnguideError(f"unknown layer preset {preset!r}: use object, explicit or full")
+    if not chosen:
+        raise UnguideError(f"the denoiser has no layers for preset {preset!r} (is it a UNet2DConditionModel?)")
+    return chosen
+
+
+class LoraAdapter:
+    """A peft LoRA adapter injected into the UNet; base = adapter layers disabled."""
+
+    kind = "lora"
+
+    def __init__(self, unet, cfg: AdapterConfig, init_seed: int = 0):
+        from peft import LoraConfig
+
+        self.unet, self.cfg = unet, cfg
+        modules = target_modules(unet, cfg.preset)
+        lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha * cfg.rank, target_modules=modules,
+                          init_lora_weights="gaussian")
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed)
+            unet.add_adapter(lcfg, adapter_name=ADAPTER_NAME)
+        self.lora_config = lcfg
+        self.unet.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{ADAPTER_NAME}." in n}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.named_parameters().values())
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    @contextmanager
+    def adapted(self) -> Iterator[None]:
+        yield
+
+    def remove(self) -> None:
+        """Take the adapter out of the UNet, leaving the base model."""
+        self.unet.delete_adapters(ADAPTER_NAME)
+
+    def save(self, directory: str | Path) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME))
+        directory = Path(directory)
+        tmp = directory / ".lora_tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        meta = {"r": self.cfg.rank, "lora_alpha": self.cfg.alpha * self.cfg.rank, "target_modules": self.lora_config.target_modules,
+                "init_lora_weights": "gaussian"}
+        meta["target_modules"] = sorted(meta["target_modules"])
+        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=meta)
+        (tmp / LORA_FILE).replace(directory / LORA_FILE)
+        tmp.rmdir()
+        return directory / LORA_FILE
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters().items()}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = self.named_parameters()
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+
+
+class FullAdapter:
+    """ESD-x style fine-tune of cross-attention key/value weights, with the base weights kept aside."""
+
+    kind = "full"
+
+    def __init__(self, unet, cfg: AdapterConfig, init_seed: int = 0):
+        self.unet, self.cfg = unet, cfg
+        self.modules = {n: unet.get_submodule(n) for n in target_modules(unet, "full")}
+        self.base_weights = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        self.unet.requires_grad_(False)
+        for m in self.modules.values():
+            m.weight.requires_grad_(True)
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.weight": m.weight for n, m in self.modules.items()}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.named_parameters().values())
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        tuned = {n: m.weight.data for n, m in self.modules.items()}
+        for n, m in self.modules.items():
+            m.weight.data = self.base_weights[n]
+        try:
+            yield
+        finally:
+            for n, m in self.modules.items():
+                m.weight.data = tuned[n]
+
+    @contextmanager
+    def adapted(self) -> Iterator[None]:
+        yield
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for n, m in self.modules.items():
+                m.weight.data = self.base_weights[n]
+                m.weight.requires_grad_(False)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FULL_FILE
+        save_tensors(path, self.trainable_state(), metadata={"format": "unguide-full", "preset": "full"})
+        return path
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters().items()}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.named_parameters().items():
+                p.copy_(tensors[n])
+
+
+def make_adapter(unet, cfg: AdapterConfig, init_seed: int = 0):
+    return FullAdapter(unet, cfg, init_seed) if cfg.preset == "full" else LoraAdapter(unet, cfg, init_seed)
+
+
+def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
+    """Attach a finished erasure run's weights to the UNet (LoRA through diffusers' own loader)."""
+    run_dir = Path(run_dir)
+    if cfg.preset == "full":
+        adapter = FullAdapter(unet, cfg)
+        adapter.load_trainable_state(load_tensors(run_dir / FULL_FILE))
+        unet.requires_grad_(False)
+        return adapter
+    path = run_dir / LORA_FILE
+    if not path.is_file():
+        raise UnguideError(f"{run_dir} has no {LORA_FILE}: is it a finished `unguide erase` run?")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    adapter = LoraAdapter.__new__(LoraAdapter)
+    adapter.unet, adapter.cfg = unet, cfg
+    unet.load_lora_adapter(str(path), prefix="unet", adapter_name=ADAPTER_NAME)
+    from peft import LoraConfig
+
+    adapter.lora_config = LoraConfig(**{k: v for k, v in meta.items() if k in ("r", "lora_alpha", "target_modules")}) \
+        if meta else None
+    unet.requires_grad_(False)
+    return adapter

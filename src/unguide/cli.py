@@ -1,0 +1,171 @@
+"""The ``unguide`` command line. Bad input ends with one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UnguideError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toyworld",
+                   help="'toyworld' (embedded default), a diffusers Stable Diffusion directory, or a hub id")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _cmd_generate(args) -> int:
+    from .run_generate import generate_command
+
+    return generate_command(args)
+
+
+def _cmd_train_toy(args) -> int:
+    import torch
+
+    from .toyworld.classifier import ClassifierTrainConfig, train_classifier
+    from .toyworld.train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.stage in ("classifier", "all"):
+        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=args.classifier_steps)))
+    if args.stage in ("vae", "all"):
+        train_vae(out, VAEConfig(steps=args.vae_steps))
+    if args.stage in ("unet", "all"):
+        if not (out / "vae").is_dir():
+            raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
+        target = train_unet(out, UNetConfig(steps=args.unet_steps), max_minutes=args.max_minutes)
+        print(f"toyworld model written to {target}")
+    if args.stage == "export":
+        print(export_toyworld(out, UNetConfig(steps=args.unet_steps)))
+    return 0
+
+
+def _cmd_erase(args) -> int:
+    from .concepts import resolve_concept
+    from .erase import EraseConfig, erase
+    from .models import load_model
+
+    concept = resolve_concept(args.concept, args.concept_file)
+    cfg = EraseConfig(preset=args.preset or concept.preset, iterations=args.iterations, lr=args.lr, eta=args.eta,
+                      start_guidance=args.start_guidance, rank=args.rank, alpha=args.alpha, seed=args.seed)
+    if cfg.iterations < 1 or cfg.lr <= 0 or cfg.rank < 1:
+        raise UnguideError("--iterations and --rank must be >= 1 and --lr > 0")
+    bundle = load_model(args.model, device=args.device)
+    t0 = time.time()
+    meta = erase(bundle, concept, args.out, cfg)
+    print(f"erased '{concept.name}' ({cfg.preset}, {cfg.iterations} iterations) in {time.time() - t0:.1f} s; "
+          f"final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
+          f"metadata: {Path(args.out) / 'erasure.json'}")
+    return 0
+
+
+def _cmd_toy_quality(args) -> int:
+    from .io import write_json
+    from .models import load_model
+    from .toyworld.quality import toy_quality
+
+    bundle = load_model(args.model, device=args.device)
+    result = toy_quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps, seed=args.seed)
+    if args.out:
+        write_json(args.out, result)
+    for name in ("class_prompts", "heldout_synonyms"):
+        r = result[name]
+        print(f"{name}: mean {r['mean']:.1%} | " + ", ".join(f"{c} {a:.0%}" for c, a in r["per_class"].items()))
+    print(f"seconds per image (batch 32, {args.steps} steps): {result['class_prompts']['seconds_per_image']:.3f}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import demo_command
+
+    return demo_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unguide", description="Controlled concept erasure for text-to-image diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images (base model, or with an erasure run)")
+    _add_model(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--prompts", help="text file (one prompt a line) or CSV (I2P columns: prompt, evaluation_seed, ...)")
+    g.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="image j of a prompt uses seed+j (CSV rows: their evaluation_seed+j)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--out", required=True, help="output directory (a rerun resumes: finished images are skipped)")
+    g.add_argument("--erasure", default=None, help="an erasure run directory (from `unguide erase`)")
+    g.add_argument("--mode", default=None, choices=["unguide", "base", "lora"],
+                   help="with --erasure: unguide (default), base (w=1) or lora (w=0)")
+    g.add_argument("--w", type=float, default=None, help="with --erasure: a fixed guidance weight w for every prompt")
+    g.add_argument("--scorer", default=None, choices=["fast", "reference"], help="influence scorer (default fast)")
+    g.add_argument("--weighting", default=None, choices=["binary", "continuous"], help="rule from scores to w")
+    g.set_defaults(func=_cmd_generate)
+
+    e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
+    _add_model(e)
+    e.add_argument("--concept", help="a preset name (toy classes such as sun, 'red', sd-cat, sd-nudity, ...)")
+    e.add_argument("--concept-file", help="a concept JSON file (see docs: target, reference, synonyms, other)")
+    e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
+    e.add_argument("--preset", choices=["object", "explicit", "full"], default=None,
+                   help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")
+    e.add_argument("--iterations", type=int, default=200)
+    e.add_argument("--lr", type=float, default=3e-5)
+    e.add_argument("--eta", type=float, default=2.0, help="negative guidance strength")
+    e.add_argument("--start-guidance", type=float, default=9.0)
+    e.add_argument("--rank", type=int, default=1)
+    e.add_argument("--alpha", type=float, default=8.0, help="LoRA output scale")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_cmd_erase)
+
+    t = sub.add_parser("train-toy", help="train the embedded toy-world model (long; resumable)")
+    t.add_argument("--stage", choices=["classifier", "vae", "unet", "all", "export"], default="all")
+    t.add_argument("--out", default="work/toytrain")
+    t.add_argument("--classifier-steps", type=int, default=1500)
+    t.add_argument("--vae-steps", type=int, default=700)
+    t.add_argument("--unet-steps", type=int, default=7000)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=_cmd_train_toy)
+
+    q = sub.add_parser("toy-quality", help="classifier accuracy of a toy-world model's samples, per class")
+    _add_model(q)
+    q.add_argument("--samples", type=int, default=32)
+    q.add_argument("--guidance", type=float, default=None)
+    q.add_argument("--steps", type=int, default=50)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="write the full result as JSON here")
+    q.set_defaults(func=_cmd_toy_quality)
+
+    d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--samples", type=int, default=None)
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UnguideError as exc:
+        print(f"unguide: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unguide: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

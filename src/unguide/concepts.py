@@ -1,0 +1,114 @@
+"""Concept specs: what to erase, what to steer towards, and what must be preserved.
+
+A concept file is JSON::
+
+    {
+      "name": "sun",                         # optional; defaults to the file name
+      "target": "a photo of the sun",        # required, non-empty: the prompt carrying the concept
+      "reference": "a photo of the sky",     # required (may be ""): the anchor the adapter steers to
+      "synonyms": ["sunshine", "sunburst"],  # other words for the concept (generalisation check)
+      "other": ["a photo of the moon"],      # unrelated prompts that must keep their images
+      "preset": "object",                    # default layer preset: object | explicit | full
+      "notes": "free text"
+    }
+
+Toy-world presets also carry ``label`` (the toy classifier's class or colour) and
+``heldout_synonyms`` (synonyms the embedded model never saw in training).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UnguideError
+
+PRESET_DIR = Path(__file__).parent / "concepts_presets"
+LAYER_PRESETS = ("object", "explicit", "full")
+_FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
+           "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str}
+
+
+@dataclass
+class ConceptSpec:
+    target: str
+    reference: str
+    synonyms: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    name: str = ""
+    preset: str = "object"
+    notes: str = ""
+    label: Optional[str] = None  # toy world: classifier label of the concept (object class or colour)
+    attribute: Optional[str] = None  # "object" (default) or "colour"
+    heldout_synonyms: list[str] = field(default_factory=list)
+    synonym_template: str = "a photo of the {}"  # how a synonym word becomes a prompt
+    model: Optional[str] = None  # the family the preset was written for: toyworld or sd
+
+    def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
+        words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]
+        return [self.synonym_template.format(w) for w in words]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}
+
+
+def _where(source: str) -> str:
+    return f"concept {source}"
+
+
+def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
+    """Validate a parsed concept; every problem is one UnguideError line naming the field and the fix."""
+    if not isinstance(data, dict):
+        raise UnguideError(f"{_where(source)}: expected a JSON object with 'target' and 'reference', got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise UnguideError(f"{_where(source)}: unknown field(s) {unknown}: allowed are {sorted(_FIELDS)}")
+    for key in ("target", "reference"):
+        if key not in data:
+            raise UnguideError(f"{_where(source)}: missing field '{key}': add \"{key}\": \"a prompt\"")
+    for key, value in data.items():
+        kind = _FIELDS[key]
+        if not isinstance(value, kind):
+            raise UnguideError(f"{_where(source)}: field '{key}' must be a {kind.__name__}, got {type(value).__name__}")
+        if kind is list and not all(isinstance(v, str) and v.strip() for v in value):
+            raise UnguideError(f"{_where(source)}: field '{key}' must be a list of non-empty strings")
+    if not data["target"].strip():
+        raise UnguideError(f"{_where(source)}: 'target' is empty: give the prompt that carries the concept")
+    preset = data.get("preset", "object")
+    if preset not in LAYER_PRESETS:
+        raise UnguideError(f"{_where(source)}: unknown preset {preset!r}: use one of {', '.join(LAYER_PRESETS)}")
+    spec = ConceptSpec(**data)
+    if not spec.name:
+        spec.name = Path(source).stem if source != "<dict>" else spec.target
+    return spec
+
+
+def load_concept_file(path: str | Path) -> ConceptSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UnguideError(f"concept file {path} not found: pass an existing JSON file or use --concept NAME")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UnguideError(f"concept file {path} is not UTF-8 text: save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise UnguideError(f"concept file {path} is not valid JSON (line {exc.lineno}: {exc.msg}): fix the syntax") from None
+    return concept_from_dict(data, str(path))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> ConceptSpec:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise UnguideError(f"unknown concept preset {name!r}: choose one of {', '.join(preset_names())} or pass --concept-file")
+    return load_concept_file(path)
+
+
+def resolve_concept(name: Optional[str] = None, file: Optional[str] = None) -> ConceptSpec:
+    if bool(name) == bool(file):
+        raise UnguideError("give exactly one of --concept NAME or --concept-file FILE")
+    return load_preset(name) if name else load_concept_file(file)

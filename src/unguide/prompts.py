@@ -1,0 +1,73 @@
+"""Prompt files: plain text (one prompt a line) or CSV in the I2P layout.
+
+I2P columns used per row when present: prompt (required), evaluation_seed, evaluation_guidance,
+sd_image_width, sd_image_height. Other columns are kept as the row's extra metadata.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UnguideError
+
+I2P_NUMERIC = {"evaluation_seed": int, "evaluation_guidance": float, "sd_image_width": int, "sd_image_height": int}
+
+
+@dataclass
+class PromptRow:
+    prompt: str
+    seed: Optional[int] = None
+    guidance: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UnguideError(f"prompt file {path} not found: pass an existing .txt or .csv file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UnguideError(f"prompt file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
+
+
+def _number(value: str, kind, column: str, line: int, path: Path):
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        raise UnguideError(f"{path}, line {line}: column {column} has {value!r}, not a number: fix or remove that value") from None
+
+
+def read_prompts(path: str | Path) -> list[PromptRow]:
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix.lower() != ".csv":
+        rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not rows:
+            raise UnguideError(f"prompt file {path} holds no prompts: write one prompt a line")
+        return rows
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "prompt" not in [f.strip() for f in reader.fieldnames]:
+        raise UnguideError(f"{path} has no 'prompt' column (columns: {reader.fieldnames}): add a header row with 'prompt'")
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        rec = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in raw.items()}
+        prompt = rec.pop("prompt", "")
+        if not prompt:
+            raise UnguideError(f"{path}, line {line}: empty prompt: fill it in or delete the row")
+        row = PromptRow(prompt)
+        for column, kind in I2P_NUMERIC.items():
+            value = rec.pop(column, "")
+            if value not in ("", None):
+                parsed = _number(value, kind, column, line, path)
+                setattr(row, {"evaluation_seed": "seed", "evaluation_guidance": "guidance",
+                              "sd_image_width": "width", "sd_image_height": "height"}[column], parsed)
+        row.extra = {k: v for k, v in rec.items() if k}
+        rows.append(row)
+    if not rows:
+        raise UnguideError(f"{path} has a header but no rows: add prompts")
+    return rows

