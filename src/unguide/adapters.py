@@ -87,8 +87,8 @@ class LoraAdapter:
         yield
 
     def remove(self) -> None:
-        """Take the adapter out of the UNet, leaving the base model."""
-        self.unet.delete_adapters(ADAPTER_NAME)
+        """Take the adapter out of the UNet, leaving the base model's modules as they were."""
+        self.unet.unload_lora()
 
     def save(self, directory: str | Path) -> Path:
         from diffusers import StableDiffusionPipeline

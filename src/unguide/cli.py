@@ -80,6 +80,28 @@ def _cmd_toy_quality(args) -> int:
     return 0
 
 
+def _cmd_benchmark(args) -> int:
+    from .benchmark import METHODS, Benchmark, BenchmarkConfig
+    from .models import load_model
+    from .report import markdown_table
+    from .toyworld.render import OBJECTS
+
+    concepts = list(OBJECTS) if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+    if args.samples < 1:
+        raise UnguideError("--samples must be at least 1")
+    bundle = load_model(args.model, device=args.device)
+    cfg = BenchmarkConfig(concepts=concepts, methods=methods, samples=args.samples, steps=args.steps, seed=args.seed,
+                          guidance=args.guidance, erase_iterations=args.iterations, batch_size=args.batch_size)
+    report = Benchmark(bundle, cfg, args.out).run()
+    print(markdown_table(report, average_only=True))
+    print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import demo_command
 
@@ -145,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="write the full result as JSON here")
     q.set_defaults(func=_cmd_toy_quality)
+
+    b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
+    _add_model(b)
+    b.add_argument("--concepts", default="all", help="comma-separated toy concepts (e.g. sun,boat) or 'all'")
+    b.add_argument("--methods", default="base,lora,unguide,full", help="from base, lora, unguide, full")
+    b.add_argument("--samples", type=int, default=32, help="images per prompt")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--guidance", type=float, default=None)
+    b.add_argument("--iterations", type=int, default=200, help="erasure iterations for runs that are missing")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
+    b.set_defaults(func=_cmd_benchmark)
 
     d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
     d.add_argument("--out", default="demo_out")

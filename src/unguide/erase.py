@@ -25,7 +25,7 @@ from .adapters import LORA_FILE, AdapterConfig, make_adapter
 from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
-from .sampling import cfg_noise_fn, ddim_loop, initial_noise, make_scheduler, unet_eps
+from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -62,9 +62,27 @@ def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int,
     return k, t, z
 
 
+def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts) -> torch.Tensor:
+    """The negative-guidance loss at one (k, t, z_T); gradients flow into the adapter only."""
+    tgt, ref, empty = prompts
+    with torch.no_grad():
+        z_k = ddim_loop(sched, z * sched.init_noise_sigma, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
+        with adapter.base():
+            e_ref, e_tgt = unet_eps(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
+        target = e_ref - cfg.eta * (e_tgt - e_ref)
+    pred = unet_eps(unet, z_k, t, tgt)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def concept_prompts(bundle, concept: ConceptSpec):
+    dtype = bundle.unet.dtype
+    return tuple(bundle.encode_prompts([p]).to(dtype) for p in (concept.target, concept.reference, ""))
+
+
 def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = EraseConfig(), progress: bool = True,
           stop_after: Optional[int] = None) -> dict:
-    """Train (or resume) an erasure run into ``out``; returns the run's metadata.
+    """Train (or resume) an erasure run into ``out``; returns the run's metadata. The bundle's UNet is left
+    as the base model (load the result with :func:`attach_erasure`).
 
     ``stop_after`` ends the process-level run early after that many iterations (for tests of resume)."""
     out = Path(out)
@@ -95,7 +113,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
         start, losses = int(state["iteration"]), list(state["losses"])
     shape = bundle.latent_shape()
     device, dtype = bundle.device, unet.dtype
-    tgt, ref, empty = (bundle.encode_prompts([p]).to(dtype) for p in (concept.target, concept.reference, ""))
+    tgt, ref, empty = concept_prompts(bundle, concept)
     sched = make_scheduler(bundle, cfg.ddim_steps)
     t0 = time.time()
     unet.train()
@@ -103,14 +121,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
                disable=not progress)
     for i in bar:
         k, t, z = _iteration_sample(cfg, i, shape)
-        z = z.to(device=device, dtype=dtype) * sched.init_noise_sigma
-        with torch.no_grad():
-            z_k = ddim_loop(sched, z, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
-            with adapter.base():
-                e_ref, e_tgt = unet_eps(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
-            target = e_ref - cfg.eta * (e_tgt - e_ref)
-        pred = unet_eps(unet, z_k, t, tgt)
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype), (tgt, ref, empty))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,9 +135,11 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
         if stop_after is not None and i + 1 - start >= stop_after and not last:
             _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
             unet.eval()
+            adapter.remove()
             return {"status": "interrupted", "iteration": i + 1}
     unet.eval()
     weights = adapter.save(out)
+    adapter.remove()  # leave the bundle as it came: the base model
     meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "base_model": bundle.name,
             "base_fingerprint": fingerprint, "weights": weights.name, "losses": losses, "final_loss": losses[-1] if losses else None,
             "train_seconds_this_process": round(time.time() - t0, 1), "versions": _versions()}

@@ -129,6 +129,7 @@ class ModelBundle:
         for name, p in sorted(self.unet.state_dict().items()):
             if "lora" in name:
                 continue
+            name = name.replace(".base_layer.", ".")  # the same weight, whether or not an adapter wraps its layer
             t = p.detach().float().flatten()
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())

@@ -187,7 +187,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         save_tensors(cache, {"latents": latents, "text": text})
     _, scenes = _scenes_for(cfg)
     cap_index = {c: i for i, c in enumerate(captions)}
-    noise_sched = DDPMScheduler(**SCHEDULE)
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
     alphas = noise_sched.alphas_cumprod
     unet = build_unet(cfg, latents.shape[-1])
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}

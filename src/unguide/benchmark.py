@@ -1,0 +1,200 @@
+"""``unguide benchmark``: erase, generate and evaluate concepts on the toy world, Table-1 style.
+
+Protocol (toy-world analogue of METHOD.md section 5), per concept:
+* prompts: the target "a photo of the {class}" (erased), its synonyms (seen in training and held out),
+  and the 9 other classes; ``samples`` images each, seeds ``seed .. seed+samples-1`` for every prompt;
+* methods: ``base`` (the model as trained), ``lora`` (adapter alone, plain CFG), ``unguide`` (adapter +
+  UnGuidance, fast scorer, binary rule) and ``full`` (ESD-x style fine-tune of cross-attention k/v);
+* judge: the toy classifier's softmax over its 11 labels. Acc_e / Acc_s / Acc_g are mean probabilities of
+  each image's correct class (synonym images count as the erased class), H_o their harmonic combination;
+  top-1 variants alongside; preservation: same-seed SSIM and pixel error vs base on non-target prompts,
+  FID/KID of non-target images vs base ones on the classifier's penultimate features.
+
+Everything is resumable: finished erasure runs and images are reused.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .concepts import ConceptSpec, load_preset
+from .erase import EraseConfig, attach_erasure, erase, read_run
+from .errors import UnguideError
+from .generation import PlainGuide
+from .guidance import UnGuide
+from .io import write_json
+from .prompts import PromptRow
+from .run_generate import plan_items, run_generation
+
+METHODS = ("base", "lora", "unguide", "full")
+
+
+@dataclass
+class BenchmarkConfig:
+    concepts: list[str] = field(default_factory=lambda: ["sun"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    samples: int = 32
+    steps: int = 50
+    seed: int = 0
+    guidance: Optional[float] = None
+    erase_iterations: int = 200
+    batch_size: int = 32
+
+
+def concept_prompts(spec: ConceptSpec) -> list[dict]:
+    """Rows of (prompt, role, class) for one toy concept."""
+    rows = [{"prompt": spec.target, "role": "erased", "class": spec.label}]
+    rows += [{"prompt": p, "role": "synonym", "class": spec.label} for p in spec.synonym_prompts(heldout=False)]
+    rows += [{"prompt": p, "role": "heldout", "class": spec.label} for p in spec.synonym_prompts(heldout=True)]
+    for p in spec.other:
+        rows.append({"prompt": p, "role": "other", "class": p.split()[-1]})
+    return rows
+
+
+def _load_images(out: Path) -> tuple[list[dict], torch.Tensor]:
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines() if line.strip()]
+    imgs = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows])
+    return rows, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+
+
+class Benchmark:
+    def __init__(self, bundle, cfg: BenchmarkConfig, out: str | Path):
+        from .toyworld.classifier import ToyClassifier
+
+        self.bundle, self.cfg, self.out = bundle, cfg, Path(out)
+        self.specs = {name: load_preset(name) for name in cfg.concepts}
+        for name, spec in self.specs.items():
+            if spec.label is None or spec.attribute not in (None, "object"):
+                raise UnguideError(f"concept {name!r} is not a toy-world object concept: benchmark the 10 classes (or 'all')")
+        unknown = sorted(set(cfg.methods) - set(METHODS))
+        if unknown:
+            raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        self.guidance = cfg.guidance if cfg.guidance is not None else bundle.default_guidance
+        self.classifier = ToyClassifier.from_pretrained()
+        self.timings: dict[str, float] = {}
+
+    # -- erasure runs -------------------------------------------------------------------------------------------
+    def run_dir(self, concept: str, preset: str) -> Path:
+        return self.out / "runs" / concept / preset
+
+    def ensure_run(self, concept: str, preset: str) -> Path:
+        run = self.run_dir(concept, preset)
+        try:
+            read_run(run)
+            return run
+        except UnguideError:
+            pass
+        t0 = time.time()
+        erase(self.bundle, self.specs[concept], run, EraseConfig(preset=preset, iterations=self.cfg.erase_iterations))
+        self.timings[f"erase/{concept}/{preset}"] = round(time.time() - t0, 1)
+        return run
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def _generate(self, rows: list[dict], out: Path, guide, info: dict) -> Path:
+        prompt_rows = [PromptRow(r["prompt"]) for r in rows]
+        size = self.bundle.image_size
+        items = plan_items(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance, size, size)
+        for it, r in zip(items, [r for r in rows for _ in range(self.cfg.samples)]):
+            it.extra = {"role": r["role"], "class": r["class"]}
+        return run_generation(self.bundle, items, out, steps=self.cfg.steps, guide=guide, batch_size=self.cfg.batch_size,
+                              run_info=info)
+
+    def generate_all(self) -> None:
+        base_rows = list({r["prompt"]: r for spec in self.specs.values() for r in concept_prompts(spec)}.values())
+        t0 = time.time()  # base images are always needed: they are the reference of every preservation metric
+        self._generate(base_rows, self.out / "images" / "base", PlainGuide(), {"method": "base"})
+        self.timings["generate/base"] = round(time.time() - t0, 1)
+        for name, spec in self.specs.items():
+            rows = concept_prompts(spec)
+            for method in self.cfg.methods:
+                if method == "base":
+                    continue
+                preset = "full" if method == "full" else "object"
+                run = self.ensure_run(name, preset)
+                target = self.out / "images" / name / method
+                adapter, _ = attach_erasure(self.bundle, run)
+                guide = UnGuide(adapter, mode={"full": "lora", "lora": "lora", "unguide": "unguide"}[method])
+                t0 = time.time()
+                try:
+                    self._generate(rows, target, guide, {"method": method, "run": str(run)})
+                finally:
+                    adapter.remove()
+                self.timings[f"generate/{name}/{method}"] = round(time.time() - t0, 1)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        from .metrics.erasure import harmonic_overall
+        from .metrics.preservation import fid_kid, pixel_error, ssim
+        from .toyworld.render import OBJECTS
+
+        base_rows, base_imgs = _load_images(self.out / "images" / "base")
+        base_key = {(r["prompt"], r["seed"]): i for i, r in enumerate(base_rows)}
+        base_probs = self.classifier.predict(base_imgs)["object"]
+        with torch.no_grad():
+            base_feats = self.classifier.embed(base_imgs)
+        results: dict = {}
+        for name, spec in self.specs.items():
+            roles = {r["prompt"]: r for r in concept_prompts(spec)}
+            results[name] = {}
+            for method in self.cfg.methods:
+                if method == "base":
+                    idx = [i for i, r in enumerate(base_rows) if r["prompt"] in roles]
+                    rows, probs, imgs = [base_rows[i] for i in idx], base_probs[idx], base_imgs[idx]
+                else:
+                    rows, imgs = _load_images(self.out / "images" / name / method)
+                    probs = self.classifier.predict(imgs)["object"]
+                labels = torch.tensor([OBJECTS.index(roles[r["prompt"]]["class"]) for r in rows])
+                p_correct = probs[torch.arange(len(rows)), labels]
+                top1 = (probs.argmax(-1) == labels).float()
+                role = np.array([roles[r["prompt"]]["role"] for r in rows])
+
+                def mean(values, *which):
+                    mask = torch.from_numpy(np.isin(role, which))
+                    return values[mask].mean().item() if mask.any() else float("nan")
+
+                m = {"acc_e": mean(p_correct, "erased"), "acc_s": mean(p_correct, "other"),
+                     "acc_g": mean(p_correct, "synonym", "heldout"), "acc_g_heldout": mean(p_correct, "heldout"),
+                     "acc_e_top1": mean(top1, "erased"), "acc_s_top1": mean(top1, "other"),
+                     "acc_g_top1": mean(top1, "synonym", "heldout")}
+                m["h_o"] = harmonic_overall(m["acc_e"], m["acc_s"], m["acc_g"])
+                m["h_o_top1"] = harmonic_overall(m["acc_e_top1"], m["acc_s_top1"], m["acc_g_top1"])
+                other = [i for i, r in enumerate(rows) if roles[r["prompt"]]["role"] == "other"]
+                if method != "base" and other:
+                    ref = [base_key[(rows[i]["prompt"], rows[i]["seed"])] for i in other]
+                    m["ssim_other"] = ssim(imgs[other], base_imgs[ref]).mean().item()
+                    m["pixel_error_other"] = pixel_error(imgs[other], base_imgs[ref]).mean().item()
+                    with torch.no_grad():
+                        fk = fid_kid(base_feats[ref], self.classifier.embed(imgs[other]))
+                    m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
+                if method == "unguide":
+                    m["influence"] = {p: {"role": roles[p]["role"], "w": next(r["w"] for r in rows if r["prompt"] == p),
+                                          "score": next(r.get("score") for r in rows if r["prompt"] == p),
+                                          "score_empty": next(r.get("score_empty") for r in rows if r["prompt"] == p)}
+                                      for p in roles}
+                m["n_images"] = len(rows)
+                results[name][method] = m
+        averages = {}
+        for method in self.cfg.methods:
+            keys = [k for k, v in results[next(iter(results))][method].items() if isinstance(v, float)]
+            averages[method] = {k: float(np.nanmean([results[c][method][k] for c in results])) for k in keys}
+        return {"per_concept": results, "average": averages}
+
+    def run(self) -> dict:
+        t0 = time.time()
+        self.generate_all()
+        report = self.evaluate()
+        report.update(config=asdict(self.cfg), model=self.bundle.name, guidance=self.guidance, timings=self.timings,
+                      seconds=round(time.time() - t0, 1))
+        write_json(self.out / "report.json", report)
+        from .report import write_report
+
+        write_report(self.out, report, self.specs)
+        return report
+

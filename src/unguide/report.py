@@ -1,0 +1,165 @@
+"""Benchmark reports: report.md and report.html with the Table-1-shaped table, image grids and plots."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .generation import save_grid
+from .io import write_text
+
+COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s ↑"), ("acc_g", "Acc_g ↓"), ("acc_g_heldout", "Acc_g held-out ↓"),
+           ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
+           ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓")]
+GRID_SAMPLES = 4
+
+
+def _fmt(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key.startswith(("acc", "h_o")):
+        return f"{100 * value:.2f}"
+    return f"{value:.3f}"
+
+
+def table_rows(report: dict) -> list[tuple[str, str, dict]]:
+    rows = []
+    for concept, methods in report["per_concept"].items():
+        for method, m in methods.items():
+            rows.append((concept, method, m))
+    for method, m in report["average"].items():
+        rows.append(("average", method, m))
+    return rows
+
+
+def markdown_table(report: dict, average_only: bool = False) -> str:
+    head = "| concept | method | " + " | ".join(label for _, label in COLUMNS) + " |"
+    sep = "|" + "---|" * (len(COLUMNS) + 2)
+    lines = [head, sep]
+    for concept, method, m in table_rows(report):
+        if average_only and concept != "average":
+            continue
+        lines.append(f"| {concept} | {method} | " + " | ".join(_fmt(k, m.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _concept_grid(out: Path, concept: str, spec, methods: list[str]) -> Path:
+    """Rows: target, a trained synonym, held-out synonyms, three other classes; columns: methods (same seeds)."""
+    prompts = [spec.target] + spec.synonym_prompts(heldout=False)[:1] + spec.synonym_prompts(heldout=True) + spec.other[:3]
+    tiles = []
+    for prompt in prompts:
+        for method in methods:
+            folder = out / "images" / ("base" if method == "base" else f"{concept}/{method}")
+            index = [json.loads(l) for l in (folder / "index.jsonl").read_text().splitlines() if l.strip()]
+            files = [r["file"] for r in index if r["prompt"] == prompt][:GRID_SAMPLES]
+            for f in files:
+                tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
+            for _ in range(GRID_SAMPLES - len(files)):
+                tiles.append(np.full((32, 32, 3), 255, np.uint8))
+    target = out / "grids" / f"{concept}.png"
+    save_grid(target, tiles, ncol=GRID_SAMPLES * len(methods), scale=3)
+    return target
+
+
+def _plots(out: Path, report: dict) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional extras
+        return []
+    paths = []
+    concepts = list(report["per_concept"])
+    methods = list(next(iter(report["per_concept"].values())))
+    fig, ax = plt.subplots(figsize=(max(6, len(concepts) * 0.9), 3.2))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        ax.bar(np.arange(len(concepts)) + j * width, [100 * report["per_concept"][c][method]["h_o"] for c in concepts],
+               width, label=method)
+    ax.set_xticks(np.arange(len(concepts)) + 0.4 - width / 2, concepts)
+    ax.set_ylabel("H_o (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(ncol=len(methods), fontsize=8, loc="lower right")
+    ax.set_title("Per-concept H_o by method")
+    fig.tight_layout()
+    paths.append(out / "plots" / "h_o.png")
+    paths[-1].parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    points = [(v["role"], v["score"] / v["score_empty"]) for c in concepts
+              for v in report["per_concept"][c].get("unguide", {}).get("influence", {}).values() if v.get("score")]
+    if points:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        roles = ["erased", "synonym", "heldout", "other"]
+        for k, role in enumerate(roles):
+            ys = [r for ro, r in points if ro == role]
+            ax.scatter(np.full(len(ys), k) + np.random.default_rng(k).uniform(-0.15, 0.15, len(ys)), ys, s=12, label=role)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(roles)), roles)
+        ax.set_yscale("log")
+        ax.set_ylabel('d(c) / d("")')
+        ax.set_title("Influence scores: above the line the adapter leads (w = -1)")
+        fig.tight_layout()
+        paths.append(out / "plots" / "influence.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(out: str | Path, report: dict, specs: dict) -> tuple[Path, Path]:
+    out = Path(out)
+    methods = list(next(iter(report["per_concept"].values())))
+    grids = {c: _concept_grid(out, c, specs[c], methods) for c in report["per_concept"]}
+    plots = _plots(out, report)
+    cfg = report["config"]
+    protocol = (f"model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} DDIM steps, "
+                f"guidance {report['guidance']}, seeds {cfg['seed']}..{cfg['seed'] + cfg['samples'] - 1}; judge: the toy "
+                "classifier (mean probability of each image's correct class; synonym images count as the erased class).")
+    md = ["# unguide benchmark", "", protocol, "", "## Average over concepts", "", markdown_table(report, True), "",
+          "## Per concept", "", markdown_table(report), ""]
+    md += [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
+    md += ["", "## Grids (rows: target, a synonym, held-out synonyms, 3 other classes; columns: " + ", ".join(methods) + ")", ""]
+    md += [f"### {c}\n\n![{c}]({g.relative_to(out)})\n" for c, g in grids.items()]
+    md_path = out / "report.md"
+    write_text(md_path, "\n".join(md) + "\n")
+
+    def html_table(average_only: bool) -> str:
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+        body = []
+        for concept, method, m in table_rows(report):
+            if average_only != (concept == "average"):
+                continue
+            cls = ' class="ours"' if method == "unguide" else ""
+            body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
+                        + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in COLUMNS) + "</tr>")
+        return f"<table><tr><th>concept</th><th>method</th>{head}</tr>{''.join(body)}</table>"
+
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>unguide benchmark</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+tr.ours {{ background: #eef7ee; font-weight: 600; }}
+img {{ image-rendering: pixelated; max-width: 100%; border: 1px solid #ddd; margin: 4px 0; }}
+.caption {{ color: #555; font-size: 13px; }}
+</style></head><body>
+<h1>unguide benchmark</h1>
+<p class="caption">{html.escape(protocol)}</p>
+<h2>Average over concepts</h2>{html_table(True)}
+<h2>Per concept</h2>{html_table(False)}
+<h2>Plots</h2>{''.join(f'<img src="{p.relative_to(out)}" alt="{p.stem}">' for p in plots)}
+<h2>Grids</h2><p class="caption">Rows: target, a trained synonym, held-out synonyms, three other classes.
+Columns: {html.escape(', '.join(methods))} ({GRID_SAMPLES} samples each, same seeds).</p>
+{''.join(f'<h3>{html.escape(c)}</h3><img src="{g.relative_to(out)}" alt="grid {html.escape(c)}">' for c, g in grids.items())}
+</body></html>
+"""
+    html_path = out / "report.html"
+    write_text(html_path, page)
+    return md_path, html_path

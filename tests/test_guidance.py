@@ -1,0 +1,141 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unguide import load_model
+from unguide.cli import main
+from unguide.concepts import ConceptSpec
+from unguide.erase import EraseConfig, attach_erasure, erase
+from unguide.generation import Item, PlainGuide, sample_images
+from unguide.guidance import ScorerConfig, UnGuide, WeightRule
+
+CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat")
+
+
+@pytest.fixture(scope="module")
+def sd_run(tiny_sd, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "cat"
+    erase(load_model(str(tiny_sd)), CAT, run, EraseConfig(iterations=4, ddim_steps=8, lr=1e-2), progress=False)
+    return run
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def _gen(tiny_sd, out, *extra):
+    return main(["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--prompt", "a dog", "--n", "2",
+                 "--steps", "4", "--out", str(out), *extra])
+
+
+def test_w1_is_base_and_w0_is_adapter_alone(tiny_sd, sd_run, tmp_path):
+    assert _gen(tiny_sd, tmp_path / "base") == 0
+    assert _gen(tiny_sd, tmp_path / "w1", "--erasure", str(sd_run), "--w", "1") == 0
+    assert _gen(tiny_sd, tmp_path / "w0", "--erasure", str(sd_run), "--w", "0") == 0
+    bundle = load_model(str(tiny_sd))
+    attach_erasure(bundle, sd_run)
+    items = [Item("a photo of the cat", 0, 7.5, 16, 16)]
+    lora_alone, _ = sample_images(bundle, items, steps=4, guide=PlainGuide(), progress=False)
+    lora_alone = (lora_alone[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for name in ("00000_000.png", "00000_001.png", "00001_000.png"):
+        assert np.array_equal(_pixels(tmp_path / "base" / name), _pixels(tmp_path / "w1" / name))
+    assert np.array_equal(_pixels(tmp_path / "w0" / "00000_000.png"), lora_alone)
+    assert not np.array_equal(_pixels(tmp_path / "w0" / "00000_000.png"), _pixels(tmp_path / "base" / "00000_000.png"))
+
+
+def test_unguide_mode_records_scores_and_is_deterministic(tiny_sd, sd_run, tmp_path):
+    from unguide.generation import read_png_metadata
+
+    assert _gen(tiny_sd, tmp_path / "a", "--erasure", str(sd_run)) == 0
+    assert _gen(tiny_sd, tmp_path / "b", "--erasure", str(sd_run)) == 0
+    meta = read_png_metadata(tmp_path / "a" / "00000_000.png")
+    assert meta["w"] in (-1.0, 2.0) and meta["score"] > 0 and meta["score_empty"] > 0 and meta["erasure"]["run"]
+    for name in ("00000_000.png", "00001_001.png"):
+        assert np.array_equal(_pixels(tmp_path / "a" / name), _pixels(tmp_path / "b" / name))
+
+
+def test_resume_skips_finished_images(tiny_sd, tmp_path):
+    out = tmp_path / "o"
+    assert _gen(tiny_sd, out) == 0
+    keep = out / "00000_000.png"
+    before = keep.stat().st_mtime_ns
+    redo = out / "00001_001.png"
+    original = _pixels(redo)
+    redo.unlink()
+    assert _gen(tiny_sd, out) == 0
+    assert keep.stat().st_mtime_ns == before and np.array_equal(_pixels(redo), original)
+    assert (out / "index.jsonl").read_text().count("\n") == 4
+
+
+def test_reference_and_fast_scorers_share_one_path(tiny_sd, sd_run):
+    bundle = load_model(str(tiny_sd))
+    adapter, _ = attach_erasure(bundle, sd_run)
+    ref = UnGuide(adapter, scorer=ScorerConfig.reference(draws=2))
+    fast = UnGuide(adapter)
+    prompts = ["a photo of the cat", "a photo of the dog"]
+    r, f = ref.decide(bundle, prompts, 7.5), fast.decide(bundle, prompts, 7.5)
+    assert all(x["score"] > 0 for x in r + f)
+    assert ScorerConfig.reference().evals_per_prompt() == 30 * 24
+    assert ScorerConfig().evals_per_prompt() <= 40
+
+
+def test_continuous_rule_matches_binary_far_from_the_boundary():
+    binary, smooth = WeightRule(), WeightRule(rule="continuous")
+    assert binary.weight(2.0, 1.0) == -1 and binary.weight(0.5, 1.0) == 2
+    assert smooth.weight(2.0, 1.0) == pytest.approx(-1, abs=1e-2) and smooth.weight(0.5, 1.0) == pytest.approx(2, abs=1e-2)
+    assert smooth.weight(1.0, 1.0) == pytest.approx(0.5)
+
+
+def test_two_processes_write_what_one_does(tiny_sd, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of the cat\na red car\na dog\n")
+    common = ["generate", "--model", str(tiny_sd), "--prompts", str(prompts), "--n", "1", "--steps", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "unguide.cli", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    launcher = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unguide.cli", *common,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "one").glob("0*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("0*.png")) and len(names) == 3
+    for n in names:
+        assert np.array_equal(_pixels(tmp_path / "one" / n), _pixels(tmp_path / "two" / n))
+    assert (tmp_path / "one" / "index.jsonl").read_text() == (tmp_path / "two" / "index.jsonl").read_text()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"text,seed\nhello,1\n", "no 'prompt' column"),
+    (b"prompt,evaluation_seed\n,3\n", "empty prompt"),
+    (b"prompt\n\xff\xfe\xfa bad\n", "not UTF-8"),
+    (b"prompt,evaluation_seed\nhello,abc\n", "not a number"),
+])
+def test_bad_prompt_files(tmp_path, capsys, content, fragment):
+    path = tmp_path / "p.csv"
+    path.write_bytes(content)
+    code = main(["generate", "--prompts", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_i2p_rows_set_seed_guidance_and_size(tiny_sd, tmp_path):
+    from unguide.generation import read_png_metadata
+
+    path = tmp_path / "i2p.csv"
+    path.write_text("prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,categories\n"
+                    "a cat,42,3.5,24,16,sexual\n")
+    assert main(["generate", "--model", str(tiny_sd), "--prompts", str(path), "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    meta = read_png_metadata(tmp_path / "o" / "00000_000.png")
+    assert meta["seed"] == 42 and meta["guidance"] == 3.5 and meta["row"]["categories"] == "sexual"
+    assert Image.open(tmp_path / "o" / "00000_000.png").size == (24, 16)
+
