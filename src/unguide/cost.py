@@ -1,0 +1,79 @@
+"""``unguide benchmark-scorer``: decisions and cost of the fast scorer against the reference scorer,
+and the wall-clock ratio of UnGuide generation to plain generation, measured side by side in one run.
+
+Cost is counted in UNet image-evaluations (rows of a batch through the denoiser) per generated image, when
+every prompt gets one image (the I2P case), decision included.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+from .generation import Item, PlainGuide, sample_images
+from .guidance import EvalCounter, ScorerConfig, UnGuide
+
+
+def toy_decision_prompts(spec) -> list[str]:
+    """>= 100 prompts around a toy concept: target, synonyms, other classes, colour and scene variations."""
+    from .toyworld.captions import SCENE_WORDS
+    from .toyworld.render import COLOUR_NAMES, OBJECTS
+
+    prompts = [spec.target] + spec.synonym_prompts() + list(spec.other)
+    for obj in OBJECTS:
+        for colour in COLOUR_NAMES[:6]:
+            prompts.append(f"a photo of a {colour} {obj}")
+        for scene in ("grass", "sand"):
+            prompts.append(f"a {obj} on the {SCENE_WORDS[scene]}")
+    for scene in SCENE_WORDS.values():
+        prompts.append(f"a photo of the {scene}")
+    return list(dict.fromkeys(prompts))
+
+
+def _timed(bundle, items, guide, steps, batch_size):
+    counter = EvalCounter(bundle.unet)
+    t0 = time.perf_counter()
+    try:
+        _, infos = sample_images(bundle, items, steps=steps, guide=guide, batch_size=batch_size, progress=False)
+    finally:
+        counter.close()
+    return time.perf_counter() - t0, counter.count, infos
+
+
+def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, steps: int = 50, batch_size: int = 32,
+                     reference_draws: int = 30, seed: int = 0, timing_prompts: Optional[int] = 32) -> dict:
+    """Agreement of fast vs reference decisions, evaluations per image for each, and timing ratios."""
+    result: dict = {"prompts": len(prompts), "steps": steps, "guidance": guidance}
+    decisions = {}
+    for name, cfg in (("reference", ScorerConfig.reference(draws=reference_draws)), ("fast", ScorerConfig())):
+        guide = UnGuide(adapter, scorer=cfg)
+        counter = EvalCounter(bundle.unet)
+        t0 = time.perf_counter()
+        infos = guide.decide(bundle, list(prompts), guidance)
+        seconds = time.perf_counter() - t0
+        counter.close()
+        decisions[name] = infos
+        result[name] = {"decision_evals_total": counter.count, "decision_evals_per_prompt": counter.count / len(prompts),
+                        "decision_seconds": seconds, "config": cfg.__dict__,
+                        "evals_per_image_one_image_per_prompt": counter.count / len(prompts) + 4 * steps,
+                        "erase_decisions": sum(i["w"] < 1 for i in infos)}
+    agree = [a["w"] == b["w"] for a, b in zip(decisions["reference"], decisions["fast"])]
+    result["agreement"] = sum(agree) / len(agree)
+    result["disagreements"] = [{"prompt": p, "reference": r, "fast": f} for p, r, f, ok in
+                               zip(prompts, decisions["reference"], decisions["fast"], agree) if not ok]
+    result["decisions"] = [{"prompt": p, "w_reference": r["w"], "w_fast": f["w"], "score_reference": r["score"],
+                            "score_fast": f["score"]} for p, r, f in zip(prompts, decisions["reference"], decisions["fast"])]
+    result["empty_scores"] = {"reference": decisions["reference"][0]["score_empty"], "fast": decisions["fast"][0]["score_empty"]}
+    if timing_prompts:
+        # side by side, one image per prompt: plain base CFG, then UnGuide with a fresh fast scorer (decision included)
+        size = bundle.image_size
+        items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts[:timing_prompts])]
+        t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
+        t_ug, n_ug, _ = _timed(bundle, items, UnGuide(adapter), steps, batch_size)
+        t_ref, n_ref, _ = _timed(bundle, items, UnGuide(adapter, scorer=ScorerConfig.reference(draws=reference_draws)),
+                                 steps, batch_size)
+        result["timing"] = {"images": len(items), "base_seconds": t_base, "unguide_fast_seconds": t_ug,
+                            "unguide_reference_seconds": t_ref, "ratio_fast_to_base": t_ug / t_base,
+                            "ratio_reference_to_base": t_ref / t_base, "evals_per_image_base": n_base / len(items),
+                            "evals_per_image_unguide_fast": n_ug / len(items),
+                            "evals_per_image_unguide_reference": n_ref / len(items)}
+    return result

@@ -1,0 +1,49 @@
+import json
+
+from unguide.cli import main
+
+
+def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--concepts", "sun", "--methods", "base,lora,unguide,full", "--samples", "2", "--steps", "8",
+            "--iterations", "4", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    avg = report["average"]
+    assert set(avg) == {"base", "lora", "unguide", "full"}
+    for method, m in avg.items():
+        assert 0 <= m["acc_e"] <= 1 and 0 <= m["acc_s"] <= 1 and 0 <= m["h_o"] <= 1
+        if method != "base":
+            assert 0 < m["ssim_other"] <= 1 and m["pixel_error_other"] >= 0
+    influence = report["per_concept"]["sun"]["unguide"]["influence"]
+    assert influence["a photo of the sun"]["role"] == "erased" and "score" in influence["a photo of the sun"]
+    for name in ("report.md", "report.html", "grids/sun.png", "plots/h_o.png", "plots/influence.png"):
+        assert (out / name).exists(), name
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "grids/sun.png" in html
+    # a rerun reuses the erasure runs and every image
+    mtime = (out / "runs" / "sun" / "object" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    first_img = out / "images" / "sun" / "unguide" / "00000_000.png"
+    img_mtime = first_img.stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "runs" / "sun" / "object" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == mtime
+    assert first_img.stat().st_mtime_ns == img_mtime
+    assert "| average | unguide |" in capsys.readouterr().out
+
+
+def test_evaluate_command_scores_a_generated_folder(tmp_path):
+    gen = ["generate", "--prompt", "a photo of the fish", "--prompt", "a photo of a red heart", "--n", "2", "--steps", "10"]
+    assert main(gen + ["--out", str(tmp_path / "a")]) == 0
+    assert main(gen + ["--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    assert main(["evaluate", "--images", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), "--concept", "fish"]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    fish = m["per_prompt"]["a photo of the fish"]
+    assert fish["class"] == "fish" and fish["n"] == 2 and 0 <= fish["p_correct"] <= 1
+    assert m["per_prompt"]["a photo of a red heart"]["colour"] == "red"
+    assert m["preservation"]["pairs"] == 2  # seed 1 of a pairs with seed 1 of b
+    assert "acc_e" in m["concept"]
+
+
+def test_evaluate_bad_folder(tmp_path, capsys):
+    assert main(["evaluate", "--images", str(tmp_path)]) == 2
+    assert "no index.jsonl" in capsys.readouterr().err
