@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .adapters import LORA_FILE, AdapterConfig, make_adapter
 from .concepts import ConceptSpec
 from .errors import UnguideError
-from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
+from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json, write_text
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
@@ -111,6 +111,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
         adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
         load_optimizer_tensors(opt, tensors)
         start, losses = int(state["iteration"]), list(state["losses"])
+    _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
     shape = bundle.latent_shape()
     device, dtype = bundle.device, unet.dtype
     tgt, ref, empty = concept_prompts(bundle, concept)
@@ -147,6 +148,15 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
     return meta
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line)["iteration"] <= iteration]
+    if len(keep) != len(rows):
+        write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _checkpoint(out: Path, adapter, opt, iteration: int, losses, cfg: EraseConfig, fingerprint: str) -> None:

@@ -96,7 +96,7 @@ def save_png(path: str | Path, image: torch.Tensor, metadata: dict) -> None:
     """PNG with the prompt, seed and settings in its text chunks; written atomically."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        info.add_text(key, json.dumps(value))  # JSON even for strings, so a prompt "123" reads back as a string
     with atomic_path(path) as tmp:
         Image.fromarray(to_uint8(image)).save(tmp, format="PNG", pnginfo=info)
 
@@ -108,7 +108,7 @@ def read_png_metadata(path: str | Path) -> dict:
     for k, v in text.items():
         try:
             out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
+        except (json.JSONDecodeError, TypeError):  # written by another tool
             out[k] = v
     return out
 
