@@ -1,7 +1,4 @@
-"""Erasure and UnGuidance on the embedded model (quality checks with fixed seeds)."""
-from pathlib import Path
-
-import pytest
+"""Erasure on the embedded model (fixed seeds)."""
 import torch
 
 from unguide import load_model
@@ -9,8 +6,6 @@ from unguide.adapters import make_adapter
 from unguide.concepts import load_preset
 from unguide.erase import EraseConfig, _iteration_sample, concept_prompts, erasure_loss
 from unguide.sampling import make_scheduler
-
-SUN_RUN = Path(__file__).parent / "data" / "erasure_sun"
 
 
 def test_erasure_loss_falls_on_the_embedded_model():
@@ -39,23 +34,3 @@ def test_erasure_loss_falls_on_the_embedded_model():
     adapter.remove()
     assert after < 0.9 * before, (before, after)
 
-
-@pytest.mark.skipif(not SUN_RUN.exists(), reason="committed sun erasure run missing")
-def test_unguide_erases_target_and_keeps_others():
-    """With the committed sun adapter: the sun prompt is steered away (w=-1), other classes keep w=2 and their images."""
-    from unguide.erase import attach_erasure
-    from unguide.generation import Item, PlainGuide, sample_images
-    from unguide.guidance import UnGuide
-    from unguide.metrics.preservation import ssim
-    from unguide.toyworld.classifier import ToyClassifier
-
-    bundle = load_model("toyworld")
-    items = [Item(p, s, bundle.default_guidance, 32, 32) for p in ("a photo of the sun", "a photo of the house") for s in range(6)]
-    base, _ = sample_images(bundle, items, steps=25, guide=PlainGuide(), progress=False)
-    adapter, _ = attach_erasure(bundle, SUN_RUN)
-    guided, infos = sample_images(bundle, items, steps=25, guide=UnGuide(adapter), progress=False)
-    assert [i["w"] for i in infos] == [-1.0] * 6 + [2.0] * 6
-    probs = ToyClassifier.from_pretrained().predict(torch.cat([base, guided]))["object"]
-    sun_base, sun_guided = probs[:6, 0].mean().item(), probs[12:18, 0].mean().item()
-    assert sun_base > 0.7 and sun_guided < 0.3, (sun_base, sun_guided)
-    assert ssim(guided[6:], base[6:]).mean().item() > 0.6

@@ -45,6 +45,7 @@ class BenchmarkConfig:
     seed: int = 0
     guidance: Optional[float] = None
     erase_iterations: int = 200
+    erase_lr: float = 3e-5
     batch_size: int = 32
 
 
@@ -92,7 +93,8 @@ class Benchmark:
         except UnguideError:
             pass
         t0 = time.time()
-        erase(self.bundle, self.specs[concept], run, EraseConfig(preset=preset, iterations=self.cfg.erase_iterations))
+        erase(self.bundle, self.specs[concept], run, EraseConfig(preset=preset, iterations=self.cfg.erase_iterations,
+                                                                 lr=self.cfg.erase_lr))
         self.timings[f"erase/{concept}/{preset}"] = round(time.time() - t0, 1)
         return run
 

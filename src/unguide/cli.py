@@ -53,7 +53,8 @@ def _cmd_erase(args) -> int:
 
     concept = resolve_concept(args.concept, args.concept_file)
     cfg = EraseConfig(preset=args.preset or concept.preset, iterations=args.iterations, lr=args.lr, eta=args.eta,
-                      start_guidance=args.start_guidance, rank=args.rank, alpha=args.alpha, seed=args.seed)
+                      start_guidance=args.start_guidance, rank=args.rank, alpha=args.alpha, seed=args.seed,
+                      timestep_mapping=args.timestep_mapping)
     if cfg.iterations < 1 or cfg.lr <= 0 or cfg.rank < 1:
         raise UnguideError("--iterations and --rank must be >= 1 and --lr > 0")
     bundle = load_model(args.model, device=args.device)
@@ -96,7 +97,8 @@ def _cmd_benchmark(args) -> int:
         raise UnguideError("--samples must be at least 1")
     bundle = load_model(args.model, device=args.device)
     cfg = BenchmarkConfig(concepts=concepts, methods=methods, samples=args.samples, steps=args.steps, seed=args.seed,
-                          guidance=args.guidance, erase_iterations=args.iterations, batch_size=args.batch_size)
+                          guidance=args.guidance, erase_iterations=args.iterations, erase_lr=args.erase_lr,
+                          batch_size=args.batch_size)
     report = Benchmark(bundle, cfg, args.out).run()
     print(markdown_table(report, average_only=True))
     print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rank", type=int, default=1)
     e.add_argument("--alpha", type=float, default=8.0, help="LoRA output scale")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--timestep-mapping", choices=["reference", "aligned"], default="reference",
+                   help="reference: t in [k*20, k*20+20) as the reference code; aligned: the timestep z_k sits at")
     e.set_defaults(func=_cmd_erase)
 
     t = sub.add_parser("train-toy", help="train the embedded toy-world model (long; resumable)")
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--guidance", type=float, default=None)
     b.add_argument("--iterations", type=int, default=200, help="erasure iterations for runs that are missing")
+    b.add_argument("--erase-lr", type=float, default=3e-5, help="erasure learning rate (reference 3e-5)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)

@@ -47,6 +47,9 @@ class EraseConfig:
     alpha: float = 8.0
     seed: int = 0
     checkpoint_every: int = 20
+    # "reference": t drawn in [k*1000/50, (k+1)*1000/50) as the reference code does, although z_k (k steps from
+    # noise) sits near timestep 1000 - k*20; "aligned": t is the timestep z_k actually sits at
+    timestep_mapping: str = "reference"
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(self.preset, self.rank, self.alpha)
@@ -122,6 +125,8 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
                disable=not progress)
     for i in bar:
         k, t, z = _iteration_sample(cfg, i, shape)
+        if cfg.timestep_mapping == "aligned":
+            t = int(sched.timesteps[k])
         loss = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype), (tgt, ref, empty))
         opt.zero_grad(set_to_none=True)
         loss.backward()
