@@ -9,28 +9,29 @@ from unguide.sampling import make_scheduler
 
 
 def test_erasure_loss_falls_on_the_embedded_model():
+    """A few Adam steps on fixed (k, t, z_T) probes lower the negative-guidance loss on those probes: gradients reach
+    the adapter and the objective is consistent. (lr 1e-3: at the reference 3e-5 eight steps move nothing measurable.)"""
     bundle = load_model("toyworld")
     spec = load_preset("sun")
-    cfg = EraseConfig(seed=1)
+    cfg = EraseConfig(seed=1, lr=1e-3)
     adapter = make_adapter(bundle.unet, cfg.adapter_config(), init_seed=cfg.seed)
     prompts = concept_prompts(bundle, spec)
     sched = make_scheduler(bundle, cfg.ddim_steps)
     probes = [(k, t, _iteration_sample(cfg, 10_000 + i, bundle.latent_shape())[2]) for i, (k, t) in
               enumerate([(3, 70), (10, 210), (20, 410), (30, 610)])]
 
-    def probe_loss():
-        with torch.no_grad():
-            return sum(erasure_loss(bundle.unet, adapter, sched, cfg, k, t, z, prompts).item() for k, t, z in probes)
+    def loss_on(k, t, z):
+        return erasure_loss(bundle.unet, adapter, sched, cfg, k, t, z, prompts)
 
-    before = probe_loss()
+    with torch.no_grad():
+        before = sum(loss_on(*p).item() for p in probes)
     opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
-    for i in range(8):
-        k, t, z = _iteration_sample(cfg, i, bundle.latent_shape())
-        loss = erasure_loss(bundle.unet, adapter, sched, cfg, min(k, 10), t, z, prompts)
+    for step in range(8):
+        loss = loss_on(*probes[step % len(probes)])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = probe_loss()
+    with torch.no_grad():
+        after = sum(loss_on(*p).item() for p in probes)
     adapter.remove()
-    assert after < 0.9 * before, (before, after)
-
+    assert after < 0.8 * before, (before, after)
