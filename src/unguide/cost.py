@@ -20,7 +20,7 @@ def toy_decision_prompts(spec) -> list[str]:
 
     prompts = [spec.target] + spec.synonym_prompts() + list(spec.other)
     for obj in OBJECTS:
-        for colour in COLOUR_NAMES[:6]:
+        for colour in COLOUR_NAMES[:7]:
             prompts.append(f"a photo of a {colour} {obj}")
         for scene in ("grass", "sand"):
             prompts.append(f"a {obj} on the {SCENE_WORDS[scene]}")
