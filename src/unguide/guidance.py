@@ -12,9 +12,9 @@ Two scorers share one code path (:func:`influence_scores`):
 
 * ``reference``: 30 draws, 11 steps of the 50-step schedule (24 image-evals per draw and prompt);
 * ``fast`` (default): reaches the same point of the trajectory with a coarse schedule (2 steps of a
-  13-step schedule end at timestep 761, exactly where the reference's 11th of 50 steps ends), 2 draws,
-  and scores the empty prompt once per adapter and setting instead of once per prompt: 12 image-evals
-  per prompt.
+  13-step schedule end at timestep 761, exactly where the reference's 11th of 50 steps ends), 6 draws,
+  and scores the empty prompt once per adapter and setting instead of once per prompt: 36 image-evals
+  per prompt, so 236 per image when each prompt gets one image (reference: 200 + 720).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class ScorerConfig:
     """Reference defaults: ``ScorerConfig.reference()``; the fast scorer is the default."""
 
     kind: str = "fast"
-    draws: int = 2
+    draws: int = 6  # 2 draws agreed with the reference on 93.8% of 97 prompts, 6 on 99.0% (sun adapter)
     schedule_steps: int = 13  # DDIM schedule the scoring trajectory follows
     trajectory_steps: int = 2  # steps of that schedule run with the base model before scoring
     t_low: int = 800
