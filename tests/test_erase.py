@@ -38,6 +38,8 @@ def test_lora_file_loads_in_diffusers(tiny_sd, tmp_path):
     bundle = load_model(str(tiny_sd))
     attach_erasure(bundle, run)
     ours = {k: v for k, v in bundle.unet.state_dict().items() if "lora" in k}
+    scales = {m.scaling["erasure"] for m in bundle.unet.modules() if "erasure" in getattr(m, "scaling", {})}
+    assert scales == {8.0}  # our loader applies the saved scale (alpha 8, rank 1), not peft's default alpha = rank
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
     pipe.load_lora_weights(str(run))
     theirs = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}

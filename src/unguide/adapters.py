@@ -190,10 +190,18 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    meta = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("unet.")}
     adapter = LoraAdapter.__new__(LoraAdapter)
     adapter.unet, adapter.cfg = unet, cfg
+    # the adapter config (lora_alpha: the scale 8) lives in the file's metadata; without it peft would use alpha = 1
     unet.load_lora_adapter(str(path), prefix="unet", adapter_name=ADAPTER_NAME)
+    if meta:  # load_lora_adapter ignores that metadata here: set the saved scale on every LoRA layer ourselves
+        scale = float(meta["lora_alpha"]) / float(meta["r"])
+        for m in unet.modules():
+            if hasattr(m, "scaling") and ADAPTER_NAME in getattr(m, "scaling", {}):
+                m.scaling[ADAPTER_NAME] = scale
+        unet.peft_config[ADAPTER_NAME].lora_alpha = meta["lora_alpha"]
     from peft import LoraConfig
 
     adapter.lora_config = LoraConfig(**{k: v for k, v in meta.items() if k in ("r", "lora_alpha", "target_modules")}) \
