@@ -48,7 +48,31 @@ def target_modules(unet: nn.Module, preset: str) -> list[str]:
     return chosen
 
 
-class LoraAdapter:
+class _Adapter:
+    """What the trainer and the guide need from an adapter: its trainable tensors and a base-model switch."""
+
+    unet: nn.Module
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.named_parameters().values())
+
+    @contextmanager
+    def adapted(self) -> Iterator[None]:
+        yield
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters().items()}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.named_parameters().items():
+                p.copy_(tensors[n])
+
+
+class LoraAdapter(_Adapter):
     """A peft LoRA adapter injected into the UNet; base = adapter layers disabled."""
 
     kind = "lora"
@@ -71,9 +95,6 @@ class LoraAdapter:
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{ADAPTER_NAME}." in n}
 
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.named_parameters().values())
-
     @contextmanager
     def base(self) -> Iterator[None]:
         self.unet.disable_adapters()
@@ -81,10 +102,6 @@ class LoraAdapter:
             yield
         finally:
             self.unet.enable_adapters()
-
-    @contextmanager
-    def adapted(self) -> Iterator[None]:
-        yield
 
     def remove(self) -> None:
         """Take the adapter out of the UNet, leaving the base model's modules as they were."""
@@ -108,17 +125,8 @@ class LoraAdapter:
         tmp.rmdir()
         return directory / LORA_FILE
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.named_parameters().items()}
 
-    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = self.named_parameters()
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-
-
-class FullAdapter:
+class FullAdapter(_Adapter):
     """ESD-x style fine-tune of cross-attention key/value weights, with the base weights kept aside."""
 
     kind = "full"
@@ -134,9 +142,6 @@ class FullAdapter:
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {f"{n}.weight": m.weight for n, m in self.modules.items()}
 
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.named_parameters().values())
-
     @contextmanager
     def base(self) -> Iterator[None]:
         tuned = {n: m.weight.data for n, m in self.modules.items()}
@@ -148,10 +153,6 @@ class FullAdapter:
             for n, m in self.modules.items():
                 m.weight.data = tuned[n]
 
-    @contextmanager
-    def adapted(self) -> Iterator[None]:
-        yield
-
     def remove(self) -> None:
         with torch.no_grad():
             for n, m in self.modules.items():
@@ -162,14 +163,6 @@ class FullAdapter:
         path = Path(directory) / FULL_FILE
         save_tensors(path, self.trainable_state(), metadata={"format": "unguide-full", "preset": "full"})
         return path
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.named_parameters().items()}
-
-    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, p in self.named_parameters().items():
-                p.copy_(tensors[n])
 
 
 def make_adapter(unet, cfg: AdapterConfig, init_seed: int = 0):

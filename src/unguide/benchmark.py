@@ -59,6 +59,13 @@ def concept_prompts(spec: ConceptSpec) -> list[dict]:
     return rows
 
 
+def _canonical_prompt_order() -> dict[str, int]:
+    from .toyworld.render import OBJECTS
+
+    prompts = [r["prompt"] for name in OBJECTS for r in concept_prompts(load_preset(name))]
+    return {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+
+
 def _load_images(out: Path) -> tuple[list[dict], torch.Tensor]:
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines() if line.strip()]
     imgs = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows])
@@ -99,19 +106,23 @@ class Benchmark:
         return run
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def _generate(self, rows: list[dict], out: Path, guide, info: dict) -> Path:
+    def _generate(self, rows: list[dict], out: Path, guide, info: dict, canonical: bool = False) -> Path:
         prompt_rows = [PromptRow(r["prompt"]) for r in rows]
         size = self.bundle.image_size
         items = plan_items(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance, size, size)
+        order = _canonical_prompt_order() if canonical else {}
         for it, r in zip(items, [r for r in rows for _ in range(self.cfg.samples)]):
             it.extra = {"role": r["role"], "class": r["class"]}
+            # shared base images are named by the prompt's place among all concepts' prompts, so a later run
+            # with other concepts (e.g. 'all' after three) reuses them instead of regenerating
+            it.prompt_index = order.get(it.prompt, it.prompt_index)
         return run_generation(self.bundle, items, out, steps=self.cfg.steps, guide=guide, batch_size=self.cfg.batch_size,
                               run_info=info)
 
     def generate_all(self) -> None:
         base_rows = list({r["prompt"]: r for spec in self.specs.values() for r in concept_prompts(spec)}.values())
         t0 = time.time()  # base images are always needed: they are the reference of every preservation metric
-        self._generate(base_rows, self.out / "images" / "base", PlainGuide(), {"method": "base"})
+        self._generate(base_rows, self.out / "images" / "base", PlainGuide(), {"method": "base"}, canonical=True)
         self.timings["generate/base"] = round(time.time() - t0, 1)
         for name, spec in self.specs.items():
             rows = concept_prompts(spec)

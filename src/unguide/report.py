@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .generation import save_grid
-from .io import write_text
+from .generation import make_grid
+from .io import atomic_path, write_text
 
 COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s ↑"), ("acc_g", "Acc_g ↓"), ("acc_g_heldout", "Acc_g held-out ↓"),
            ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
@@ -61,8 +61,29 @@ def _concept_grid(out: Path, concept: str, spec, methods: list[str]) -> Path:
             for _ in range(GRID_SAMPLES - len(files)):
                 tiles.append(np.full((32, 32, 3), 255, np.uint8))
     target = out / "grids" / f"{concept}.png"
-    save_grid(target, tiles, ncol=GRID_SAMPLES * len(methods), scale=3)
+    grid = make_grid(tiles, ncol=GRID_SAMPLES * len(methods), scale=3)
+    with atomic_path(target) as tmp:
+        _label_grid(grid, prompts, methods).save(tmp, format="PNG")
     return target
+
+
+def _label_grid(grid: Image.Image, row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """Prompts down the left, methods across the top, so the picture reads without the caption."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    left, top = 10 + max(int(font.getlength(t)) for t in row_labels), 24
+    canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    row_h, col_w = grid.height / len(row_labels), grid.width / len(col_labels)
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + (i + 0.5) * row_h), text, fill="black", font=font, anchor="lm")
+    for j, text in enumerate(col_labels):
+        draw.text((left + (j + 0.5) * col_w, top // 2), text, fill="black", font=font, anchor="mm")
+        if j:
+            draw.line([(left + j * col_w, 0), (left + j * col_w, canvas.height)], fill="#888", width=2)
+    return canvas
 
 
 def _plots(out: Path, report: dict) -> list[Path]:

@@ -185,7 +185,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         latents = torch.cat([codec.encode(x[i:i + 500]) for i in tqdm(range(0, len(x), 500), desc="encode")])
         text = _encode_captions(captions)
         save_tensors(cache, {"latents": latents, "text": text})
-    _, scenes = _scenes_for(cfg)
+    scenes = _scenes_for(cfg)
     cap_index = {c: i for i, c in enumerate(captions)}
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
     alphas = noise_sched.alphas_cumprod
@@ -251,7 +251,7 @@ def _scenes_for(cfg: UNetConfig):
     from .render import sample_scene
 
     rng = np.random.default_rng(cfg.seed + 3000)
-    return None, [sample_scene(rng, p_empty=cfg.p_empty) for _ in range(cfg.dataset_size)]
+    return [sample_scene(rng, p_empty=cfg.p_empty) for _ in range(cfg.dataset_size)]
 
 
 def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str | Path | None = None) -> Path:
