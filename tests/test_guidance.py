@@ -152,3 +152,20 @@ def test_pipeline_api(tiny_sd, sd_run):
     assert all(w in (-1.0, 2.0) for w in out.w) and out.w[0] == out.w[1] and "score" in out.scores[0]
     same = pipe(["a photo of the cat"], num_images_per_prompt=2, num_inference_steps=3, w=1.0, progress=False)
     assert np.array_equal(np.asarray(same.images[1]), np.asarray(plain.images[1]))
+
+
+def test_influence_command_reports_what_generation_decides(tiny_sd, sd_run, tmp_path, capsys):
+    import json
+
+    from unguide.generation import read_png_metadata
+
+    out = tmp_path / "influence.json"
+    assert main(["influence", "--model", str(tiny_sd), "--erasure", str(sd_run), "--prompt", "a photo of the cat",
+                 "--prompt", "a dog", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["prompts"]
+    assert [r["prompt"] for r in rows] == ["a photo of the cat", "a dog"]
+    assert "a photo of the cat" in capsys.readouterr().out
+    assert _gen(tiny_sd, tmp_path / "gen", "--erasure", str(sd_run)) == 0  # same scorer, same seeds: same numbers
+    for r, name in zip(rows, ("00000_000.png", "00001_000.png")):
+        meta = read_png_metadata(tmp_path / "gen" / name)
+        assert meta["w"] == r["w"] and meta["score"] == pytest.approx(r["score"], rel=1e-5)

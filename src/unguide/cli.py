@@ -156,6 +156,31 @@ def _cmd_benchmark_scorer(args) -> int:
     return 0
 
 
+def _cmd_influence(args) -> int:
+    """Print each prompt's influence score and the weight UnGuidance would give it: how to see, before
+    generating anything, whether an adapter is selective (targets above the empty prompt, the rest below)."""
+    from .guidance import ScorerConfig, UnGuide, WeightRule
+    from .erase import attach_erasure
+    from .io import write_json
+    from .models import load_model
+    from .prompts import read_prompts
+
+    prompts = list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)]
+    bundle = load_model(args.model, device=args.device)
+    adapter, _ = attach_erasure(bundle, args.erasure)
+    scorer = ScorerConfig.reference() if args.scorer == "reference" else ScorerConfig()
+    guide = UnGuide(adapter, scorer=scorer, rule=WeightRule(rule=args.weighting))
+    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
+    rows = [{"prompt": p, **info} for p, info in zip(prompts, guide.decide(bundle, prompts, guidance))]
+    print(f"{'d(c)/d(empty)':>13}  {'w':>5}  prompt")
+    for r in rows:
+        print(f'{r["score"] / r["score_empty"]:13.2f}  {r["w"]:5.2f}  {r["prompt"]}')
+    if args.out:
+        write_json(args.out, {"erasure": str(args.erasure), "guidance": guidance, "scorer": args.scorer,
+                              "weighting": args.weighting, "prompts": rows})
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import demo_command
 
@@ -258,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timing-prompts", type=int, default=32, help="images generated side by side for the timing")
     s.add_argument("--out", default=None, help="write the full result as JSON")
     s.set_defaults(func=_cmd_benchmark_scorer)
+
+    f = sub.add_parser("influence", help="influence scores and UnGuidance weights of prompts for an erasure run")
+    _add_model(f)
+    f.add_argument("--erasure", required=True, help="an erasure run directory")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--prompts", help="text file (one prompt a line) or I2P-style CSV")
+    f.add_argument("--scorer", choices=["fast", "reference"], default="fast")
+    f.add_argument("--weighting", choices=["binary", "continuous"], default="binary")
+    f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    f.add_argument("--out", default=None, help="also write the scores as JSON")
+    f.set_defaults(func=_cmd_influence)
 
     d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
     d.add_argument("--out", default="demo_out")
