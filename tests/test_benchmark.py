@@ -40,6 +40,7 @@ def test_evaluate_command_scores_a_generated_folder(tmp_path):
     fish = m["per_prompt"]["a photo of the fish"]
     assert fish["class"] == "fish" and fish["n"] == 2 and 0 <= fish["p_correct"] <= 1
     assert m["per_prompt"]["a photo of a red heart"]["colour"] == "red"
+    assert m["colour_rate"] == {"red": m["per_prompt"]["a photo of a red heart"]["colour_rate"]}
     assert m["preservation"]["pairs"] == 2  # seed 1 of a pairs with seed 1 of b
     assert "acc_e" in m["concept"]
 

@@ -114,7 +114,7 @@ def _cmd_evaluate(args) -> int:
     result = evaluate_folder(args.images, judge=args.judge, concept=concept, reference=args.reference, labels=labels,
                              clip_model=args.clip_model)
     headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-    for key in ("concept", "preservation", "nudenet"):
+    for key in ("concept", "colour_rate", "preservation", "nudenet"):
         if key in result:
             headline[key] = {k: v for k, v in result[key].items() if not isinstance(v, dict)}
     print(json.dumps(headline, indent=1))

@@ -130,6 +130,10 @@ def evaluate_folder(images: str | Path, judge: str = "toy", concept=None, refere
         if scored:
             result["mean_p_correct"] = float(np.mean([v["p_correct"] for v in scored]))
             result["mean_top1"] = float(np.mean([v["top1"] for v in scored]))
+        colours = sorted({v["colour"] for v in j["per_prompt"].values() if v["colour"]})
+        if colours:  # the attribute concept's figure: how often the asked colour is drawn, per colour
+            result["colour_rate"] = {c: float(np.mean([v["colour_rate"] for v in j["per_prompt"].values()
+                                                       if v["colour"] == c])) for c in colours}
         if concept is not None:
             result["concept"] = {"name": concept.name, **concept_metrics(j["per_prompt"], concept)}
     elif judge == "clip":
