@@ -59,10 +59,6 @@ class _Adapter:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.named_parameters().values())
 
-    @contextmanager
-    def adapted(self) -> Iterator[None]:
-        yield
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_parameters().items()}
 
@@ -192,7 +188,7 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
     if meta:  # load_lora_adapter ignores that metadata here: set the saved scale on every LoRA layer ourselves
         scale = float(meta["lora_alpha"]) / float(meta["r"])
         for m in unet.modules():
-            if hasattr(m, "scaling") and ADAPTER_NAME in getattr(m, "scaling", {}):
+            if ADAPTER_NAME in getattr(m, "scaling", {}):
                 m.scaling[ADAPTER_NAME] = scale
         unet.peft_config[ADAPTER_NAME].lora_alpha = meta["lora_alpha"]
     from peft import LoraConfig

@@ -159,8 +159,8 @@ def _cmd_benchmark_scorer(args) -> int:
 def _cmd_influence(args) -> int:
     """Print each prompt's influence score and the weight UnGuidance would give it: how to see, before
     generating anything, whether an adapter is selective (targets above the empty prompt, the rest below)."""
-    from .guidance import ScorerConfig, UnGuide, WeightRule
     from .erase import attach_erasure
+    from .guidance import UnGuide, decision_settings
     from .io import write_json
     from .models import load_model
     from .prompts import read_prompts
@@ -168,8 +168,7 @@ def _cmd_influence(args) -> int:
     prompts = list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)]
     bundle = load_model(args.model, device=args.device)
     adapter, _ = attach_erasure(bundle, args.erasure)
-    scorer = ScorerConfig.reference() if args.scorer == "reference" else ScorerConfig()
-    guide = UnGuide(adapter, scorer=scorer, rule=WeightRule(rule=args.weighting))
+    guide = UnGuide(adapter, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     rows = [{"prompt": p, **info} for p, info in zip(prompts, guide.decide(bundle, prompts, guidance))]
     print(f"{'d(c)/d(empty)':>13}  {'w':>5}  prompt")
