@@ -39,10 +39,11 @@ def _cmd_train_toy(args) -> int:
     if args.stage in ("unet", "all"):
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        target = train_unet(out, UNetConfig(steps=args.unet_steps), max_minutes=args.max_minutes)
+        target = train_unet(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states),
+                            max_minutes=args.max_minutes)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
-        print(export_toyworld(out, UNetConfig(steps=args.unet_steps)))
+        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states)))
     return 0
 
 
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int, default=700)
     t.add_argument("--unet-steps", type=int, default=7000)
     t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
+    t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad"],
+                   default="causal_zero_pad", help="how the frozen MiniLM's token states condition the UNet")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_cmd_train_toy)
 

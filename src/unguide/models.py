@@ -50,13 +50,41 @@ def load_toy_text_encoder():
     return encoder.eval().requires_grad_(False), tokenizer
 
 
+# How token states are formed. "contextual": the encoder's own output at every position (Stable Diffusion's
+# CLIP states). The toy model's options make its bidirectional BERT behave more like SD's causal CLIP:
+# "causal_zero_pad" gives each token the state of its prefix alone (so a shared template like "a photo of the"
+# has the same states in every prompt, and only the content words and the end token carry the object) and
+# zeroes the padding (a null token every prompt shares); "contextual_zero_pad" only zeroes the padding.
+TEXT_STATES = ("contextual", "contextual_zero_pad", "causal_zero_pad")
+
+
+def _causal_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """State of token i computed from tokens 0..i only, for every i (one batched pass over all prefixes)."""
+    b, n = ids.shape
+    prefix = torch.tril(torch.ones(n, n, dtype=mask.dtype, device=mask.device))  # row i keeps keys 0..i
+    seq_mask = (prefix[None] * mask[:, None, :]).reshape(b * n, n)
+    seq_mask[:, 0] = 1  # every row sees at least the first token
+    states = text_encoder(ids.repeat_interleave(n, dim=0), attention_mask=seq_mask)[0]
+    return states.reshape(b, n, n, -1).diagonal(dim1=1, dim2=2).permute(0, 2, 1)
+
+
 @torch.no_grad()
-def encode_text(text_encoder, tokenizer, prompts: Sequence[str], max_length: int) -> torch.Tensor:
+def encode_text(text_encoder, tokenizer, prompts: Sequence[str], max_length: int,
+                states: str = "contextual") -> torch.Tensor:
     """Token states (B, max_length, D) of the prompts: what the denoiser's cross-attention reads."""
+    if states not in TEXT_STATES:
+        raise UnguideError(f"unknown text state mode {states!r}: choose one of {', '.join(TEXT_STATES)}")
     tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     device = next(text_encoder.parameters()).device
-    mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+    ids, full_mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    if states == "causal_zero_pad":
+        out = _causal_states(text_encoder, ids, full_mask)
+    else:
+        mask = full_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+        out = text_encoder(ids, attention_mask=mask)[0]
+    if states.endswith("zero_pad"):
+        out = out * full_mask[..., None].to(out.dtype)
+    return out
 
 
 class LatentCodec:
@@ -110,6 +138,7 @@ class ModelBundle:
     default_guidance: float = 7.5
     image_size: int = 512
     info: dict = field(default_factory=dict)
+    text_states: str = "contextual"
 
     def __post_init__(self):
         self.codec = LatentCodec(self.vae)
@@ -123,7 +152,7 @@ class ModelBundle:
         """Token states for prompts, cached per prompt string (prompts repeat a lot)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length)
+            states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length, self.text_states)
             self._text_cache.update(zip(missing, states))
         return torch.stack([self._text_cache[p] for p in prompts])
 
@@ -173,7 +202,8 @@ def _load_toy(path: Path) -> ModelBundle:
     text_encoder, tokenizer = load_toy_text_encoder()
     return ModelBundle(unet.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta.get("name", TOYWORLD)),
                        max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
-                       image_size=int(meta["image_size"]), info=meta)
+                       image_size=int(meta["image_size"]), info=meta,
+                       text_states=str(meta.get("text_states", "contextual")))
 
 
 def _load_diffusers(name_or_path: str, dtype=None) -> ModelBundle:

