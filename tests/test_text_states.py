@@ -38,3 +38,14 @@ def test_unknown_text_state_mode_is_one_clear_error(minilm):
     enc, tok = minilm
     with pytest.raises(UnguideError, match="unknown text state mode"):
         encode_text(enc, tok, ["x"], 16, "bidirectional")
+
+
+def test_causal_eos_padding_repeats_the_end_token_like_clip(minilm):
+    enc, tok = minilm
+    states = encode_text(enc, tok, ["a photo of the boat", ""], 16, "causal_eos_pad")
+    ids = tok(["a photo of the boat"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    ids[ids == tok.pad_token_id] = tok.sep_token_id
+    alone = enc(ids[:, :10], attention_mask=torch.ones(1, 10, dtype=torch.long))[0][0, 9]
+    torch.testing.assert_close(states[0, 9], alone, atol=1e-4, rtol=1e-4)
+    assert states.norm(dim=-1).min() > 1  # every position, the empty prompt's too, is a real state
+    assert (states[0, 10:] - states[1, 10:]).abs().max() > 0.5  # the padding carries the prompt

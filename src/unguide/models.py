@@ -52,10 +52,10 @@ def load_toy_text_encoder():
 
 # How token states are formed. "contextual": the encoder's own output at every position (Stable Diffusion's
 # CLIP states). The toy model's options make its bidirectional BERT behave more like SD's causal CLIP:
-# "causal_zero_pad" gives each token the state of its prefix alone (so a shared template like "a photo of the"
-# has the same states in every prompt, and only the content words and the end token carry the object) and
-# zeroes the padding (a null token every prompt shares); "contextual_zero_pad" only zeroes the padding.
-TEXT_STATES = ("contextual", "contextual_zero_pad", "causal_zero_pad")
+# "causal_eos_pad" gives each token the state of its prefix alone (so a shared template like "a photo of the"
+# has the same states in every prompt) and pads with repeated end tokens that see the whole prompt, as CLIP
+# pads with EOS; "causal_zero_pad" zeroes the padding instead; "contextual_zero_pad" only zeroes the padding.
+TEXT_STATES = ("contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad")
 
 
 def _causal_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,10 @@ def encode_text(text_encoder, tokenizer, prompts: Sequence[str], max_length: int
     tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     ids, full_mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    if states == "causal_zero_pad":
+    if states == "causal_eos_pad":
+        out = _causal_states(text_encoder, ids.masked_fill(full_mask == 0, tokenizer.sep_token_id),
+                             torch.ones_like(full_mask))
+    elif states == "causal_zero_pad":
         out = _causal_states(text_encoder, ids, full_mask)
     else:
         mask = full_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
