@@ -40,7 +40,7 @@ def _cmd_train_toy(args) -> int:
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
         target = train_unet(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states),
-                            max_minutes=args.max_minutes)
+                            max_minutes=args.max_minutes, stop_after=args.stop_after)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
         print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states)))
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int, default=700)
     t.add_argument("--unet-steps", type=int, default=7000)
     t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported)")
     t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad"],
                    default="contextual", help="how the frozen MiniLM's token states condition the UNet "
                    "(contextual: the committed weights; the others are the variants of docs/findings-toyworld.md)")

@@ -164,8 +164,10 @@ def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
     return torch.cat(states)
 
 
-def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None) -> Path:
-    """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA)."""
+def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None,
+               stop_after: int | None = None) -> Path:
+    """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA).
+    ``stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from ..models import LatentCodec
@@ -209,7 +211,8 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         start = state["step"]
     log = out / "unet_log.jsonl"
     unet.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet")
+    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
     params = dict(unet.named_parameters())
     running = None
     step = start
@@ -242,7 +245,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         if (step + 1) % 50 == 0:
             with open(log, "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": round(running, 5), "lr": _lr_at(step, cfg)}) + "\n")
-        done = step + 1 == cfg.steps
+        done = step + 1 == end
         out_of_time = max_minutes is not None and (time.time() - t_start) > max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
             _save_ckpt(out, "unet", step + 1, {**{f"model.{k}": v for k, v in unet.state_dict().items()},
@@ -250,6 +253,8 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
                        {"config": asdict(cfg)})
         if out_of_time:
             print(f"stopping at step {step + 1}: --max-minutes reached (run again to resume)")
+            break
+        if done:
             break
     return export_toyworld(out, cfg)
 
