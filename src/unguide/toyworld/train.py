@@ -55,7 +55,8 @@ class UNetConfig:
     seed: int = 0
     checkpoint_every: int = 250
     default_guidance: float = 5.0
-    text_states: str = "contextual"  # see models.TEXT_STATES
+    text_states: str = "causal_eos_pad"  # see models.TEXT_STATES (the committed weights; "contextual" before 2026-11-29)
+    stop_after: int = 6000  # the committed weights are the EMA at this step of the 7000-step schedule
 
 
 def build_vae(cfg: VAEConfig):
@@ -211,6 +212,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         start = state["step"]
     log = out / "unet_log.jsonl"
     unet.train()
+    stop_after = stop_after if stop_after is not None else cfg.stop_after
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
     params = dict(unet.named_parameters())
