@@ -237,12 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int, default=700)
     t.add_argument("--unet-steps", type=int, default=7000)
     t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
-    t.add_argument("--stop-after", type=int, default=6000,
-                   help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported; "
-                   "the committed weights: 6000 of 7000)")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported)")
     t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad"],
-                   default="causal_eos_pad", help="how the frozen MiniLM's token states condition the UNet "
-                   "(causal_eos_pad: the committed weights; the others: see docs/findings-toyworld.md)")
+                   default="contextual", help="how the frozen MiniLM's token states condition the UNet "
+                   "(contextual: the committed weights; the others: see docs/findings-toyworld.md)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_cmd_train_toy)
 

@@ -55,8 +55,8 @@ class UNetConfig:
     seed: int = 0
     checkpoint_every: int = 250
     default_guidance: float = 5.0
-    text_states: str = "causal_eos_pad"  # see models.TEXT_STATES (the committed weights; "contextual" before 2026-11-29)
-    stop_after: int = 6000  # the committed weights are the EMA at this step of the 7000-step schedule
+    text_states: str = "contextual"  # see models.TEXT_STATES and docs/findings-toyworld.md
+    stop_after: int | None = None  # end at this step of the schedule (None: run it all)
 
 
 def build_vae(cfg: VAEConfig):
