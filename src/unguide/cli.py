@@ -39,8 +39,8 @@ def _cmd_train_toy(args) -> int:
     if args.stage in ("unet", "all"):
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        target = train_unet(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states),
-                            max_minutes=args.max_minutes, stop_after=args.stop_after)
+        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after)
+        target = train_unet(out, cfg, max_minutes=args.max_minutes)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
         print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states)))

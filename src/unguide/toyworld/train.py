@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
 from .captions import all_training_captions, caption
 from .classifier import to_tensor
@@ -165,10 +166,9 @@ def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
     return torch.cat(states)
 
 
-def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None,
-               stop_after: int | None = None) -> Path:
+def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None) -> Path:
     """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA).
-    ``stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long."""
+    ``cfg.stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from ..models import LatentCodec
@@ -202,8 +202,6 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     if state:
         trained_on = state.get("config", {}).get("text_states", "contextual")
         if trained_on != cfg.text_states:
-            from ..errors import UnguideError
-
             raise UnguideError(f"the checkpoint in {out} was trained with --text-states {trained_on}: resume with the "
                                f"same setting, or use another --out")
         unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -212,8 +210,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         start = state["step"]
     log = out / "unet_log.jsonl"
     unet.train()
-    stop_after = stop_after if stop_after is not None else cfg.stop_after
-    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
     params = dict(unet.named_parameters())
     running = None
