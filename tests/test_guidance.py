@@ -15,7 +15,8 @@ from unguide.erase import EraseConfig, attach_erasure, erase
 from unguide.generation import Item, PlainGuide, sample_images
 from unguide.guidance import ScorerConfig, UnGuide, WeightRule
 
-CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat")
+CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
+                  other=["a dog", "a photo of the car"])
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,18 @@ def test_influence_command_reports_what_generation_decides(tiny_sd, sd_run, tmp_
     for r, name in zip(rows, ("00000_000.png", "00001_000.png")):
         meta = read_png_metadata(tmp_path / "gen" / name)
         assert meta["w"] == r["w"] and meta["score"] == pytest.approx(r["score"], rel=1e-5)
+
+
+def test_influence_without_prompts_checks_the_runs_own_concept(tiny_sd, sd_run, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "selectivity.json"
+    assert main(["influence", "--model", str(tiny_sd), "--erasure", str(sd_run), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["role"], r["prompt"]) for r in report["prompts"]] == [
+        ("target", "a photo of the cat"), ("synonym", "a photo of the kitty"), ("other", "a dog"),
+        ("other", "a photo of the car")]
+    handed = sum(r["w"] < 1 for r in report["prompts"] if r["role"] == "other")
+    assert report["summary"].startswith("to the adapter (w < 1): target ")
+    assert f"other prompts {handed} of 2" in report["summary"]
+    assert report["summary"] in capsys.readouterr().out

@@ -49,3 +49,42 @@ def test_causal_eos_padding_repeats_the_end_token_like_clip(minilm):
     torch.testing.assert_close(states[0, 9], alone, atol=1e-4, rtol=1e-4)
     assert states.norm(dim=-1).min() > 1  # every position, the empty prompt's too, is a real state
     assert (states[0, 10:] - states[1, 10:]).abs().max() > 0.5  # the padding carries the prompt
+
+
+def test_text_rescaling_is_an_exact_reparametrisation(tmp_path):
+    """export's --text-norm: states x s and cross-attention key/value / s give the same denoiser output."""
+    from diffusers import UNet2DConditionModel
+
+    from unguide.io import save_tensors
+    from unguide.toyworld.train import _rescale_text
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8).eval()
+    states = torch.randn(20, 6, 32) * 0.4
+    save_tensors(tmp_path / "unet_data.safetensors", {"text_causal_eos_pad": states})
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), states[:2]
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=h).sample
+        scale = _rescale_text(unet, tmp_path, "causal_eos_pad", text_norm=27.7)
+        after = unet(x, t, encoder_hidden_states=h * scale).sample
+    assert scale == pytest.approx(27.7 / states.norm(dim=-1).mean().item(), rel=1e-5) and scale > 10
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    # and the layers outside cross-attention were not touched: unscaled states now give another output
+    with torch.no_grad():
+        assert (unet(x, t, encoder_hidden_states=h).sample - before).abs().max() > 1e-3
+
+
+def test_bundle_applies_the_models_text_scale(toy_bundle):
+    prompt = ["a photo of the boat"]
+    plain = encode_text(toy_bundle.text_encoder, toy_bundle.tokenizer, prompt, toy_bundle.max_length,
+                        toy_bundle.text_states)
+    old, toy_bundle.text_scale = toy_bundle.text_scale, 3.0
+    toy_bundle._text_cache.clear()
+    try:
+        torch.testing.assert_close(toy_bundle.encode_prompts(prompt), plain * 3.0)
+    finally:
+        toy_bundle.text_scale = old
+        toy_bundle._text_cache.clear()

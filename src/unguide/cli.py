@@ -39,11 +39,13 @@ def _cmd_train_toy(args) -> int:
     if args.stage in ("unet", "all"):
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after)
+        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
+                         text_norm=args.text_norm)
         target = train_unet(out, cfg, max_minutes=args.max_minutes)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
-        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states)))
+        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states,
+                                              text_norm=args.text_norm)))
     return 0
 
 
@@ -64,6 +66,7 @@ def _cmd_erase(args) -> int:
     print(f"erased '{concept.name}' ({cfg.preset}, {cfg.iterations} iterations) in {time.time() - t0:.1f} s; "
           f"final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
           f"metadata: {Path(args.out) / 'erasure.json'}")
+    print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
     return 0
 
 
@@ -157,27 +160,59 @@ def _cmd_benchmark_scorer(args) -> int:
     return 0
 
 
+def _concept_prompts(meta: dict) -> list[tuple[str, str]]:
+    """(role, prompt) for the prompts an erasure run's own concept spec names."""
+    from .concepts import concept_from_dict
+
+    spec = concept_from_dict(meta["concept"], "of the erasure run")
+    return ([("target", spec.target)] + [("synonym", p) for p in spec.synonym_prompts()]
+            + [("other", p) for p in spec.other])
+
+
+def _selectivity_summary(rows: list[dict]) -> str:
+    """One line: how many of the concept's own prompts UnGuidance hands to the adapter (w < 1)."""
+    parts = []
+    for role, label in (("target", "target"), ("synonym", "synonyms"), ("other", "other prompts")):
+        group = [r for r in rows if r["role"] == role]
+        if group:
+            parts.append(f"{label} {sum(r['w'] < 1 for r in group)} of {len(group)}")
+    line = "to the adapter (w < 1): " + ", ".join(parts)
+    leaks = sum(r["w"] < 1 for r in rows if r["role"] == "other")
+    if leaks:
+        line += (f". {leaks} unrelated prompt(s) would follow the adapter too (it is not selective for them): "
+                 "UnGuidance will change their images")
+    return line
+
+
 def _cmd_influence(args) -> int:
     """Print each prompt's influence score and the weight UnGuidance would give it: how to see, before
-    generating anything, whether an adapter is selective (targets above the empty prompt, the rest below)."""
+    generating anything, whether an adapter is selective (targets above the empty prompt, the rest below).
+    Without prompts, the run's own concept spec is checked: target, synonyms and its unrelated prompts."""
     from .erase import attach_erasure
     from .guidance import UnGuide, decision_settings
     from .io import write_json
     from .models import load_model
     from .prompts import read_prompts
 
-    prompts = list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)]
     bundle = load_model(args.model, device=args.device)
-    adapter, _ = attach_erasure(bundle, args.erasure)
+    adapter, meta = attach_erasure(bundle, args.erasure)
+    if args.prompt or args.prompts:
+        named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
+    else:
+        named = _concept_prompts(meta)
     guide = UnGuide(adapter, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
-    rows = [{"prompt": p, **info} for p, info in zip(prompts, guide.decide(bundle, prompts, guidance))]
-    print(f"{'d(c)/d(empty)':>13}  {'w':>5}  prompt")
+    infos = guide.decide(bundle, [p for _, p in named], guidance)
+    rows = [{"prompt": p, "role": role, **info} for (role, p), info in zip(named, infos)]
+    print(f"{'d(c)/d(empty)':>13}  {'w':>5}  {'role':7}  prompt")
     for r in rows:
-        print(f'{r["score"] / r["score_empty"]:13.2f}  {r["w"]:5.2f}  {r["prompt"]}')
+        print(f'{r["score"] / r["score_empty"]:13.2f}  {r["w"]:5.2f}  {r["role"]:7}  {r["prompt"]}')
+    summary = None if (args.prompt or args.prompts) else _selectivity_summary(rows)
+    if summary:
+        print(summary)
     if args.out:
         write_json(args.out, {"erasure": str(args.erasure), "guidance": guidance, "scorer": args.scorer,
-                              "weighting": args.weighting, "prompts": rows})
+                              "weighting": args.weighting, "prompts": rows, "summary": summary})
     return 0
 
 
@@ -242,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad"],
                    default="contextual", help="how the frozen MiniLM's token states condition the UNet "
                    "(contextual: the committed weights; the others: see docs/findings-toyworld.md)")
+    t.add_argument("--text-norm", type=float, default=None,
+                   help="scale the exported model's text states to this mean token norm (CLIP ViT-L: 27.7), "
+                   "dividing the cross-attention key/value weights to match (the same model, SD-sized LoRA inputs)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_cmd_train_toy)
 
@@ -292,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("influence", help="influence scores and UnGuidance weights of prompts for an erasure run")
     _add_model(f)
     f.add_argument("--erasure", required=True, help="an erasure run directory")
-    src = f.add_mutually_exclusive_group(required=True)
+    src = f.add_mutually_exclusive_group()  # neither: the run's own concept (target, synonyms, other prompts)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", help="text file (one prompt a line) or I2P-style CSV")
     f.add_argument("--scorer", choices=["fast", "reference"], default="fast")

