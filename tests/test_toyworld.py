@@ -40,3 +40,14 @@ def test_committed_classifier_accuracy_on_fresh_renders():
     result = evaluate_classifier(ToyClassifier.from_pretrained(), seed=424242, n=1500)
     assert result["heldout_object_accuracy"] >= 0.97, result
     assert result["heldout_colour_accuracy"] >= 0.90, result
+
+
+def test_train_toy_rejects_bad_unet_widths(capsys):
+    import pytest
+
+    from unguide.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train-toy", "--unet-channels", "32,64"])
+    assert exc.value.code == 2
+    assert "three comma-separated multiples of 16" in capsys.readouterr().err

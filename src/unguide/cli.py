@@ -23,6 +23,16 @@ def _cmd_generate(args) -> int:
     return generate_command(args)
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or any(w < 16 or w % 16 for w in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: give three comma-separated multiples of 16, e.g. 32,64,128")
+    return widths
+
+
 def _cmd_train_toy(args) -> int:
     import torch
 
@@ -40,12 +50,12 @@ def _cmd_train_toy(args) -> int:
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
         cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
-                         text_norm=args.text_norm)
+                         text_norm=args.text_norm, block_out_channels=args.unet_channels)
         target = train_unet(out, cfg, max_minutes=args.max_minutes)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
         print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states,
-                                              text_norm=args.text_norm)))
+                                              text_norm=args.text_norm, block_out_channels=args.unet_channels)))
     return 0
 
 
@@ -277,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad"],
                    default="contextual", help="how the frozen MiniLM's token states condition the UNet "
                    "(contextual: the committed weights; the others: see docs/findings-toyworld.md)")
+    t.add_argument("--unet-channels", type=_channels, default=(32, 64, 128),
+                   help="UNet block widths, comma-separated (default 32,64,128: the committed model)")
     t.add_argument("--text-norm", type=float, default=None,
                    help="scale the exported model's text states to this mean token norm (CLIP ViT-L: 27.7), "
                    "dividing the cross-attention key/value weights to match (the same model, SD-sized LoRA inputs)")
