@@ -51,3 +51,32 @@ def test_train_toy_rejects_bad_unet_widths(capsys):
         main(["train-toy", "--unet-channels", "32,64"])
     assert exc.value.code == 2
     assert "three comma-separated multiples of 16" in capsys.readouterr().err
+
+
+def test_train_toy_rejects_a_device_that_is_not_there(capsys, tmp_path):
+    import pytest
+    import torch
+
+    from unguide.cli import main
+
+    assert main(["train-toy", "--stage", "unet", "--out", str(tmp_path / "t"), "--device", "tpu"]) == 2
+    assert "unknown --device 'tpu'" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: --device cuda is valid here")
+    assert main(["train-toy", "--stage", "unet", "--out", str(tmp_path / "t"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device is visible here; use --device cpu" in err[0]
+    assert not (tmp_path / "t").exists()  # nothing half-written
+
+
+def test_resume_forgets_log_lines_written_after_the_checkpoint(tmp_path):
+    import json
+
+    from unguide.toyworld.train import _drop_log_after
+
+    log = tmp_path / "unet_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(50, 401, 50)))
+    _drop_log_after(log, 250)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [50, 100, 150, 200, 250]
+    _drop_log_after(log, 250)  # idempotent
+    assert len(log.read_text().splitlines()) == 5

@@ -33,12 +33,26 @@ def _channels(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _train_device(name: str) -> str:
+    """The device a training stage runs on; a CUDA device that is not there is a usage error, not a crash."""
+    import torch
+
+    if name == "cpu":
+        return name
+    if not name.startswith("cuda"):
+        raise UnguideError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UnguideError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return name
+
+
 def _cmd_train_toy(args) -> int:
     import torch
 
     from .toyworld.classifier import ClassifierTrainConfig, train_classifier
     from .toyworld.train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
 
+    device = _train_device(args.device)  # checked before any stage starts
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -51,7 +65,7 @@ def _cmd_train_toy(args) -> int:
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
         cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
                          text_norm=args.text_norm, block_out_channels=args.unet_channels)
-        target = train_unet(out, cfg, max_minutes=args.max_minutes)
+        target = train_unet(out, cfg, max_minutes=args.max_minutes, device=device)
         print(f"toyworld model written to {target}")
     if args.stage == "export":
         print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_norm=args.text_norm)))  # rest: the checkpoint's
@@ -293,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the exported model's text states to this mean token norm (CLIP ViT-L: 27.7), "
                    "dividing the cross-attention key/value weights to match (the same model, SD-sized LoRA inputs)")
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="where the UNet stage trains: cpu (default), cuda or cuda:N")
     t.set_defaults(func=_cmd_train_toy)
 
     q = sub.add_parser("toy-quality", help="classifier accuracy of a toy-world model's samples, per class")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UnguideError
-from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
+from ..io import atomic_path, load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json
 from .captions import all_training_captions, caption
 from .classifier import to_tensor
 from .render import IMAGE_SIZE, render_batch
@@ -176,16 +176,19 @@ def _text_key(mode: str) -> str:
     return "text" if mode == "contextual" else f"text_{mode}"
 
 
-def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None) -> Path:
+def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: float | None = None,
+               device: str = "cpu") -> Path:
     """Stage 2: the conditional denoiser on normalised VAE latents (min-SNR weighted epsilon loss, EMA).
-    ``cfg.stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long."""
+    ``cfg.stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long.
+    ``device`` runs the UNet (and the one-off latent encoding) there; batches, noise and timesteps are still drawn on
+    the CPU from the same seeds, so a run can move between devices and resume."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from ..models import LatentCodec
 
     out = Path(out)
     t_start = time.time()
-    vae = AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).eval()
+    vae = AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).eval().to(device)
     codec = LatentCodec(vae)
     cache = out / "unet_data.safetensors"
     captions = all_training_captions()
@@ -195,7 +198,8 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         print("rendering and encoding the training set ...")
         imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
         x = to_tensor(imgs)
-        data["latents"] = torch.cat([codec.encode(x[i:i + 500]) for i in tqdm(range(0, len(x), 500), desc="encode")])
+        data["latents"] = torch.cat([codec.encode(x[i:i + 500].to(device)).cpu()
+                                     for i in tqdm(range(0, len(x), 500), desc="encode")])
     if text_key not in data:
         data[text_key] = _encode_captions(captions, cfg.text_states)
         save_tensors(cache, data)
@@ -204,7 +208,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     cap_index = {c: i for i, c in enumerate(captions)}
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
     alphas = noise_sched.alphas_cumprod
-    unet = build_unet(cfg, latents.shape[-1])
+    unet = build_unet(cfg, latents.shape[-1]).to(device)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tensors, state = _load_ckpt(out, "unet")
@@ -215,10 +219,11 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
             raise UnguideError(f"the checkpoint in {out} was trained with --text-states {trained_on}: resume with the "
                                f"same setting, or use another --out")
         unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
         load_optimizer_tensors(opt, tensors)
         start = state["step"]
     log = out / "unet_log.jsonl"
+    _drop_log_after(log, start)
     unet.train()
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
@@ -237,10 +242,10 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         xt = noise_sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)
+        loss = (weight * ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -266,6 +271,17 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         if done:
             break
     return export_toyworld(out, cfg)
+
+
+def _drop_log_after(log: Path, step: int) -> None:
+    """On resume, forget log lines written after the checkpoint being resumed (they will be written again)."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_path(log) as tmp:
+            Path(tmp).write_text("".join(kept))
 
 
 def _scenes_for(cfg: UNetConfig):
