@@ -281,7 +281,7 @@ def _drop_log_after(log: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
         with atomic_path(log) as tmp:
-            Path(tmp).write_text("".join(kept))
+            tmp.write_text("".join(kept))
 
 
 def _scenes_for(cfg: UNetConfig):
