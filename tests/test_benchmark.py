@@ -5,19 +5,27 @@ from unguide.cli import main
 
 def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["benchmark", "--concepts", "sun", "--methods", "base,lora,unguide,full", "--samples", "2", "--steps", "8",
-            "--iterations", "4", "--out", str(out)]
+    args = ["benchmark", "--concepts", "sun", "--samples", "2", "--steps", "8", "--iterations", "4", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     avg = report["average"]
-    assert set(avg) == {"base", "lora", "unguide", "full"}
+    assert set(avg) == {"base", "lora", "unguide", "full", "selective", "selective-unguide"}
+    # Acc_s counts the 5 held-out classes, the 4 anchor classes have their own column, for every method
+    assert all(m["n_images"] == 2 * (1 + 1 + 2 + 9) for m in report["per_concept"]["sun"].values())
+    assert all(0 <= m["acc_anchor"] <= 1 for m in avg.values())
+    gated = report["per_concept"]["sun"]["selective-unguide"]["influence"]
+    stored = json.loads((out / "runs" / "sun" / "selective" / "erasure.json").read_text())["gate"]
+    assert {v["gate"] for v in gated.values()} == {"calibrated"}
+    assert {v["threshold"] for v in gated.values()} == {stored["threshold"]}
+    assert report["per_concept"]["sun"]["unguide"]["influence"]["a photo of the sun"]["gate"] == "empty"
     for method, m in avg.items():
         assert 0 <= m["acc_e"] <= 1 and 0 <= m["acc_s"] <= 1 and 0 <= m["h_o"] <= 1
         if method != "base":
             assert 0 < m["ssim_other"] <= 1 and m["pixel_error_other"] >= 0
     influence = report["per_concept"]["sun"]["unguide"]["influence"]
     assert influence["a photo of the sun"]["role"] == "erased" and "score" in influence["a photo of the sun"]
-    for name in ("report.md", "report.html", "grids/sun.png", "plots/h_o.png", "plots/influence.png"):
+    for name in ("report.md", "report.html", "grids/sun.png", "plots/h_o.png", "plots/influence_unguide.png",
+                 "plots/influence_selective-unguide.png"):
         assert (out / name).exists(), name
     html = (out / "report.html").read_text()
     assert "<table>" in html and "grids/sun.png" in html

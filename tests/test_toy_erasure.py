@@ -21,7 +21,7 @@ def test_erasure_loss_falls_on_the_embedded_model():
               enumerate([(3, 70), (10, 210), (20, 410), (30, 610)])]
 
     def loss_on(k, t, z):
-        return erasure_loss(bundle.unet, adapter, sched, cfg, k, t, z, prompts)
+        return erasure_loss(bundle.unet, adapter, sched, cfg, k, t, z, prompts)[0]
 
     with torch.no_grad():
         before = sum(loss_on(*p).item() for p in probes)

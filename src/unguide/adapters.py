@@ -27,11 +27,18 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "full_weights.safetensors"
 
 
+# LoRA down-projection (A) init -> peft's init_lora_weights: "gaussian" is N(0, 1/rank) (the reference code's);
+# True is peft's default, kaiming-uniform, i.e. uniform in +-1/sqrt(fan_in), small enough for A to learn
+A_INITS = ("gaussian", "uniform")
+_PEFT_INIT = {"gaussian": "gaussian", "uniform": True}
+
+
 @dataclass
 class AdapterConfig:
     preset: str = "object"
     rank: int = 1
     alpha: float = 8.0  # the LoRA output scale itself (peft lora_alpha = alpha * rank)
+    a_init: str = "gaussian"
 
 
 def target_modules(unet: nn.Module, preset: str) -> list[str]:
@@ -79,7 +86,7 @@ class LoraAdapter(_Adapter):
         self.unet, self.cfg = unet, cfg
         modules = target_modules(unet, cfg.preset)
         lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha * cfg.rank, target_modules=modules,
-                          init_lora_weights="gaussian")
+                          init_lora_weights=_PEFT_INIT[cfg.a_init])
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
             unet.add_adapter(lcfg, adapter_name=ADAPTER_NAME)
@@ -113,7 +120,7 @@ class LoraAdapter(_Adapter):
         tmp = directory / ".lora_tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         meta = {"r": self.cfg.rank, "lora_alpha": self.cfg.alpha * self.cfg.rank, "target_modules": self.lora_config.target_modules,
-                "init_lora_weights": "gaussian"}
+                "init_lora_weights": _PEFT_INIT[self.cfg.a_init]}
         meta["target_modules"] = sorted(meta["target_modules"])
         StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
                                                   unet_lora_adapter_metadata=meta)

@@ -3,12 +3,19 @@
 Protocol (toy-world analogue of METHOD.md section 5), per concept:
 * prompts: the target "a photo of the {class}" (erased), its synonyms (seen in training and held out),
   and the 9 other classes; ``samples`` images each, seeds ``seed .. seed+samples-1`` for every prompt;
-* methods: ``base`` (the model as trained), ``lora`` (adapter alone, plain CFG), ``unguide`` (adapter +
-  UnGuidance, fast scorer, binary rule) and ``full`` (ESD-x style fine-tune of cross-attention k/v);
+* the split: the other classes named in the concept's ``anchors`` (for the toy presets the 4 classes after it
+  in the class order) are *anchor* classes, which the selective recipe trains on and its gate is calibrated
+  on; the remaining 5 are *held out*. Acc_s and the preservation metrics are computed on the held-out classes
+  for every method, so all methods are compared on prompts no recipe has seen; anchor classes get a column
+  of their own (Acc_anchor);
+* methods: ``base`` (the model as trained), ``lora`` (reference adapter alone, plain CFG), ``unguide``
+  (reference adapter + UnGuidance as in the paper: fast scorer, binary rule, d("") gate, w_keep = 2),
+  ``full`` (ESD-x style fine-tune of cross-attention k/v), ``selective`` (the selective recipe's adapter
+  alone) and ``selective-unguide`` (that adapter with its calibrated gate, w_keep from ``selective_keep``);
 * judge: the toy classifier's softmax over its 11 labels. Acc_e / Acc_s / Acc_g are mean probabilities of
   each image's correct class (synonym images count as the erased class), H_o their harmonic combination;
-  top-1 variants alongside; preservation: same-seed SSIM and pixel error vs base on non-target prompts,
-  FID/KID of non-target images vs base ones on the classifier's penultimate features.
+  top-1 variants alongside; preservation: same-seed SSIM and pixel error vs base on held-out-class prompts,
+  FID/KID of those images vs base ones on the classifier's penultimate features.
 
 Everything is resumable: finished erasure runs and images are reused.
 """
@@ -28,12 +35,16 @@ from .concepts import ConceptSpec, load_preset
 from .erase import EraseConfig, attach_erasure, erase, read_run
 from .errors import UnguideError
 from .generation import PlainGuide
-from .guidance import UnGuide
+from .guidance import guide_for_run
 from .io import write_json
 from .prompts import PromptRow
 from .run_generate import plan_items, run_generation
 
-METHODS = ("base", "lora", "unguide", "full")
+METHODS = ("base", "lora", "unguide", "full", "selective", "selective-unguide")
+# method -> (erasure recipe, layer preset, run directory name, generation mode)
+METHOD_RUNS = {"lora": ("reference", "object", "object", "lora"), "unguide": ("reference", "object", "object", "unguide"),
+               "full": ("reference", "full", "full", "lora"), "selective": ("selective", "object", "selective", "lora"),
+               "selective-unguide": ("selective", "object", "selective", "unguide")}
 
 
 @dataclass
@@ -44,18 +55,28 @@ class BenchmarkConfig:
     steps: int = 50
     seed: int = 0
     guidance: Optional[float] = None
-    erase_iterations: int = 200
-    erase_lr: float = 3e-5
+    erase_iterations: Optional[int] = None  # None: the recipe's (200)
+    erase_lr: Optional[float] = None  # reference-recipe runs only (None: 3e-5); the selective recipe keeps its own
     batch_size: int = 32
+    selective_keep: str = "base"  # w of prompts under the calibrated gate in selective-unguide (measured: see findings)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if self.samples < 1:
+            raise UnguideError("--samples must be at least 1")
 
 
 def concept_prompts(spec: ConceptSpec) -> list[dict]:
-    """Rows of (prompt, role, class) for one toy concept."""
+    """Rows of (prompt, role, class) for one toy concept. Roles: erased, synonym, heldout (held-out synonym
+    words), anchor (another class the concept's anchors name) and other (a held-out class)."""
     rows = [{"prompt": spec.target, "role": "erased", "class": spec.label}]
     rows += [{"prompt": p, "role": "synonym", "class": spec.label} for p in spec.synonym_prompts(heldout=False)]
     rows += [{"prompt": p, "role": "heldout", "class": spec.label} for p in spec.synonym_prompts(heldout=True)]
+    anchors = set(spec.anchors)
     for p in spec.other:
-        rows.append({"prompt": p, "role": "other", "class": p.split()[-1]})
+        rows.append({"prompt": p, "role": "anchor" if p in anchors else "other", "class": p.split()[-1]})
     return rows
 
 
@@ -81,28 +102,29 @@ class Benchmark:
         for name, spec in self.specs.items():
             if spec.label is None or spec.attribute not in (None, "object"):
                 raise UnguideError(f"concept {name!r} is not a toy-world object concept: benchmark the 10 classes (or 'all')")
-        unknown = sorted(set(cfg.methods) - set(METHODS))
-        if unknown:
-            raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         self.guidance = cfg.guidance if cfg.guidance is not None else bundle.default_guidance
         self.classifier = ToyClassifier.from_pretrained()
         self.timings: dict[str, float] = {}
 
     # -- erasure runs -------------------------------------------------------------------------------------------
-    def run_dir(self, concept: str, preset: str) -> Path:
-        return self.out / "runs" / concept / preset
+    def run_dir(self, concept: str, method: str) -> Path:
+        return self.out / "runs" / concept / METHOD_RUNS[method][2]
 
-    def ensure_run(self, concept: str, preset: str) -> Path:
-        run = self.run_dir(concept, preset)
+    def erase_config(self, method: str) -> EraseConfig:
+        recipe, preset, _, _ = METHOD_RUNS[method]
+        lr = self.cfg.erase_lr if recipe == "reference" else None
+        return EraseConfig.from_recipe(recipe, preset=preset, iterations=self.cfg.erase_iterations, lr=lr)
+
+    def ensure_run(self, concept: str, method: str) -> Path:
+        run = self.run_dir(concept, method)
         try:
             read_run(run)
             return run
         except UnguideError:
             pass
         t0 = time.time()
-        erase(self.bundle, self.specs[concept], run, EraseConfig(preset=preset, iterations=self.cfg.erase_iterations,
-                                                                 lr=self.cfg.erase_lr))
-        self.timings[f"erase/{concept}/{preset}"] = round(time.time() - t0, 1)
+        erase(self.bundle, self.specs[concept], run, self.erase_config(method))
+        self.timings[f"erase/{concept}/{run.name}"] = round(time.time() - t0, 1)
         return run
 
     # -- generation ---------------------------------------------------------------------------------------------
@@ -129,11 +151,11 @@ class Benchmark:
             for method in self.cfg.methods:
                 if method == "base":
                     continue
-                preset = "full" if method == "full" else "object"
-                run = self.ensure_run(name, preset)
+                run = self.ensure_run(name, method)
                 target = self.out / "images" / name / method
-                adapter, _ = attach_erasure(self.bundle, run)
-                guide = UnGuide(adapter, mode={"full": "lora", "lora": "lora", "unguide": "unguide"}[method])
+                adapter, meta = attach_erasure(self.bundle, run)
+                keep = self.cfg.selective_keep if method == "selective-unguide" else None
+                guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3], keep=keep)
                 t0 = time.time()
                 try:
                     self._generate(rows, target, guide, {"method": method, "run": str(run)})
@@ -173,6 +195,7 @@ class Benchmark:
                     return values[mask].mean().item() if mask.any() else float("nan")
 
                 m = {"acc_e": mean(p_correct, "erased"), "acc_s": mean(p_correct, "other"),
+                     "acc_anchor": mean(p_correct, "anchor"),
                      "acc_g": mean(p_correct, "synonym", "heldout"), "acc_g_heldout": mean(p_correct, "heldout"),
                      "acc_e_top1": mean(top1, "erased"), "acc_s_top1": mean(top1, "other"),
                      "acc_g_top1": mean(top1, "synonym", "heldout")}
@@ -186,11 +209,13 @@ class Benchmark:
                     with torch.no_grad():
                         fk = fid_kid(base_feats[ref], self.classifier.embed(imgs[other]))
                     m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
-                if method == "unguide":
-                    m["influence"] = {p: {"role": roles[p]["role"], "w": next(r["w"] for r in rows if r["prompt"] == p),
-                                          "score": next(r.get("score") for r in rows if r["prompt"] == p),
-                                          "score_empty": next(r.get("score_empty") for r in rows if r["prompt"] == p)}
+                if method.endswith("unguide"):
+                    first = {r["prompt"]: r for r in reversed(rows)}
+                    m["influence"] = {p: {"role": roles[p]["role"], "w": first[p]["w"], "score": first[p].get("score"),
+                                          "threshold": first[p].get("threshold"), "gate": first[p].get("gate")}
                                       for p in roles}
+                    m["w_per_class"] = {roles[p]["class"] if roles[p]["role"] in ("anchor", "other") else roles[p]["role"]:
+                                        first[p]["w"] for p in roles}
                 m["n_images"] = len(rows)
                 results[name][method] = m
         averages = {}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .errors import UnguideError
 
+DEFAULT_RECIPE = "selective"
+
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld",
@@ -73,22 +75,29 @@ def _cmd_train_toy(args) -> int:
 
 
 def _cmd_erase(args) -> int:
-    from .concepts import resolve_concept
+    from .concepts import read_anchor_file, resolve_concept
     from .erase import EraseConfig, erase
     from .models import load_model
 
     concept = resolve_concept(args.concept, args.concept_file)
-    cfg = EraseConfig(preset=args.preset or concept.preset, iterations=args.iterations, lr=args.lr, eta=args.eta,
-                      start_guidance=args.start_guidance, rank=args.rank, alpha=args.alpha, seed=args.seed,
-                      timestep_mapping=args.timestep_mapping)
-    if cfg.iterations < 1 or cfg.lr <= 0 or cfg.rank < 1:
-        raise UnguideError("--iterations and --rank must be >= 1 and --lr > 0")
+    cfg = EraseConfig.from_recipe(args.recipe, preset=args.preset or concept.preset, iterations=args.iterations,
+                                  lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
+                                  alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
+                                  a_init=args.a_init, anchor_weight=args.anchor_weight,
+                                  anchors_per_step=args.anchors_per_step,
+                                  anchors=read_anchor_file(args.anchors) if args.anchors else None)
     bundle = load_model(args.model, device=args.device)
     t0 = time.time()
     meta = erase(bundle, concept, args.out, cfg)
-    print(f"erased '{concept.name}' ({cfg.preset}, {cfg.iterations} iterations) in {time.time() - t0:.1f} s; "
-          f"final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
+    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations) in "
+          f"{time.time() - t0:.1f} s; final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
           f"metadata: {Path(args.out) / 'erasure.json'}")
+    gate = meta.get("gate") or {}
+    if gate.get("threshold") is not None:
+        print(f"gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} "
+              f"(anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
+              f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'}); "
+              f"generation uses gate '{gate['default']}', keep '{gate['keep']}' unless told otherwise")
     print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
     return 0
 
@@ -110,22 +119,17 @@ def _cmd_toy_quality(args) -> int:
 
 
 def _cmd_benchmark(args) -> int:
-    from .benchmark import METHODS, Benchmark, BenchmarkConfig
+    from .benchmark import Benchmark, BenchmarkConfig
     from .models import load_model
     from .report import markdown_table
     from .toyworld.render import OBJECTS
 
     concepts = list(OBJECTS) if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-    if args.samples < 1:
-        raise UnguideError("--samples must be at least 1")
-    bundle = load_model(args.model, device=args.device)
     cfg = BenchmarkConfig(concepts=concepts, methods=methods, samples=args.samples, steps=args.steps, seed=args.seed,
                           guidance=args.guidance, erase_iterations=args.iterations, erase_lr=args.erase_lr,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, selective_keep=args.keep)
+    bundle = load_model(args.model, device=args.device)
     report = Benchmark(bundle, cfg, args.out).run()
     print(markdown_table(report, average_only=True))
     print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
@@ -212,7 +216,7 @@ def _cmd_influence(args) -> int:
     generating anything, whether an adapter is selective (targets above the empty prompt, the rest below).
     Without prompts, the run's own concept spec is checked: target, synonyms and its unrelated prompts."""
     from .erase import attach_erasure
-    from .guidance import UnGuide, decision_settings
+    from .guidance import decision_settings, guide_for_run
     from .io import write_json
     from .models import load_model
     from .prompts import read_prompts
@@ -224,19 +228,23 @@ def _cmd_influence(args) -> int:
         named = _concept_prompts(meta)
     else:
         named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
-    guide = UnGuide(adapter, **decision_settings(args.scorer, args.weighting))
+    guide = guide_for_run(adapter, meta, gate=args.gate, keep=args.keep, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
     rows = [{"prompt": p, "role": role, **info} for (role, p), info in zip(named, infos)]
-    print(f"{'d(c)/d(empty)':>13}  {'w':>5}  {'role':7}  prompt")
+    source = {"empty": 'd("")', "calibrated": "the run's calibration", "value": "given"}[guide.gate.kind]
+    print(f"gate: {guide.gate.kind} (threshold {infos[0]['threshold']:.4g} = {source}); prompts above it get "
+          f"w = {guide.rule.w_erase:g}, the rest w = {guide.rule.w_keep:g}")
+    print(f"{'d(c)/threshold':>14}  {'w':>5}  {'role':7}  prompt")
     for r in rows:
-        print(f'{r["score"] / r["score_empty"]:13.2f}  {r["w"]:5.2f}  {r["role"]:7}  {r["prompt"]}')
+        print(f'{r["score"] / r["threshold"]:14.2f}  {r["w"]:5.2f}  {r["role"]:7}  {r["prompt"]}')
     summary = _selectivity_summary(rows) if own_concept else None
     if summary:
         print(summary)
     if args.out:
         write_json(args.out, {"erasure": str(args.erasure), "guidance": guidance, "scorer": args.scorer,
-                              "weighting": args.weighting, "prompts": rows, "summary": summary})
+                              "weighting": args.weighting, "gate": guide.settings()["gate"], "prompts": rows,
+                              "summary": summary})
     return 0
 
 
@@ -269,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--w", type=float, default=None, help="with --erasure: a fixed guidance weight w for every prompt")
     g.add_argument("--scorer", default=None, choices=["fast", "reference"], help="influence scorer (default fast)")
     g.add_argument("--weighting", default=None, choices=["binary", "continuous"], help="rule from scores to w")
+    g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
+                   "rule) or a number; default: what the run's recipe recommends")
+    g.add_argument("--keep", default=None, choices=["base", "paper"],
+                   help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "
+                   "paper (w = 2); default: the run's recipe's")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
@@ -278,15 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
     e.add_argument("--preset", choices=["object", "explicit", "full"], default=None,
                    help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")
-    e.add_argument("--iterations", type=int, default=200)
-    e.add_argument("--lr", type=float, default=3e-5)
-    e.add_argument("--eta", type=float, default=2.0, help="negative guidance strength")
-    e.add_argument("--start-guidance", type=float, default=9.0)
-    e.add_argument("--rank", type=int, default=1)
-    e.add_argument("--alpha", type=float, default=8.0, help="LoRA output scale")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--timestep-mapping", choices=["reference", "aligned"], default="reference",
-                   help="reference: t in [k*20, k*20+20) as the reference code; aligned: the timestep z_k sits at")
+    e.add_argument("--recipe", choices=["selective", "reference"], default=DEFAULT_RECIPE,
+                   help="selective (default): learnable LoRA A + anchor preservation + a calibrated gate; reference: the "
+                   "paper's protocol exactly (A ~ N(0,1), lr 3e-5, no anchors). Flags below override the recipe")
+    e.add_argument("--anchors", default=None,
+                   help="text file of anchor prompts to preserve, one a line (\"\" = the empty prompt); "
+                   "default: the concept's own anchors")
+    e.add_argument("--iterations", type=int, default=None, help="default 200")
+    e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
+    e.add_argument("--a-init", choices=["gaussian", "uniform"], default=None,
+                   help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
+    e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
+    e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default 1)")
+    e.add_argument("--eta", type=float, default=None, help="negative guidance strength (default 2)")
+    e.add_argument("--start-guidance", type=float, default=None, help="default 9")
+    e.add_argument("--rank", type=int, default=None, help="default 1")
+    e.add_argument("--alpha", type=float, default=None, help="LoRA output scale (default 8)")
+    e.add_argument("--seed", type=int, default=None, help="default 0")
+    e.add_argument("--timestep-mapping", choices=["reference", "aligned"], default=None,
+                   help="reference (default): t in [k*20, k*20+20) as the reference code; aligned: the timestep z_k sits at")
     e.set_defaults(func=_cmd_erase)
 
     t = sub.add_parser("train-toy", help="train the embedded toy-world model (long; resumable)")
@@ -322,13 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
     _add_model(b)
     b.add_argument("--concepts", default="all", help="comma-separated toy concepts (e.g. sun,boat) or 'all'")
-    b.add_argument("--methods", default="base,lora,unguide,full", help="from base, lora, unguide, full")
+    b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide",
+                   help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide")
     b.add_argument("--samples", type=int, default=32, help="images per prompt")
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--guidance", type=float, default=None)
-    b.add_argument("--iterations", type=int, default=200, help="erasure iterations for runs that are missing")
-    b.add_argument("--erase-lr", type=float, default=3e-5, help="erasure learning rate (reference 3e-5)")
+    b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
+    b.add_argument("--erase-lr", type=float, default=None,
+                   help="learning rate of the reference-recipe runs (default 3e-5); the selective recipe keeps its own")
+    b.add_argument("--keep", choices=["base", "paper"], default="base",
+                   help="selective-unguide: weight of prompts under the calibrated gate, base (w = 1, default) or paper (w = 2)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)
@@ -363,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scorer", choices=["fast", "reference"], default="fast")
     f.add_argument("--weighting", choices=["binary", "continuous"], default="binary")
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")
+    f.add_argument("--keep", default=None, choices=["base", "paper"], help="weight under the gate (default: the run's)")
     f.add_argument("--out", default=None, help="also write the scores as JSON")
     f.set_defaults(func=_cmd_influence)
 

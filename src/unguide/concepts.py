@@ -9,8 +9,14 @@ A concept file is JSON::
       "synonyms": ["sunshine", "sunburst"],  # other words for the concept (generalisation check)
       "other": ["a photo of the moon"],      # unrelated prompts that must keep their images
       "preset": "object",                    # default layer preset: object | explicit | full
+      "anchors": ["a photo of the moon", ""], # prompts the selective recipe keeps unchanged ("" = the empty prompt)
+      "anchors_file": "anchors.txt",         # or: a text file of anchors, one a line, relative to this file
       "notes": "free text"
     }
+
+Anchors are what the selective recipe trains the adapter to leave alone; they are never evaluation prompts
+(the benchmark measures preservation on classes that are not anchors). In an anchors file a line ``""``
+stands for the empty prompt and lines starting with ``#`` are comments.
 
 Toy-world presets also carry ``label`` (the toy classifier's class or colour) and
 ``heldout_synonyms`` (synonyms the embedded model never saw in training).
@@ -27,7 +33,8 @@ from .errors import UnguideError
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
 LAYER_PRESETS = ("object", "explicit", "full")
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
-           "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str}
+           "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
+           "anchors": list, "anchors_file": str}
 
 
 @dataclass
@@ -44,6 +51,7 @@ class ConceptSpec:
     heldout_synonyms: list[str] = field(default_factory=list)
     synonym_template: str = "a photo of the {}"  # how a synonym word becomes a prompt
     model: Optional[str] = None  # the family the preset was written for: toyworld or sd
+    anchors: list[str] = field(default_factory=list)  # prompts to preserve (selective recipe); "" allowed
 
     def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
         words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]
@@ -71,13 +79,21 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
         kind = _FIELDS[key]
         if not isinstance(value, kind):
             raise UnguideError(f"{_where(source)}: field '{key}' must be a {kind.__name__}, got {type(value).__name__}")
-        if kind is list and not all(isinstance(v, str) and v.strip() for v in value):
+        if key == "anchors" and not all(isinstance(v, str) for v in value):
+            raise UnguideError(f"{_where(source)}: field 'anchors' must be a list of prompts (\"\" is the empty prompt)")
+        if kind is list and key != "anchors" and not all(isinstance(v, str) and v.strip() for v in value):
             raise UnguideError(f"{_where(source)}: field '{key}' must be a list of non-empty strings")
     if not data["target"].strip():
         raise UnguideError(f"{_where(source)}: 'target' is empty: give the prompt that carries the concept")
     preset = data.get("preset", "object")
     if preset not in LAYER_PRESETS:
         raise UnguideError(f"{_where(source)}: unknown preset {preset!r}: use one of {', '.join(LAYER_PRESETS)}")
+    data = dict(data)
+    if "anchors_file" in data:
+        if "anchors" in data:
+            raise UnguideError(f"{_where(source)}: give 'anchors' or 'anchors_file', not both")
+        base = Path(source).parent if source != "<dict>" else Path(".")
+        data["anchors"] = read_anchor_file(base / data.pop("anchors_file"))
     spec = ConceptSpec(**data)
     if not spec.name:
         spec.name = Path(source).stem if source != "<dict>" else spec.target
@@ -95,6 +111,22 @@ def load_concept_file(path: str | Path) -> ConceptSpec:
     except json.JSONDecodeError as exc:
         raise UnguideError(f"concept file {path} is not valid JSON (line {exc.lineno}: {exc.msg}): fix the syntax") from None
     return concept_from_dict(data, str(path))
+
+
+def read_anchor_file(path: str | Path) -> list[str]:
+    """Anchor prompts, one a line; ``""`` is the empty prompt, ``#`` starts a comment line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnguideError(f"anchor file {path} not found: pass a text file with one anchor prompt a line")
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise UnguideError(f"anchor file {path} is not UTF-8 text: save it as UTF-8") from None
+    anchors = ["" if line.strip() == '""' else line.strip() for line in lines
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not anchors:
+        raise UnguideError(f"anchor file {path} holds no prompts: write one anchor prompt a line")
+    return list(dict.fromkeys(anchors))
 
 
 def preset_names() -> list[str]:

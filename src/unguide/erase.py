@@ -7,6 +7,17 @@ time t in [k*1000/50, (k+1)*1000/50), and regress the adapted prediction for the
 
 All randomness of iteration i comes from a generator seeded with (seed, i) and the Adam state is
 checkpointed, so a resumed run ends with exactly the adapter an uninterrupted run would.
+
+Two recipes (``EraseConfig.from_recipe``):
+
+* ``reference``: the paper's protocol, unchanged (LoRA A ~ N(0, 1), lr 3e-5, no anchors).
+* ``selective``: A initialised uniform in +-1/sqrt(fan_in) (peft's default) so that it can learn *which* token
+  states carry the concept, lr 1e-3, and an anchor term: at the same z_k and t, the adapted model must predict
+  what the base model predicts for anchor prompts (``anchor_weight * MSE``). With a random A that the reference
+  lr never moves, the adapter acts on every prompt alike; with a learnable A plus anchors it learns to leave
+  prompts unlike the target alone, including ones it never saw (docs/findings-toyworld.md).
+
+At the end of every run the gate is calibrated (:func:`unguide.guidance.calibrate_gate`) and stored with it.
 """
 from __future__ import annotations
 
@@ -17,14 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import LORA_FILE, AdapterConfig, make_adapter
+from .adapters import A_INITS, LORA_FILE, AdapterConfig, make_adapter
 from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json, write_text
+from .guidance import calibrate_gate
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
@@ -33,9 +46,20 @@ CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
 
 
+RECIPES = ("reference", "selective")
+# what each recipe changes from the reference protocol's defaults (the dataclass defaults below)
+RECIPE_SETTINGS = {
+    "reference": {},
+    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1},
+}
+# how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
+RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper"}, "selective": {"default": "calibrated", "keep": "base"}}
+TIMESTEP_MAPPINGS = ("reference", "aligned")
+
+
 @dataclass
 class EraseConfig:
-    """Defaults are the reference protocol's (METHOD.md section 2)."""
+    """Defaults are the reference protocol's (METHOD.md section 2); ``from_recipe`` names a whole recipe."""
 
     preset: str = "object"
     iterations: int = 200
@@ -50,9 +74,35 @@ class EraseConfig:
     # "reference": t drawn in [k*1000/50, (k+1)*1000/50) as the reference code does, although z_k (k steps from
     # noise) sits near timestep 1000 - k*20; "aligned": t is the timestep z_k actually sits at
     timestep_mapping: str = "reference"
+    recipe: str = "reference"  # the name of the recipe these settings came from (recorded with the run)
+    a_init: str = "gaussian"  # LoRA A init: gaussian = N(0, 1/rank) (reference), uniform = +-1/sqrt(fan_in)
+    anchor_weight: float = 0.0  # lambda of the anchor-preservation term (0: none, the reference)
+    anchors_per_step: int = 1  # anchor prompts drawn per iteration
+    anchors: Optional[list] = None  # anchor prompts; None: the concept's own
+
+    def __post_init__(self):
+        checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
+                  (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
+                  (self.timestep_mapping in TIMESTEP_MAPPINGS,
+                   f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),
+                  (self.iterations >= 1 and self.rank >= 1, "iterations and rank must be >= 1"),
+                  (self.lr > 0, "the learning rate must be > 0"),
+                  (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
+                   "the anchor weight must be >= 0 and anchors per step >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise UnguideError(message)
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "reference", **overrides) -> "EraseConfig":
+        """The named recipe's settings, then ``overrides`` (None values are ignored, so CLI defaults pass through)."""
+        if recipe not in RECIPE_SETTINGS:
+            raise UnguideError(f"unknown recipe {recipe!r}: use {' or '.join(RECIPES)}")
+        settings = {**RECIPE_SETTINGS[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(recipe=recipe, **settings)
 
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(self.preset, self.rank, self.alpha)
+        return AdapterConfig(self.preset, self.rank, self.alpha, self.a_init)
 
 
 def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int, torch.Tensor]:
@@ -65,21 +115,55 @@ def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int,
     return k, t, z
 
 
-def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts) -> torch.Tensor:
-    """The negative-guidance loss at one (k, t, z_T); gradients flow into the adapter only."""
+def _iteration_anchors(cfg: EraseConfig, i: int, n_anchors: int) -> list[int]:
+    """Which anchors iteration i uses: a pure function of (seed, i), drawn apart from the reference stream."""
+    rng = np.random.default_rng([cfg.seed, i, 1])
+    return sorted(rng.choice(n_anchors, size=min(cfg.anchors_per_step, n_anchors), replace=False).tolist())
+
+
+def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts,
+                 anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """The negative-guidance loss at one (k, t, z_T), plus ``anchor_weight`` x the anchor-preservation loss when
+    anchor states are given; gradients flow into the adapter only. Returns (loss, its parts for the log)."""
     tgt, ref, empty = prompts
     with torch.no_grad():
         z_k = ddim_loop(sched, z * sched.init_noise_sigma, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
-        with adapter.base():
-            e_ref, e_tgt = unet_eps(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
-        target = e_ref - cfg.eta * (e_tgt - e_ref)
-    pred = unet_eps(unet, z_k, t, tgt)
-    return F.mse_loss(pred.float(), target.float())
+    if anchors is None:  # the reference protocol, exactly as it has always been computed
+        with torch.no_grad():
+            with adapter.base():
+                e_ref, e_tgt = unet_eps(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
+            target = e_ref - cfg.eta * (e_tgt - e_ref)
+        pred = unet_eps(unet, z_k, t, tgt)
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"erase": loss.item()}
+    n = anchors.shape[0]
+    with torch.no_grad(), adapter.base():
+        base = unet_eps(unet, z_k.expand(n + 2, -1, -1, -1), t, torch.cat([ref, tgt, anchors]))
+    e_ref, e_tgt, e_anchor = base[:1], base[1:2], base[2:]
+    target = e_ref - cfg.eta * (e_tgt - e_ref)
+    pred = unet_eps(unet, z_k.expand(n + 1, -1, -1, -1), t, torch.cat([tgt, anchors]))
+    erase_part = F.mse_loss(pred[:1].float(), target.float())
+    anchor_part = F.mse_loss(pred[1:].float(), e_anchor.float())
+    return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
 
 
 def concept_prompts(bundle, concept: ConceptSpec):
     dtype = bundle.unet.dtype
     return tuple(bundle.encode_prompts([p]).to(dtype) for p in (concept.target, concept.reference, ""))
+
+
+def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
+    """The anchor prompts a run trains with (none for the reference recipe)."""
+    if cfg.anchor_weight == 0:
+        return []
+    anchors = list(cfg.anchors) if cfg.anchors is not None else list(concept.anchors)
+    if not anchors:
+        raise UnguideError(f"concept {concept.name!r} has no anchors for the {cfg.recipe} recipe: add \"anchors\" to its "
+                           "spec, pass --anchors FILE (one prompt a line), or use --recipe reference")
+    clash = sorted({concept.target, *concept.synonym_prompts()} & set(anchors))
+    if clash:
+        raise UnguideError(f"anchor(s) {clash} are the concept's own prompts: an adapter cannot both erase and keep them")
+    return anchors
 
 
 def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = EraseConfig(), progress: bool = True,
@@ -89,6 +173,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
 
     ``stop_after`` ends the process-level run early after that many iterations (for tests of resume)."""
     out = Path(out)
+    anchors = run_anchors(concept, cfg)  # checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / METADATA_FILE
     fingerprint = bundle.fingerprint()
@@ -101,54 +186,65 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
             return done
     unet = bundle.unet
     adapter = make_adapter(unet, cfg.adapter_config(), init_seed=cfg.seed)
-    opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
-    losses: list[float] = []
-    start = 0
-    state_path = out / CHECKPOINT_STATE
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("config") != asdict(cfg) or state.get("base_fingerprint") != fingerprint:
-            raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
-                               "use another --out or delete that directory")
-        tensors = load_tensors(out / CHECKPOINT)
-        adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-        load_optimizer_tensors(opt, tensors)
-        start, losses = int(state["iteration"]), list(state["losses"])
-    _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
-    shape = bundle.latent_shape()
-    device, dtype = bundle.device, unet.dtype
-    tgt, ref, empty = concept_prompts(bundle, concept)
-    sched = make_scheduler(bundle, cfg.ddim_steps)
-    t0 = time.time()
-    unet.train()
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
-               disable=not progress)
-    for i in bar:
-        k, t, z = _iteration_sample(cfg, i, shape)
-        if cfg.timestep_mapping == "aligned":
-            t = int(sched.timesteps[k])
-        loss = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype), (tgt, ref, empty))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(round(loss.item(), 6))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        with open(out / LOG_FILE, "a") as f:
-            f.write(json.dumps({"iteration": i + 1, "k": k, "t": t, "loss": losses[-1]}) + "\n")
-        last = i + 1 == cfg.iterations
-        if (i + 1) % cfg.checkpoint_every == 0 and not last:
-            _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
-        if stop_after is not None and i + 1 - start >= stop_after and not last:
-            _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
-            unet.eval()
-            adapter.remove()
-            return {"status": "interrupted", "iteration": i + 1}
-    unet.eval()
-    weights = adapter.save(out)
-    adapter.remove()  # leave the bundle as it came: the base model
-    meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "base_model": bundle.name,
-            "base_fingerprint": fingerprint, "weights": weights.name, "losses": losses, "final_loss": losses[-1] if losses else None,
-            "train_seconds_this_process": round(time.time() - t0, 1), "versions": _versions()}
+    try:
+        opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
+        losses: list[float] = []
+        start = 0
+        state_path = out / CHECKPOINT_STATE
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state.get("config") != asdict(cfg) or state.get("base_fingerprint") != fingerprint:
+                raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
+                                   "use another --out or delete that directory")
+            tensors = load_tensors(out / CHECKPOINT)
+            adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+            load_optimizer_tensors(opt, tensors)
+            start, losses = int(state["iteration"]), list(state["losses"])
+        _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
+        shape = bundle.latent_shape()
+        device, dtype = bundle.device, unet.dtype
+        tgt, ref, empty = concept_prompts(bundle, concept)
+        anchor_states = bundle.encode_prompts(anchors).to(dtype) if anchors else None
+        sched = make_scheduler(bundle, cfg.ddim_steps)
+        t0 = time.time()
+        unet.train()
+        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
+                   disable=not progress)
+        for i in bar:
+            k, t, z = _iteration_sample(cfg, i, shape)
+            if cfg.timestep_mapping == "aligned":
+                t = int(sched.timesteps[k])
+            drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
+            loss, parts = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype), (tgt, ref, empty),
+                                       anchor_states[drawn] if drawn else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(round(loss.item(), 6))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            row = {"iteration": i + 1, "k": k, "t": t, "loss": losses[-1]}
+            if drawn:
+                row.update(anchors=[anchors[j] for j in drawn], **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
+            with open(out / LOG_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            last = i + 1 == cfg.iterations
+            if (i + 1) % cfg.checkpoint_every == 0 and not last:
+                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
+            if stop_after is not None and i + 1 - start >= stop_after and not last:
+                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
+                return {"status": "interrupted", "iteration": i + 1}
+        unet.eval()
+        train_seconds = round(time.time() - t0, 1)
+        weights = adapter.save(out)
+        gate = calibrate_gate(bundle, adapter, concept, anchors or concept.anchors, progress=progress)
+        gate.update(RECIPE_GATES[cfg.recipe])
+    finally:
+        unet.eval()
+        adapter.remove()  # whatever happened, leave the bundle as it came: the base model
+    meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "anchors": anchors,
+            "base_model": bundle.name, "base_fingerprint": fingerprint, "weights": weights.name, "losses": losses,
+            "final_loss": losses[-1] if losses else None, "gate": gate,
+            "train_seconds_this_process": train_seconds, "versions": _versions()}
     write_json(meta_path, meta)
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
@@ -207,6 +303,7 @@ def attach_erasure(bundle, run_dir: str | Path):
         raise UnguideError(f"erasure run {run_dir} was trained on another base model ({meta['base_model']}, fingerprint "
                            f"{meta['base_fingerprint']}) than {bundle.name}: use --model {meta['base_model']} or retrain")
     cfg = meta["config"]
-    adapter = load_adapter(bundle.unet, run_dir, AdapterConfig(cfg["preset"], cfg["rank"], cfg["alpha"]))
+    adapter = load_adapter(bundle.unet, run_dir, AdapterConfig(cfg["preset"], cfg["rank"], cfg["alpha"],
+                                                               cfg.get("a_init", "gaussian")))
     return adapter, meta
 

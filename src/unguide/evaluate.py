@@ -88,13 +88,15 @@ def concept_metrics(per_prompt: dict, concept) -> dict:
 
     target = {concept.target}
     synonyms = set(concept.synonym_prompts())
-    other = set(concept.other)
+    anchors = set(concept.anchors)
+    other = set(concept.other) - anchors  # Acc_s: prompts no anchor names (held out from training and calibration)
 
     def mean(prompts, key):
         vals = [per_prompt[p][key] for p in prompts if p in per_prompt and per_prompt[p][key] is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
     m = {"acc_e": mean(target, "p_correct"), "acc_s": mean(other, "p_correct"), "acc_g": mean(synonyms, "p_correct"),
+         "acc_anchor": mean(set(concept.other) & anchors, "p_correct"),
          "acc_e_top1": mean(target, "top1"), "acc_s_top1": mean(other, "top1"), "acc_g_top1": mean(synonyms, "top1")}
     m["h_o"] = harmonic_overall(m["acc_e"], m["acc_s"], m["acc_g"])
     m["h_o_top1"] = harmonic_overall(m["acc_e_top1"], m["acc_s_top1"], m["acc_g_top1"])

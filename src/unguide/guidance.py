@@ -5,6 +5,18 @@ steps of a DDIM trajectory, then at a DDPM time in [800, 820) measure
 ``d(c) = || eps_adapted(z, t, c) - eps_base(z, t, c) ||_2``, averaged over noise draws; the empty prompt
 is scored the same way from the same noise. Binary rule: ``w = -1 if d(c) > d("") else 2``.
 
+Gates (what d(c) is compared with):
+
+* ``empty`` (the paper's): d(""). Once an adapter is trained to leave the empty prompt alone (the selective
+  recipe's anchors include it), d("") is tiny and nearly every prompt would go to the adapter.
+* ``calibrated``: a threshold stored in the run at the end of its erasure (:func:`calibrate_gate`): the geometric
+  mean of the highest anchor score and the lowest score among the concept's own prompts (target and trained
+  synonyms). Anchors and concept prompts are the only prompts a run may look at; evaluation prompts never are.
+* a number: that threshold.
+
+``keep`` is the weight of prompts under the threshold: ``paper`` (w = 2) or ``base`` (w = 1, the base model
+alone: the image is exactly the base model's, and the adapter's evaluations are skipped for those prompts).
+
 Guided prediction: ``eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg`` with one UNet in memory, the
 adapter switched off for the base branch.
 
@@ -19,7 +31,7 @@ Two scorers share one code path (:func:`influence_scores`):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -55,6 +67,41 @@ class ScorerConfig:
         return self.draws * (2 * self.trajectory_steps + 2)
 
 
+KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a prompt's influence score is compared with: ``empty`` (d(""), the paper's), ``calibrated`` (the run's
+    stored threshold) or ``value`` (a given threshold)."""
+
+    kind: str = "empty"
+    threshold: Optional[float] = None
+    guidance: Optional[float] = None  # the CFG scale the threshold was calibrated at (scores must use the same)
+
+    def __post_init__(self):
+        if self.kind not in ("empty", "calibrated", "value"):
+            raise UnguideError(f"unknown gate {self.kind!r}: use calibrated, empty or a number")
+        if self.kind != "empty" and (self.threshold is None or not self.threshold > 0):
+            raise UnguideError(f"the {self.kind} gate needs a positive threshold (got {self.threshold})")
+
+    @staticmethod
+    def parse(text: str, stored: Optional[dict] = None) -> "Gate":
+        """``calibrated``, ``empty`` or a number, as given on the command line; ``stored`` is the run's gate."""
+        if text == "empty":
+            return Gate("empty")
+        if text == "calibrated":
+            if not stored or stored.get("threshold") is None:
+                raise UnguideError("this erasure run has no calibrated gate (it predates calibration or has no anchors): "
+                                   "use --gate empty or --gate VALUE, or rerun `unguide erase` into a new --out")
+            return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"))
+        try:
+            value = float(text)
+        except ValueError:
+            raise UnguideError(f"--gate {text!r}: use calibrated, empty or a positive number") from None
+        return Gate("value", value)
+
+
 @dataclass(frozen=True)
 class WeightRule:
     """``binary`` (reference): w_erase if d(c) > d("") else w_keep.
@@ -66,13 +113,17 @@ class WeightRule:
     w_keep: float = 2.0
     temperature: float = 0.1
 
-    def weight(self, score: float, score_empty: float) -> float:
+    def __post_init__(self):
+        if self.rule not in ("binary", "continuous"):
+            raise UnguideError(f"unknown weighting rule {self.rule!r}: use binary or continuous")
+        if self.temperature <= 0:
+            raise UnguideError(f"the continuous rule's temperature must be > 0 (got {self.temperature})")
+
+    def weight(self, score: float, threshold: float) -> float:
         if self.rule == "binary":
-            return self.w_erase if score > score_empty else self.w_keep
-        if self.rule == "continuous":
-            z = math.log(max(score, 1e-12) / max(score_empty, 1e-12)) / self.temperature
-            return self.w_keep + (self.w_erase - self.w_keep) / (1 + math.exp(-max(min(z, 50), -50)))
-        raise UnguideError(f"unknown weighting rule {self.rule!r}: use binary or continuous")
+            return self.w_erase if score > threshold else self.w_keep
+        z = math.log(max(score, 1e-12) / max(threshold, 1e-12)) / self.temperature
+        return self.w_keep + (self.w_erase - self.w_keep) / (1 + math.exp(-max(min(z, 50), -50)))
 
 
 @torch.no_grad()
@@ -106,6 +157,33 @@ def influence_scores(bundle, adapter, prompts: Sequence[str], cfg: ScorerConfig,
     return dist.mean(dim=1)
 
 
+CALIBRATION_RULE = ("threshold = sqrt(highest anchor score x lowest score of the concept's target and trained "
+                    "synonyms), scores d(c) from the fast scorer at the model's default guidance")
+
+
+def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: ScorerConfig = ScorerConfig(),
+                   progress: bool = True) -> dict:
+    """Score the anchors, the empty prompt and the concept's own prompts once; store the gate's threshold (rule:
+    ``CALIBRATION_RULE``) and d("") so that generation never rescores them."""
+    guidance = bundle.default_guidance
+    concept_prompts = list(dict.fromkeys([concept.target, *concept.synonym_prompts(heldout=False)]))
+    anchor_prompts = list(dict.fromkeys([a for a in anchors if a not in concept_prompts]))
+    prompts = list(dict.fromkeys(concept_prompts + anchor_prompts + [""]))
+    if progress:
+        print(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...",
+              flush=True)
+    scores = dict(zip(prompts, influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()))
+    gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance, "score_empty": scores[""],
+            "concept_scores": {p: scores[p] for p in concept_prompts},
+            "anchor_scores": {p: scores[p] for p in anchor_prompts}, "threshold": None, "separated": None}
+    if anchor_prompts:
+        top_anchor, low_concept = max(gate["anchor_scores"].values()), min(gate["concept_scores"].values())
+        gate["threshold"] = math.sqrt(max(top_anchor, 1e-12) * max(low_concept, 1e-12))
+        gate["separated"] = low_concept > top_anchor
+        gate["margin"] = low_concept / max(top_anchor, 1e-12)  # > 1: every anchor below every concept prompt
+    return gate
+
+
 class EvalCounter:
     """Counts UNet image-evaluations (batch rows through the denoiser), for cost reports."""
 
@@ -124,25 +202,39 @@ class EvalCounter:
 class UnGuide:
     """A generation guide: decides w per prompt, then mixes base and adapter CFG predictions.
 
-    mode: ``unguide`` (scores -> w), ``base`` (w=1), ``lora`` (w=0), ``fixed`` (w given)."""
+    mode: ``unguide`` (scores -> w), ``base`` (w=1), ``lora`` (w=0), ``fixed`` (w given).
+    ``stored_empty``: d("") already computed for this adapter (the run's calibration), used when the scorer and
+    guidance match, so a one-prompt call does not rescore the empty prompt."""
+
+    MODES = ("unguide", "base", "lora", "fixed")
 
     def __init__(self, adapter, mode: str = "unguide", scorer: ScorerConfig = ScorerConfig(),
-                 rule: WeightRule = WeightRule(), fixed_w: Optional[float] = None):
-        if mode not in ("unguide", "base", "lora", "fixed"):
+                 rule: WeightRule = WeightRule(), fixed_w: Optional[float] = None, gate: Gate = Gate(),
+                 stored_empty: Optional[dict] = None):
+        if mode not in self.MODES:
             raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed --w")
         if mode == "fixed" and fixed_w is None:
             raise UnguideError("mode 'fixed' needs a weight: pass --w")
-        self.adapter, self.mode, self.scorer, self.rule, self.fixed_w = adapter, mode, scorer, rule, fixed_w
+        if gate.kind == "calibrated" and gate.guidance is not None:
+            scorer = replace(scorer, guidance=gate.guidance)  # scores comparable with the calibrated threshold
+        self.adapter, self.mode, self.scorer, self.rule, self.fixed_w, self.gate = adapter, mode, scorer, rule, fixed_w, gate
         self.name = {"unguide": "unguide", "base": "base", "lora": "lora", "fixed": f"w={fixed_w}"}[mode]
         self._scores: dict[tuple[str, float], float] = {}
+        self._stored_empty = stored_empty
 
     def settings(self) -> dict:
-        return {"mode": self.mode, "fixed_w": self.fixed_w, "scorer": asdict(self.scorer), "rule": asdict(self.rule)}
+        return {"mode": self.mode, "fixed_w": self.fixed_w, "scorer": asdict(self.scorer), "rule": asdict(self.rule),
+                "gate": asdict(self.gate)}
 
     def scores(self, bundle, prompts: Sequence[str], guidance: float) -> list[float]:
         """d(c) for each prompt, computed once per (prompt, guidance) and cached."""
         keys = [(p, float(guidance)) for p in prompts]
         missing = list(dict.fromkeys(k for k in keys if k not in self._scores))
+        stored, key = self._stored_empty, ("", float(guidance))
+        if (stored and key in missing and stored.get("score_empty") is not None and self.scorer.guidance is None
+                and stored.get("scorer") == asdict(self.scorer) and float(stored.get("guidance", -1)) == key[1]):
+            self._scores[key] = float(stored["score_empty"])
+            missing.remove(key)
         if missing:
             values = influence_scores(bundle, self.adapter, [p for p, _ in missing], self.scorer, guidance)
             self._scores.update(zip(missing, values.tolist()))
@@ -152,8 +244,13 @@ class UnGuide:
         if self.mode != "unguide":
             w = {"base": 1.0, "lora": 0.0, "fixed": self.fixed_w}[self.mode]
             return [{"w": float(w)} for _ in prompts]
-        empty = self.scores(bundle, [""], guidance)[0]  # the neutral prompt: once per guidance scale
-        return [{"w": self.rule.weight(s, empty), "score": s, "score_empty": empty}
+        extra = {}
+        if self.gate.kind == "empty":
+            threshold = self.scores(bundle, [""], guidance)[0]  # the neutral prompt: once per guidance scale
+            extra = {"score_empty": threshold}
+        else:
+            threshold = self.gate.threshold
+        return [{"w": self.rule.weight(s, threshold), "score": s, "threshold": threshold, "gate": self.gate.kind, **extra}
                 for s in self.scores(bundle, prompts, guidance)]
 
     def prepare(self, bundle, items) -> list[dict]:
@@ -167,20 +264,46 @@ class UnGuide:
         return infos
 
     def noise_fn(self, bundle, cond, uncond, scale, infos: Sequence[dict]):
+        """eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg, evaluating each branch only for the rows that need it:
+        rows with w = 1 never touch the adapter (their prediction is exactly the base model's), rows with w = 0
+        never touch the base model."""
         unet, adapter = bundle.unet, self.adapter
-        w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device).view(-1, 1, 1, 1)
-        need_base, need_lora = bool((w != 0).any()), bool((w != 1).any())
+        w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device)
+        base_rows, lora_rows = torch.nonzero(w != 0).flatten(), torch.nonzero(w != 1).flatten()
+        scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
+
+        def branch(x, t, rows):
+            if len(rows) == len(w):
+                return cfg_eps(unet, x, t, cond, uncond, scale)
+            s = scale[rows] if scale.ndim == 1 else scale
+            return cfg_eps(unet, x[rows], t, cond[rows], uncond[rows], s)
 
         def eps(x, t, i):
-            out = 0
-            if need_base:
+            out = torch.zeros_like(x)
+            if len(base_rows):
                 with adapter.base():
-                    out = w * cfg_eps(unet, x, t, cond, uncond, scale)
-            if need_lora:
-                out = out + (1 - w) * cfg_eps(unet, x, t, cond, uncond, scale)
+                    e = branch(x, t, base_rows)
+                wb = w[base_rows].view(-1, 1, 1, 1)
+                out[base_rows] = torch.where(wb == 1, e, wb * e)  # w = 1: the base prediction itself, bit for bit
+            if len(lora_rows):
+                out[lora_rows] = out[lora_rows] + (1 - w[lora_rows]).view(-1, 1, 1, 1) * branch(x, t, lora_rows)
             return out
 
         return eps
+
+
+def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,
+                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
+                  fixed_w: Optional[float] = None) -> UnGuide:
+    """The guide for an erasure run; gate and keep default to what the run's recipe recommends (stored in it):
+    the paper's d("") gate with w_keep = 2 for reference runs, the calibrated gate with w_keep = 1 for selective ones."""
+    stored = meta.get("gate") or {}
+    gate = gate or stored.get("default", "empty")
+    keep = keep or stored.get("keep", "paper")
+    if keep not in KEEP_WEIGHTS:
+        raise UnguideError(f"unknown keep {keep!r}: use base (w = 1) or paper (w = 2)")
+    return UnGuide(adapter, mode=mode, scorer=scorer, rule=replace(rule, w_keep=KEEP_WEIGHTS[keep]), fixed_w=fixed_w,
+                   gate=Gate.parse(str(gate), stored), stored_empty=stored)
 
 
 def decision_settings(scorer: Optional[str], weighting: Optional[str]) -> dict:
@@ -197,7 +320,8 @@ def guide_from_args(bundle, args):
     if args.w is not None and args.mode not in (None, "unguide"):
         raise UnguideError("give either --mode or --w, not both")
     mode = "fixed" if args.w is not None else (args.mode or "unguide")
-    guide = UnGuide(adapter, mode=mode, fixed_w=args.w, **decision_settings(args.scorer, args.weighting))
+    guide = guide_for_run(adapter, meta, mode=mode, gate=args.gate, keep=args.keep, fixed_w=args.w,
+                          **decision_settings(args.scorer, args.weighting))
     info = {"run": str(args.erasure), "concept": meta["concept"].get("name"), "preset": meta["config"]["preset"],
             **guide.settings()}
     return guide, info

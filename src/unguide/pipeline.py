@@ -4,6 +4,9 @@
     pipe.load_erasure("runs/sun")
     out = pipe(["a photo of the sun", "a photo of the boat"], num_images_per_prompt=4, seed=0)
     out.images[0], out.w, out.scores
+
+The gate and the weight of kept prompts default to what the run's recipe recommends (``gate="calibrated"``,
+``keep="base"`` for selective runs; the paper's ``gate="empty"``, ``keep="paper"`` for reference runs).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from PIL import Image
 
 from .generation import Item, PlainGuide, sample_images, to_uint8
-from .guidance import ScorerConfig, UnGuide, WeightRule
+from .guidance import ScorerConfig, WeightRule, guide_for_run
 from .models import ModelBundle, load_model
 
 
@@ -25,7 +28,7 @@ class UnGuideOutput:
     prompts: list[str]
     seeds: list[int]
     w: list[Optional[float]] = field(default_factory=list)  # per image (equal for images of one prompt)
-    scores: list[dict] = field(default_factory=list)  # per image: {"score": d(c), "score_empty": d("")}
+    scores: list[dict] = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's}
 
 
 class UnGuidePipeline:
@@ -55,6 +58,7 @@ class UnGuidePipeline:
     def __call__(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, seed: int = 0,
                  generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
                  num_inference_steps: int = 50, mode: str = "unguide", w: Optional[float] = None,
+                 gate: Optional[str] = None, keep: Optional[str] = None,
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
                  progress: bool = True) -> UnGuideOutput:
@@ -69,9 +73,10 @@ class UnGuidePipeline:
         if self.adapter is None:
             guide = PlainGuide()
         else:
-            guide = UnGuide(self.adapter, mode="fixed" if w is not None else mode, scorer=scorer, rule=rule, fixed_w=w)
+            guide = guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else mode, gate=gate, keep=keep,
+                                  scorer=scorer, rule=rule, fixed_w=w)
         imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
                                     progress=progress)
         return UnGuideOutput(images=[Image.fromarray(to_uint8(im)) for im in imgs], prompts=[it.prompt for it in items],
                              seeds=[it.seed for it in items], w=[i.get("w") for i in infos],
-                             scores=[{k: i[k] for k in ("score", "score_empty") if k in i} for i in infos])
+                             scores=[{k: i[k] for k in ("score", "threshold", "score_empty") if k in i} for i in infos])

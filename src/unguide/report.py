@@ -12,7 +12,8 @@ from PIL import Image
 from .generation import make_grid
 from .io import atomic_path, write_text
 
-COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s ↑"), ("acc_g", "Acc_g ↓"), ("acc_g_heldout", "Acc_g held-out ↓"),
+COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),
+           ("acc_g_heldout", "Acc_g held-out words ↓"), ("acc_anchor", "Acc anchor classes ↑"),
            ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
            ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓")]
 GRID_SAMPLES = 4
@@ -112,21 +113,24 @@ def _plots(out: Path, report: dict) -> list[Path]:
     paths[-1].parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    points = [(v["role"], v["score"] / v["score_empty"]) for c in concepts
-              for v in report["per_concept"][c].get("unguide", {}).get("influence", {}).values() if v.get("score")]
-    if points:
+    for method in [m for m in methods if m.endswith("unguide")]:
+        points = [(v["role"], v["score"] / v["threshold"]) for c in concepts
+                  for v in report["per_concept"][c].get(method, {}).get("influence", {}).values()
+                  if v.get("score") and v.get("threshold")]
+        if not points:
+            continue
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        roles = ["erased", "synonym", "heldout", "other"]
+        roles = ["erased", "synonym", "heldout", "anchor", "other"]
         for k, role in enumerate(roles):
             ys = [r for ro, r in points if ro == role]
             ax.scatter(np.full(len(ys), k) + np.random.default_rng(k).uniform(-0.15, 0.15, len(ys)), ys, s=12, label=role)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(roles)), roles)
+        ax.set_xticks(range(len(roles)), ["target", "synonym", "held-out word", "anchor class", "held-out class"])
         ax.set_yscale("log")
-        ax.set_ylabel('d(c) / d("")')
-        ax.set_title("Influence scores: above the line the adapter leads (w = -1)")
+        ax.set_ylabel("d(c) / gate threshold")
+        ax.set_title(f"{method}: above the line the adapter leads (w = -1)")
         fig.tight_layout()
-        paths.append(out / "plots" / "influence.png")
+        paths.append(out / "plots" / f"influence_{method}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -140,7 +144,9 @@ def write_report(out: str | Path, report: dict, specs: dict) -> tuple[Path, Path
     cfg = report["config"]
     protocol = (f"model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} DDIM steps, "
                 f"guidance {report['guidance']}, seeds {cfg['seed']}..{cfg['seed'] + cfg['samples'] - 1}; judge: the toy "
-                "classifier (mean probability of each image's correct class; synonym images count as the erased class).")
+                "classifier (mean probability of each image's correct class; synonym images count as the erased class). "
+                "Acc_s and the preservation columns use the held-out classes only (never trained on by any recipe); "
+                "the classes named as anchors are in their own column.")
     md = ["# unguide benchmark", "", protocol, "", "## Average over concepts", "", markdown_table(report, True), "",
           "## Per concept", "", markdown_table(report), ""]
     md += [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
@@ -155,7 +161,7 @@ def write_report(out: str | Path, report: dict, specs: dict) -> tuple[Path, Path
         for concept, method, m in table_rows(report):
             if average_only != (concept == "average"):
                 continue
-            cls = ' class="ours"' if method == "unguide" else ""
+            cls = ' class="ours"' if method == "selective-unguide" else ""
             body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
                         + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in COLUMNS) + "</tr>")
         return f"<table><tr><th>concept</th><th>method</th>{head}</tr>{''.join(body)}</table>"
