@@ -155,7 +155,7 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_benchmark_scorer(args) -> int:
     from .concepts import load_preset
-    from .cost import scorer_benchmark, toy_decision_prompts
+    from .cost import run_gate_cost, scorer_benchmark, toy_decision_prompts
     from .erase import attach_erasure
     from .io import write_json
     from .models import load_model
@@ -171,6 +171,7 @@ def _cmd_benchmark_scorer(args) -> int:
     result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
                               timing_prompts=args.timing_prompts)
     result["erasure"] = str(args.erasure)
+    result["run_gate"] = run_gate_cost(bundle, adapter, meta, prompts, guidance, steps=args.steps)
     if args.out:
         write_json(args.out, result)
     print(f"{len(prompts)} prompts; fast vs reference decisions agree on {100 * result['agreement']:.1f}%")
@@ -184,6 +185,13 @@ def _cmd_benchmark_scorer(args) -> int:
         print(f"  wall clock, {t['images']} images side by side: base {t['base_seconds']:.1f} s, UnGuide fast "
               f"{t['unguide_fast_seconds']:.1f} s (x{t['ratio_fast_to_base']:.2f}), UnGuide reference "
               f"{t['unguide_reference_seconds']:.1f} s (x{t['ratio_reference_to_base']:.2f})")
+    g = result["run_gate"]
+    line = (f"  the run's own gate ({g['gate']['kind']}, keep w = {g['keep_w']:g}) keeps {g['kept']} of {g['prompts']} prompts")
+    if g["kept"]:
+        line += (f"; on those, one image each: {g['evals_per_image_gated']:.0f} UNet evals per image (plain generation "
+                 f"{g['evals_per_image_base']:.0f}), wall clock x{g['ratio_gated_to_base']:.2f}, same-seed SSIM to base "
+                 f">= {g['ssim_to_base_min']:.4f} ({g['identical_to_base']} of {g['kept']} images identical)")
+    print(line)
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 from typing import Optional, Sequence
 
 from .generation import Item, PlainGuide, sample_images
-from .guidance import EvalCounter, ScorerConfig, UnGuide
+from .guidance import EvalCounter, ScorerConfig, UnGuide, guide_for_run
 
 
 def toy_decision_prompts(spec) -> list[str]:
@@ -76,4 +76,32 @@ def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, s
                             "ratio_reference_to_base": t_ref / t_base, "evals_per_image_base": n_base / len(items),
                             "evals_per_image_unguide_fast": n_ug / len(items),
                             "evals_per_image_unguide_reference": n_ref / len(items)}
+    return result
+
+
+def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance: float, steps: int = 50,
+                  batch_size: int = 32, seed: int = 0) -> dict:
+    """The run's own gate (its recipe's defaults) on prompts it keeps, one image each, side by side with plain
+    generation: UNet evaluations per image (decision included), wall clock, and same-seed SSIM to the base image."""
+    from .metrics.preservation import ssim
+
+    guide = guide_for_run(adapter, meta)
+    decisions = guide.decide(bundle, list(prompts), guidance)
+    kept = [p for p, d in zip(prompts, decisions) if d["w"] == guide.rule.w_keep]
+    result = {"gate": guide.settings()["gate"], "keep_w": guide.rule.w_keep, "prompts": len(prompts), "kept": len(kept),
+              "sent_to_adapter": [p for p, d in zip(prompts, decisions) if d["w"] != guide.rule.w_keep]}
+    if not kept:
+        return result
+    size = bundle.image_size
+    items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(kept)]
+    with adapter.base():
+        t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
+        base_imgs, _ = sample_images(bundle, items, steps=steps, guide=PlainGuide(), batch_size=batch_size, progress=False)
+    fresh = guide_for_run(adapter, meta)  # nothing cached but what the run stores
+    t_gate, n_gate, _ = _timed(bundle, items, fresh, steps, batch_size)
+    gated_imgs, _ = sample_images(bundle, items, steps=steps, guide=fresh, batch_size=batch_size, progress=False)
+    result.update(evals_per_image_base=n_base / len(items), evals_per_image_gated=n_gate / len(items),
+                  base_seconds=t_base, gated_seconds=t_gate, ratio_gated_to_base=t_gate / t_base,
+                  ssim_to_base_min=float(ssim(gated_imgs, base_imgs).min()),
+                  identical_to_base=int(sum(bool((a == b).all()) for a, b in zip(gated_imgs, base_imgs))))
     return result
