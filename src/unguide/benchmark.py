@@ -11,7 +11,7 @@ Protocol (toy-world analogue of METHOD.md section 5), per concept:
 * methods: ``base`` (the model as trained), ``lora`` (reference adapter alone, plain CFG), ``unguide``
   (reference adapter + UnGuidance as in the paper: fast scorer, binary rule, d("") gate, w_keep = 2),
   ``full`` (ESD-x style fine-tune of cross-attention k/v), ``selective`` (the selective recipe's adapter
-  alone) and ``selective-unguide`` (that adapter with its calibrated gate, w_keep from ``selective_keep``);
+  alone) and ``selective-unguide`` (that adapter with its calibrated gate and the weights its recipe stores);
 * judge: the toy classifier's softmax over its 11 labels. Acc_e / Acc_s / Acc_g are mean probabilities of
   each image's correct class (synonym images count as the erased class), H_o their harmonic combination;
   top-1 variants alongside; preservation: same-seed SSIM and pixel error vs base on held-out-class prompts,
@@ -58,7 +58,9 @@ class BenchmarkConfig:
     erase_iterations: Optional[int] = None  # None: the recipe's (200)
     erase_lr: Optional[float] = None  # reference-recipe runs only (None: 3e-5); the selective recipe keeps its own
     batch_size: int = 32
-    selective_keep: str = "base"  # w of prompts under the calibrated gate in selective-unguide (measured: see findings)
+    # selective-unguide's weights under / over the calibrated gate; None: what the selective recipe stores in its runs
+    selective_keep: Optional[str] = None
+    selective_erase_with: Optional[str] = None
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -154,8 +156,10 @@ class Benchmark:
                 run = self.ensure_run(name, method)
                 target = self.out / "images" / name / method
                 adapter, meta = attach_erasure(self.bundle, run)
-                keep = self.cfg.selective_keep if method == "selective-unguide" else None
-                guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3], keep=keep)
+                sel = method == "selective-unguide"
+                guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3],
+                                      keep=self.cfg.selective_keep if sel else None,
+                                      erase_with=self.cfg.selective_erase_with if sel else None)
                 t0 = time.time()
                 try:
                     self._generate(rows, target, guide, {"method": method, "run": str(run)})

@@ -128,7 +128,7 @@ def _cmd_benchmark(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg = BenchmarkConfig(concepts=concepts, methods=methods, samples=args.samples, steps=args.steps, seed=args.seed,
                           guidance=args.guidance, erase_iterations=args.iterations, erase_lr=args.erase_lr,
-                          batch_size=args.batch_size, selective_keep=args.keep)
+                          batch_size=args.batch_size, selective_keep=args.keep, selective_erase_with=args.erase_with)
     bundle = load_model(args.model, device=args.device)
     report = Benchmark(bundle, cfg, args.out).run()
     print(markdown_table(report, average_only=True))
@@ -236,7 +236,8 @@ def _cmd_influence(args) -> int:
         named = _concept_prompts(meta)
     else:
         named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
-    guide = guide_for_run(adapter, meta, gate=args.gate, keep=args.keep, **decision_settings(args.scorer, args.weighting))
+    guide = guide_for_run(adapter, meta, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+                          **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
     rows = [{"prompt": p, "role": role, **info} for (role, p), info in zip(named, infos)]
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", default=None, choices=["base", "paper"],
                    help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "
                    "paper (w = 2); default: the run's recipe's")
+    g.add_argument("--erase-with", default=None, choices=["adapter", "paper"],
+                   help="weight of prompts over the gate: adapter (w = 0, the adapter alone) or paper (w = -1); "
+                   "default: the run's recipe's")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
@@ -362,8 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
     b.add_argument("--erase-lr", type=float, default=None,
                    help="learning rate of the reference-recipe runs (default 3e-5); the selective recipe keeps its own")
-    b.add_argument("--keep", choices=["base", "paper"], default="base",
-                   help="selective-unguide: weight of prompts under the calibrated gate, base (w = 1, default) or paper (w = 2)")
+    b.add_argument("--keep", choices=["base", "paper"], default=None,
+                   help="selective-unguide: weight of prompts under the calibrated gate, base (w = 1) or paper (w = 2); "
+                   "default: the selective recipe's")
+    b.add_argument("--erase-with", choices=["adapter", "paper"], default=None,
+                   help="selective-unguide: weight of prompts over the gate, adapter (w = 0) or paper (w = -1); "
+                   "default: the selective recipe's")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)
@@ -400,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")
     f.add_argument("--keep", default=None, choices=["base", "paper"], help="weight under the gate (default: the run's)")
+    f.add_argument("--erase-with", default=None, choices=["adapter", "paper"],
+                   help="weight over the gate (default: the run's)")
     f.add_argument("--out", default=None, help="also write the scores as JSON")
     f.set_defaults(func=_cmd_influence)
 

@@ -53,7 +53,8 @@ RECIPE_SETTINGS = {
     "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1},
 }
 # how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
-RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper"}, "selective": {"default": "calibrated", "keep": "base"}}
+RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
+                "selective": {"default": "calibrated", "keep": "base", "erase_with": "paper"}}
 TIMESTEP_MAPPINGS = ("reference", "aligned")
 
 

@@ -16,6 +16,8 @@ Gates (what d(c) is compared with):
 
 ``keep`` is the weight of prompts under the threshold: ``paper`` (w = 2) or ``base`` (w = 1, the base model
 alone: the image is exactly the base model's, and the adapter's evaluations are skipped for those prompts).
+``erase_with`` is the weight of prompts over it: ``paper`` (w = -1, the adapter's effect doubled) or ``adapter``
+(w = 0, the adapter alone; the base model's evaluations are skipped for those prompts).
 
 Guided prediction: ``eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg`` with one UNet in memory, the
 adapter switched off for the base branch.
@@ -68,6 +70,7 @@ class ScorerConfig:
 
 
 KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
+ERASE_WEIGHTS = {"paper": -1.0, "adapter": 0.0}
 
 
 @dataclass(frozen=True)
@@ -294,16 +297,20 @@ class UnGuide:
 
 def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,
                   scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
-                  fixed_w: Optional[float] = None) -> UnGuide:
-    """The guide for an erasure run; gate and keep default to what the run's recipe recommends (stored in it):
-    the paper's d("") gate with w_keep = 2 for reference runs, the calibrated gate with w_keep = 1 for selective ones."""
+                  fixed_w: Optional[float] = None, erase_with: Optional[str] = None) -> UnGuide:
+    """The guide for an erasure run; gate, keep and erase_with default to what the run's recipe recommends (stored
+    in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones."""
     stored = meta.get("gate") or {}
     gate = gate or stored.get("default", "empty")
     keep = keep or stored.get("keep", "paper")
+    erase_with = erase_with or stored.get("erase_with", "paper")
     if keep not in KEEP_WEIGHTS:
         raise UnguideError(f"unknown keep {keep!r}: use base (w = 1) or paper (w = 2)")
-    return UnGuide(adapter, mode=mode, scorer=scorer, rule=replace(rule, w_keep=KEEP_WEIGHTS[keep]), fixed_w=fixed_w,
-                   gate=Gate.parse(str(gate), stored), stored_empty=stored)
+    if erase_with not in ERASE_WEIGHTS:
+        raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
+    rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
+    return UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=Gate.parse(str(gate), stored),
+                   stored_empty=stored)
 
 
 def decision_settings(scorer: Optional[str], weighting: Optional[str]) -> dict:
@@ -320,8 +327,8 @@ def guide_from_args(bundle, args):
     if args.w is not None and args.mode not in (None, "unguide"):
         raise UnguideError("give either --mode or --w, not both")
     mode = "fixed" if args.w is not None else (args.mode or "unguide")
-    guide = guide_for_run(adapter, meta, mode=mode, gate=args.gate, keep=args.keep, fixed_w=args.w,
-                          **decision_settings(args.scorer, args.weighting))
+    guide = guide_for_run(adapter, meta, mode=mode, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+                          fixed_w=args.w, **decision_settings(args.scorer, args.weighting))
     info = {"run": str(args.erasure), "concept": meta["concept"].get("name"), "preset": meta["config"]["preset"],
             **guide.settings()}
     return guide, info

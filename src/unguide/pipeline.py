@@ -58,7 +58,7 @@ class UnGuidePipeline:
     def __call__(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, seed: int = 0,
                  generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
                  num_inference_steps: int = 50, mode: str = "unguide", w: Optional[float] = None,
-                 gate: Optional[str] = None, keep: Optional[str] = None,
+                 gate: Optional[str] = None, keep: Optional[str] = None, erase_with: Optional[str] = None,
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
                  progress: bool = True) -> UnGuideOutput:
@@ -74,7 +74,7 @@ class UnGuidePipeline:
             guide = PlainGuide()
         else:
             guide = guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else mode, gate=gate, keep=keep,
-                                  scorer=scorer, rule=rule, fixed_w=w)
+                                  erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w)
         imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
                                     progress=progress)
         return UnGuideOutput(images=[Image.fromarray(to_uint8(im)) for im in imgs], prompts=[it.prompt for it in items],

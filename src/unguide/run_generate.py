@@ -84,8 +84,8 @@ def generate_command(args) -> int:
         from .guidance import guide_from_args
 
         guide, erasure_info = guide_from_args(bundle, args)
-    elif args.mode or args.w is not None or args.gate or args.keep:
-        raise UnguideError("--mode, --w, --gate and --keep need --erasure RUN (an erasure run directory)")
+    elif args.mode or args.w is not None or args.gate or args.keep or args.erase_with:
+        raise UnguideError("--mode, --w, --gate, --keep and --erase-with need --erasure RUN (an erasure run directory)")
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
     for it in items:
