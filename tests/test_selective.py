@@ -175,3 +175,22 @@ def test_presets_ship_anchors_that_keep_evaluation_held_out():
     sun = benchmark_rows(load_preset("sun"))
     assert [r["class"] for r in sun if r["role"] == "anchor"] == ["moon", "star", "heart", "house"]
     assert [r["class"] for r in sun if r["role"] == "other"] == ["tree", "fish", "flower", "boat", "umbrella"]
+
+
+def test_response_scorer_needs_no_unet_and_has_its_own_calibration(tiny_sd, selective_run, tmp_path):
+    meta = json.loads((selective_run / "erasure.json").read_text())
+    response = meta["gate"]["response"]
+    assert response["threshold"] > 0 and set(response["anchor_scores"]) == set(ANCHORS)
+    bundle = load_model(str(tiny_sd))
+    adapter, meta = attach_erasure(bundle, selective_run)
+    guide = guide_for_run(adapter, meta, scorer=ScorerConfig(kind="response"))
+    assert guide.gate.threshold == response["threshold"]
+    counter = EvalCounter(bundle.unet)
+    infos = guide.decide(bundle, ["a photo of the cat", "a dog"], 7.5)
+    counter.close()
+    assert counter.count == 0  # scored without a single UNet evaluation
+    assert infos[0]["score"] == pytest.approx(response["concept_scores"]["a photo of the cat"], rel=1e-5)
+    adapter.remove()
+    full = tmp_path / "full"
+    erase(load_model(str(tiny_sd)), CAT, full, EraseConfig(preset="full", iterations=2, ddim_steps=8), progress=False)
+    assert "response" not in json.loads((full / "erasure.json").read_text())["gate"]

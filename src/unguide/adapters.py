@@ -98,6 +98,21 @@ class LoraAdapter(_Adapter):
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{ADAPTER_NAME}." in n}
 
+    def _text_layers(self) -> list:
+        return [m for n, m in self.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))
+                and ADAPTER_NAME in getattr(m, "lora_A", {})]
+
+    def has_text_projections(self) -> bool:
+        return bool(self._text_layers())
+
+    def text_projections(self) -> list[torch.Tensor]:
+        """The down-projections (A, rank x text width) of the LoRA layers that read the text states directly."""
+        layers = self._text_layers()
+        if not layers:
+            raise UnguideError("the response scorer needs LoRA layers on the cross-attention key/value projections "
+                               "(layer preset 'object'): use --scorer fast")
+        return [m.lora_A[ADAPTER_NAME].weight.detach() for m in layers]
+
     @contextmanager
     def base(self) -> Iterator[None]:
         self.unet.disable_adapters()

@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default=None, choices=["unguide", "base", "lora"],
                    help="with --erasure: unguide (default), base (w=1) or lora (w=0)")
     g.add_argument("--w", type=float, default=None, help="with --erasure: a fixed guidance weight w for every prompt")
-    g.add_argument("--scorer", default=None, choices=["fast", "reference"], help="influence scorer (default fast)")
+    g.add_argument("--scorer", default=None, choices=["fast", "reference", "response"],
+                   help="influence scorer: fast (default), reference (the paper's), or response (the adapter's own "
+                   "response to the prompt's text states: no UNet evaluation; object-preset LoRA runs)")
     g.add_argument("--weighting", default=None, choices=["binary", "continuous"], help="rule from scores to w")
     g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
                    "rule) or a number; default: what the run's recipe recommends")
@@ -403,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = f.add_mutually_exclusive_group()  # neither: the run's own concept (target, synonyms, other prompts)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", help="text file (one prompt a line) or I2P-style CSV")
-    f.add_argument("--scorer", choices=["fast", "reference"], default="fast")
+    f.add_argument("--scorer", choices=["fast", "reference", "response"], default="fast")
     f.add_argument("--weighting", choices=["binary", "continuous"], default="binary")
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")

@@ -22,7 +22,13 @@ alone: the image is exactly the base model's, and the adapter's evaluations are 
 Guided prediction: ``eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg`` with one UNet in memory, the
 adapter switched off for the base branch.
 
-Two scorers share one code path (:func:`influence_scores`):
+A third scorer, ``response``, evaluates no UNet at all: it scores a prompt by the adapter's own response to its
+token states, the sum over adapted cross-attention layers and positions of |A h|^2 (A: the LoRA down-projection).
+With the reference recipe's random A it sees every prompt alike; once A has learned (selective recipe) it tells
+concept prompts from others about as well as the UNet scorer (docs/findings-toyworld.md). It needs its own
+threshold, which the run's calibration stores beside the UNet scorer's.
+
+The two UNet scorers share one code path (:func:`influence_scores`):
 
 * ``reference``: 30 draws, 11 steps of the 50-step schedule (24 image-evals per draw and prompt);
 * ``fast`` (default): reaches the same point of the trajectory with a coarse schedule (2 steps of a
@@ -40,6 +46,9 @@ import torch
 
 from .errors import UnguideError
 from .sampling import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
+
+
+SCORERS = ("fast", "reference", "response")
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,13 @@ class ScorerConfig:
     def fast(**kw) -> "ScorerConfig":
         return ScorerConfig(**kw)
 
+    def __post_init__(self):
+        if self.kind not in SCORERS:
+            raise UnguideError(f"unknown scorer {self.kind!r}: use {', '.join(SCORERS)}")
+
     def evals_per_prompt(self) -> int:
         """UNet image-evaluations spent on one prompt's score (2 per CFG step, 2 for the comparison)."""
-        return self.draws * (2 * self.trajectory_steps + 2)
+        return 0 if self.kind == "response" else self.draws * (2 * self.trajectory_steps + 2)
 
 
 KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
@@ -89,11 +102,14 @@ class Gate:
             raise UnguideError(f"the {self.kind} gate needs a positive threshold (got {self.threshold})")
 
     @staticmethod
-    def parse(text: str, stored: Optional[dict] = None) -> "Gate":
-        """``calibrated``, ``empty`` or a number, as given on the command line; ``stored`` is the run's gate."""
+    def parse(text: str, stored: Optional[dict] = None, scorer: str = "fast") -> "Gate":
+        """``calibrated``, ``empty`` or a number, as given on the command line; ``stored`` is the run's gate (for the
+        response scorer, its own calibration stored under ``response``)."""
         if text == "empty":
             return Gate("empty")
         if text == "calibrated":
+            if scorer == "response":
+                stored = (stored or {}).get("response")
             if not stored or stored.get("threshold") is None:
                 raise UnguideError("this erasure run has no calibrated gate (it predates calibration or has no anchors): "
                                    "use --gate empty or --gate VALUE, or rerun `unguide erase` into a new --out")
@@ -131,7 +147,10 @@ class WeightRule:
 
 @torch.no_grad()
 def influence_scores(bundle, adapter, prompts: Sequence[str], cfg: ScorerConfig, guidance: float) -> torch.Tensor:
-    """Mean adapter-vs-base distance d(c) for each prompt (same noise draws for every prompt)."""
+    """Mean adapter-vs-base distance d(c) for each prompt (same noise draws for every prompt); for the
+    ``response`` scorer, the adapter's own response to the prompt's token states instead."""
+    if cfg.kind == "response":
+        return response_scores(bundle, adapter, prompts)
     unet = bundle.unet
     scale = cfg.guidance if cfg.guidance is not None else guidance
     shape = bundle.latent_shape()
@@ -160,6 +179,15 @@ def influence_scores(bundle, adapter, prompts: Sequence[str], cfg: ScorerConfig,
     return dist.mean(dim=1)
 
 
+@torch.no_grad()
+def response_scores(bundle, adapter, prompts: Sequence[str]) -> torch.Tensor:
+    """Sum over the adapter's cross-attention key/value layers and token positions of |A h|^2: how strongly the
+    adapter's input side reacts to a prompt, with no UNet evaluation."""
+    projections = adapter.text_projections()
+    states = bundle.encode_prompts(list(prompts)).float()
+    return sum((states @ a.float().T).pow(2).sum(dim=(1, 2)) for a in projections).cpu()
+
+
 CALIBRATION_RULE = ("threshold = sqrt(highest anchor score x lowest score of the concept's target and trained "
                     "synonyms), scores d(c) from the fast scorer at the model's default guidance")
 
@@ -179,12 +207,21 @@ def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: Sco
     gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance, "score_empty": scores[""],
             "concept_scores": {p: scores[p] for p in concept_prompts},
             "anchor_scores": {p: scores[p] for p in anchor_prompts}, "threshold": None, "separated": None}
-    if anchor_prompts:
+    _set_threshold(gate)
+    if hasattr(adapter, "has_text_projections") and adapter.has_text_projections():
+        response = dict(zip(prompts, response_scores(bundle, adapter, prompts).tolist()))
+        gate["response"] = {"score_empty": response[""], "concept_scores": {p: response[p] for p in concept_prompts},
+                            "anchor_scores": {p: response[p] for p in anchor_prompts}, "threshold": None}
+        _set_threshold(gate["response"])
+    return gate
+
+
+def _set_threshold(gate: dict) -> None:
+    if gate["anchor_scores"]:
         top_anchor, low_concept = max(gate["anchor_scores"].values()), min(gate["concept_scores"].values())
         gate["threshold"] = math.sqrt(max(top_anchor, 1e-12) * max(low_concept, 1e-12))
         gate["separated"] = low_concept > top_anchor
         gate["margin"] = low_concept / max(top_anchor, 1e-12)  # > 1: every anchor below every concept prompt
-    return gate
 
 
 class EvalCounter:
@@ -218,7 +255,7 @@ class UnGuide:
             raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed --w")
         if mode == "fixed" and fixed_w is None:
             raise UnguideError("mode 'fixed' needs a weight: pass --w")
-        if gate.kind == "calibrated" and gate.guidance is not None:
+        if gate.kind == "calibrated" and gate.guidance is not None and scorer.kind != "response":
             scorer = replace(scorer, guidance=gate.guidance)  # scores comparable with the calibrated threshold
         self.adapter, self.mode, self.scorer, self.rule, self.fixed_w, self.gate = adapter, mode, scorer, rule, fixed_w, gate
         self.name = {"unguide": "unguide", "base": "base", "lora": "lora", "fixed": f"w={fixed_w}"}[mode]
@@ -309,13 +346,14 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     if erase_with not in ERASE_WEIGHTS:
         raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
     rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
-    return UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=Gate.parse(str(gate), stored),
-                   stored_empty=stored)
+    return UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w,
+                   gate=Gate.parse(str(gate), stored, scorer.kind), stored_empty=stored)
 
 
 def decision_settings(scorer: Optional[str], weighting: Optional[str]) -> dict:
     """The scorer and weighting rule named on the command line (None: the fast scorer, binary rule)."""
-    return {"scorer": ScorerConfig.reference() if scorer == "reference" else ScorerConfig(),
+    named = {"reference": ScorerConfig.reference(), "response": ScorerConfig(kind="response")}
+    return {"scorer": named.get(scorer or "fast", ScorerConfig()),
             "rule": WeightRule(rule=weighting or "binary")}
 
 
