@@ -194,3 +194,13 @@ def test_response_scorer_needs_no_unet_and_has_its_own_calibration(tiny_sd, sele
     full = tmp_path / "full"
     erase(load_model(str(tiny_sd)), CAT, full, EraseConfig(preset="full", iterations=2, ddim_steps=8), progress=False)
     assert "response" not in json.loads((full / "erasure.json").read_text())["gate"]
+
+
+def test_a_calibration_that_does_not_separate_falls_back_to_the_adapter_alone():
+    stored = {"default": "calibrated", "keep": "base", "threshold": 1.0, "margin": 0.6, "separated": False}
+    guide = guide_for_run(object(), {"gate": stored})
+    assert guide.mode == "fixed" and guide.fixed_w == 0.0 and "does not separate" in guide.note
+    assert guide.decide(None, ["a photo of the cat"], 7.5) == [{"w": 0.0}]
+    trusted = guide_for_run(object(), {"gate": dict(stored, separated=True, margin=2.0)})
+    assert trusted.mode == "unguide" and trusted.note is None and trusted.rule.w_keep == 1.0
+    assert guide_for_run(object(), {"gate": stored}, gate="empty").mode == "unguide"  # asked for explicitly: obeyed

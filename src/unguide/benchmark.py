@@ -107,6 +107,7 @@ class Benchmark:
         self.guidance = cfg.guidance if cfg.guidance is not None else bundle.default_guidance
         self.classifier = ToyClassifier.from_pretrained()
         self.timings: dict[str, float] = {}
+        self.notes: dict[str, str] = {}  # where a guide departed from its method's rule, and why
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
@@ -160,6 +161,8 @@ class Benchmark:
                 guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3],
                                       keep=self.cfg.selective_keep if sel else None,
                                       erase_with=self.cfg.selective_erase_with if sel else None)
+                if guide.note:
+                    self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()
                 try:
                     self._generate(rows, target, guide, {"method": method, "run": str(run)})
@@ -220,12 +223,14 @@ class Benchmark:
                                       for p in roles}
                     m["w_per_class"] = {roles[p]["class"] if roles[p]["role"] in ("anchor", "other") else roles[p]["role"]:
                                         first[p]["w"] for p in roles}
+                if f"{name}/{method}" in self.notes:
+                    m["note"] = self.notes[f"{name}/{method}"]
                 m["n_images"] = len(rows)
                 results[name][method] = m
         averages = {}
         for method in self.cfg.methods:
-            keys = [k for k, v in results[next(iter(results))][method].items() if isinstance(v, float)]
-            averages[method] = {k: float(np.nanmean([results[c][method][k] for c in results])) for k in keys}
+            keys = sorted({k for c in results for k, v in results[c][method].items() if isinstance(v, float)})
+            averages[method] = {k: float(np.nanmean([results[c][method].get(k, np.nan) for c in results])) for k in keys}
         return {"per_concept": results, "average": averages}
 
     def run(self) -> dict:

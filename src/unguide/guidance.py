@@ -39,6 +39,7 @@ The two UNet scorers share one code path (:func:`influence_scores`):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
@@ -261,6 +262,7 @@ class UnGuide:
         self.name = {"unguide": "unguide", "base": "base", "lora": "lora", "fixed": f"w={fixed_w}"}[mode]
         self._scores: dict[tuple[str, float], float] = {}
         self._stored_empty = stored_empty
+        self.note: Optional[str] = None  # why the guide departs from what was asked, if it does
 
     def settings(self) -> dict:
         return {"mode": self.mode, "fixed_w": self.fixed_w, "scorer": asdict(self.scorer), "rule": asdict(self.rule),
@@ -346,8 +348,18 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     if erase_with not in ERASE_WEIGHTS:
         raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
     rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
-    return UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w,
-                   gate=Gate.parse(str(gate), stored, scorer.kind), stored_empty=stored)
+    parsed = Gate.parse(str(gate), stored, scorer.kind)
+    calibration = stored.get("response", {}) if scorer.kind == "response" else stored
+    note = None
+    if mode == "unguide" and parsed.kind == "calibrated" and calibration.get("separated") is False:
+        # the calibration could not tell the anchors from the concept's own prompts, so a threshold would misroute
+        # some of either: every prompt gets the adapter alone (w = 0) instead of an untrustworthy per-prompt choice
+        mode, fixed_w = "fixed", 0.0
+        note = ("the run's calibrated gate does not separate its anchors from the concept's prompts (margin "
+                f"{calibration.get('margin', float('nan')):.2f}): every prompt uses the adapter alone (w = 0)")
+    guide = UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=parsed, stored_empty=stored)
+    guide.note = note
+    return guide
 
 
 def decision_settings(scorer: Optional[str], weighting: Optional[str]) -> dict:
@@ -368,5 +380,7 @@ def guide_from_args(bundle, args):
     guide = guide_for_run(adapter, meta, mode=mode, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
                           fixed_w=args.w, **decision_settings(args.scorer, args.weighting))
     info = {"run": str(args.erasure), "concept": meta["concept"].get("name"), "preset": meta["config"]["preset"],
-            **guide.settings()}
+            **guide.settings(), "note": guide.note}
+    if guide.note:
+        print(f"unguide: note: {guide.note}", file=sys.stderr)
     return guide, info
