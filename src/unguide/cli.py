@@ -200,19 +200,21 @@ def _concept_prompts(meta: dict) -> list[tuple[str, str]]:
     from .concepts import concept_from_dict
 
     spec = concept_from_dict(meta["concept"], "of the erasure run")
+    anchors = set(meta.get("anchors") or spec.anchors)
     return ([("target", spec.target)] + [("synonym", p) for p in spec.synonym_prompts()]
-            + [("other", p) for p in spec.other])
+            + [("anchor" if p in anchors else "other", p) for p in spec.other])
 
 
 def _selectivity_summary(rows: list[dict]) -> str:
     """One line: how many of the concept's own prompts UnGuidance hands to the adapter (w < 1)."""
     parts = []
-    for role, label in (("target", "target"), ("synonym", "synonyms"), ("other", "other prompts")):
+    for role, label in (("target", "target"), ("synonym", "synonyms"), ("anchor", "anchor prompts"),
+                        ("other", "other prompts")):
         group = [r for r in rows if r["role"] == role]
         if group:
             parts.append(f"{label} {sum(r['w'] < 1 for r in group)} of {len(group)}")
     line = "to the adapter (w < 1): " + ", ".join(parts)
-    leaks = sum(r["w"] < 1 for r in rows if r["role"] == "other")
+    leaks = sum(r["w"] < 1 for r in rows if r["role"] in ("other", "anchor"))
     if leaks:
         line += (f". {leaks} unrelated prompt(s) would follow the adapter too (it is not selective for them): "
                  "UnGuidance will change their images")
