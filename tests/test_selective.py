@@ -93,10 +93,16 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
     assert gate["threshold"] == pytest.approx(expected) and gate["default"] == "calibrated" and gate["keep"] == "base"
     base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--prompt", "a dog", "--n", "1",
             "--steps", "3", "--erasure", str(selective_run)]
-    assert main(base + ["--out", str(tmp_path / "default")]) == 0
-    m = read_png_metadata(tmp_path / "default" / "00000_000.png")
+    assert main(base + ["--gate", "calibrated", "--out", str(tmp_path / "calibrated")]) == 0
+    m = read_png_metadata(tmp_path / "calibrated" / "00000_000.png")
     assert m["gate"] == "calibrated" and m["threshold"] == gate["threshold"]
     assert m["w"] == (-1.0 if m["score"] > gate["threshold"] else 1.0)
+    assert main(base + ["--out", str(tmp_path / "default")]) == 0  # the default: calibrated unless it cannot separate
+    m = read_png_metadata(tmp_path / "default" / "00000_000.png")
+    if gate["separated"]:
+        assert m["gate"] == "calibrated" and m["threshold"] == gate["threshold"] and not m["erasure"]["note"]
+    else:
+        assert m["w"] == 0.0 and "does not separate" in m["erasure"]["note"]
     assert main(base + ["--gate", "1e9", "--out", str(tmp_path / "keep")]) == 0
     assert main(base + ["--gate", "1e-9", "--keep", "paper", "--out", str(tmp_path / "erase")]) == 0
     for name in ("00000_000.png", "00001_000.png"):
@@ -183,7 +189,7 @@ def test_response_scorer_needs_no_unet_and_has_its_own_calibration(tiny_sd, sele
     assert response["threshold"] > 0 and set(response["anchor_scores"]) == set(ANCHORS)
     bundle = load_model(str(tiny_sd))
     adapter, meta = attach_erasure(bundle, selective_run)
-    guide = guide_for_run(adapter, meta, scorer=ScorerConfig(kind="response"))
+    guide = guide_for_run(adapter, meta, gate="calibrated", scorer=ScorerConfig(kind="response"))
     assert guide.gate.threshold == response["threshold"]
     counter = EvalCounter(bundle.unet)
     infos = guide.decide(bundle, ["a photo of the cat", "a dog"], 7.5)
@@ -203,4 +209,5 @@ def test_a_calibration_that_does_not_separate_falls_back_to_the_adapter_alone():
     assert guide.decide(None, ["a photo of the cat"], 7.5) == [{"w": 0.0}]
     trusted = guide_for_run(object(), {"gate": dict(stored, separated=True, margin=2.0)})
     assert trusted.mode == "unguide" and trusted.note is None and trusted.rule.w_keep == 1.0
-    assert guide_for_run(object(), {"gate": stored}, gate="empty").mode == "unguide"  # asked for explicitly: obeyed
+    for asked in ("empty", "calibrated", "0.5"):  # a gate the caller names is obeyed as given
+        assert guide_for_run(object(), {"gate": stored}, gate=asked).mode == "unguide"

@@ -340,6 +340,7 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     """The guide for an erasure run; gate, keep and erase_with default to what the run's recipe recommends (stored
     in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones."""
     stored = meta.get("gate") or {}
+    asked = gate is not None  # a gate named by the caller is obeyed as given
     gate = gate or stored.get("default", "empty")
     keep = keep or stored.get("keep", "paper")
     erase_with = erase_with or stored.get("erase_with", "paper")
@@ -351,7 +352,7 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     parsed = Gate.parse(str(gate), stored, scorer.kind)
     calibration = stored.get("response", {}) if scorer.kind == "response" else stored
     note = None
-    if mode == "unguide" and parsed.kind == "calibrated" and calibration.get("separated") is False:
+    if mode == "unguide" and not asked and parsed.kind == "calibrated" and calibration.get("separated") is False:
         # the calibration could not tell the anchors from the concept's own prompts, so a threshold would misroute
         # some of either: every prompt gets the adapter alone (w = 0) instead of an untrustworthy per-prompt choice
         mode, fixed_w = "fixed", 0.0
