@@ -204,25 +204,25 @@ def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: Sco
     if progress:
         print(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...",
               flush=True)
-    scores = dict(zip(prompts, influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()))
-    gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance, "score_empty": scores[""],
-            "concept_scores": {p: scores[p] for p in concept_prompts},
-            "anchor_scores": {p: scores[p] for p in anchor_prompts}, "threshold": None, "separated": None}
-    _set_threshold(gate)
+    scores = influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()
+    gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance,
+            **_calibration(dict(zip(prompts, scores)), concept_prompts, anchor_prompts)}
     if hasattr(adapter, "has_text_projections") and adapter.has_text_projections():
-        response = dict(zip(prompts, response_scores(bundle, adapter, prompts).tolist()))
-        gate["response"] = {"score_empty": response[""], "concept_scores": {p: response[p] for p in concept_prompts},
-                            "anchor_scores": {p: response[p] for p in anchor_prompts}, "threshold": None}
-        _set_threshold(gate["response"])
+        response = response_scores(bundle, adapter, prompts).tolist()
+        gate["response"] = _calibration(dict(zip(prompts, response)), concept_prompts, anchor_prompts)
     return gate
 
 
-def _set_threshold(gate: dict) -> None:
-    if gate["anchor_scores"]:
-        top_anchor, low_concept = max(gate["anchor_scores"].values()), min(gate["concept_scores"].values())
-        gate["threshold"] = math.sqrt(max(top_anchor, 1e-12) * max(low_concept, 1e-12))
-        gate["separated"] = low_concept > top_anchor
-        gate["margin"] = low_concept / max(top_anchor, 1e-12)  # > 1: every anchor below every concept prompt
+def _calibration(scores: dict, concept_prompts: list, anchor_prompts: list) -> dict:
+    """One scorer's calibration: the scores, d(""), and the threshold between anchors and concept prompts."""
+    out = {"score_empty": scores[""], "concept_scores": {p: scores[p] for p in concept_prompts},
+           "anchor_scores": {p: scores[p] for p in anchor_prompts}, "threshold": None, "separated": None}
+    if anchor_prompts:
+        top_anchor, low_concept = max(out["anchor_scores"].values()), min(out["concept_scores"].values())
+        out["threshold"] = math.sqrt(max(top_anchor, 1e-12) * max(low_concept, 1e-12))
+        out["separated"] = low_concept > top_anchor
+        out["margin"] = low_concept / max(top_anchor, 1e-12)  # > 1: every anchor below every concept prompt
+    return out
 
 
 class EvalCounter:
