@@ -59,3 +59,26 @@ def toy_bundle():
     from unguide import load_model
 
     return load_model("toyworld")
+
+
+def build_tiny_clip(path):
+    """A randomly initialised CLIP (model + tokenizer) saved as safetensors: wiring tests of the CLIP judge."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(path / "_tok")
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                                           image_size=32, patch_size=8),
+                        projection_dim=16)
+    model = CLIPModel(config)
+    model.save_pretrained(str(path / "clip"), safe_serialization=True)
+    tok.save_pretrained(str(path / "clip"))
+    return path / "clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from unguide import load_model
 from unguide.adapters import make_adapter
-from unguide.benchmark import concept_prompts as benchmark_rows
+from unguide.suites import concept_rows as benchmark_rows
 from unguide.cli import main
 from unguide.concepts import ConceptSpec, load_preset, preset_names
 from unguide.erase import EraseConfig, attach_erasure, concept_prompts, erase, erasure_loss

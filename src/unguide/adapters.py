@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +56,22 @@ def target_modules(unet: nn.Module, preset: str) -> list[str]:
     return chosen
 
 
+def _keep_float32(params) -> None:
+    """Trained weights stay float32 whatever precision the frozen model runs in: Adam's small steps would vanish in
+    bfloat16's 8-bit mantissa. peft casts a LoRA layer's input to its weights' dtype and the sum back to the model's."""
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _input_to_float32(module, args):
+    return (args[0].float(), *args[1:])
+
+
+def _output_to(dtype, module, args, output):
+    return output.to(dtype)
+
+
 class _Adapter:
     """What the trainer and the guide need from an adapter: its trainable tensors and a base-model switch."""
 
@@ -91,6 +108,7 @@ class LoraAdapter(_Adapter):
             torch.manual_seed(init_seed)
             unet.add_adapter(lcfg, adapter_name=ADAPTER_NAME)
         self.lora_config = lcfg
+        _keep_float32(self.parameters())  # peft made them in the model's dtype (its init rounded to it)
         self.unet.requires_grad_(False)
         for p in self.parameters():
             p.requires_grad_(True)
@@ -152,6 +170,13 @@ class FullAdapter(_Adapter):
     def __init__(self, unet, cfg: AdapterConfig, init_seed: int = 0):
         self.unet, self.cfg = unet, cfg
         self.modules = {n: unet.get_submodule(n) for n in target_modules(unet, "full")}
+        self.model_dtype = next(iter(self.modules.values())).weight.dtype
+        self._hooks = []
+        if self.model_dtype != torch.float32:  # float32 weights: these layers compute in float32, hand back the model's dtype
+            for m in self.modules.values():
+                m.float()
+                self._hooks += [m.register_forward_pre_hook(_input_to_float32),
+                                m.register_forward_hook(partial(_output_to, self.model_dtype))]
         self.base_weights = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         self.unet.requires_grad_(False)
         for m in self.modules.values():
@@ -176,6 +201,10 @@ class FullAdapter(_Adapter):
             for n, m in self.modules.items():
                 m.weight.data = self.base_weights[n]
                 m.weight.requires_grad_(False)
+                m.to(self.model_dtype)  # exact: the float32 copy of weights that were in this dtype
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FULL_FILE
@@ -217,5 +246,6 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
 
     adapter.lora_config = LoraConfig(**{k: v for k, v in meta.items() if k in ("r", "lora_alpha", "target_modules")}) \
         if meta else None
+    _keep_float32(adapter.parameters())  # as in training: the saved float32 weights, the model's dtype elsewhere
     unet.requires_grad_(False)
     return adapter

@@ -1,55 +1,61 @@
-"""``unguide benchmark``: erase, generate and evaluate concepts on the toy world, Table-1 style.
+"""``unguide benchmark``: erase, generate and evaluate concepts, Table-1 style, on any suite.
 
-Protocol (toy-world analogue of METHOD.md section 5), per concept:
-* prompts: the target "a photo of the {class}" (erased), its synonyms (seen in training and held out),
-  and the 9 other classes; ``samples`` images each, seeds ``seed .. seed+samples-1`` for every prompt;
+A suite (:mod:`unguide.suites`) says which concepts are erased, which prompts measure them (with roles) and which
+judge looks at the images: ``toy`` (the embedded model's 10 classes, toy classifier), ``cifar10`` (Stable
+Diffusion, the 10 ``sd-*`` presets, zero-shot CLIP) or ``nudity`` (an I2P-style CSV, NudeNet, CLIP score, FID).
+Per concept of an object suite:
+* prompts: the target (erased), its synonyms (seen in training and held out), and the other classes; ``samples``
+  images each, seeds ``seed .. seed+samples-1`` for every prompt (CSV rows: their own seed + j);
 * the split: the other classes named in the concept's ``anchors`` (for the toy presets the 4 classes after it
   in the class order) are *anchor* classes, which the selective recipe trains on and its gate is calibrated
-  on; the remaining 5 are *held out*. Acc_s and the preservation metrics are computed on the held-out classes
+  on; the remaining ones are *held out*. Acc_s and the preservation metrics are computed on the held-out classes
   for every method, so all methods are compared on prompts no recipe has seen; anchor classes get a column
   of their own (Acc_anchor);
 * methods: ``base`` (the model as trained), ``lora`` (reference adapter alone, plain CFG), ``unguide``
   (reference adapter + UnGuidance as in the paper: fast scorer, binary rule, d("") gate, w_keep = 2),
   ``full`` (ESD-x style fine-tune of cross-attention k/v), ``selective`` (the selective recipe's adapter
   alone) and ``selective-unguide`` (that adapter with its calibrated gate and the weights its recipe stores);
-* judge: the toy classifier's softmax over its 11 labels. Acc_e / Acc_s / Acc_g are mean probabilities of
-  each image's correct class (synonym images count as the erased class), H_o their harmonic combination;
-  top-1 variants alongside; preservation: same-seed SSIM and pixel error vs base on held-out-class prompts,
-  FID/KID of those images vs base ones on the classifier's penultimate features.
+* metrics: :func:`unguide.metrics.erasure.table1_metrics` on the judge's probabilities (Acc_e / Acc_s / Acc_g,
+  H_o, top-1 variants); preservation: same-seed SSIM and pixel error vs base on held-out-class prompts, FID/KID of
+  those images vs base ones on the judge's features. Nudity suite: NudeNet exposed counts per class, CLIP score,
+  FID against a reference folder.
 
-Everything is resumable: finished erasure runs and images are reused.
+Everything is resumable: finished erasure runs and images are reused. Under ``accelerate launch`` the processes
+share the generation (the same files as one process); erasure and evaluation run on the main process.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .concepts import ConceptSpec, load_preset
 from .erase import EraseConfig, attach_erasure, erase, read_run
 from .errors import UnguideError
+from .evaluate import class_judgements, load_folder
 from .generation import PlainGuide
-from .guidance import guide_for_run
+from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, guide_for_run
 from .io import write_json
+from .judges import DEFAULT_CLIP, make_judge
 from .prompts import PromptRow
 from .run_generate import plan_items, run_generation
+from .suites import SUITES, Suite, load_suite
 
-METHODS = ("base", "lora", "unguide", "full", "selective", "selective-unguide")
-# method -> (erasure recipe, layer preset, run directory name, generation mode)
-METHOD_RUNS = {"lora": ("reference", "object", "object", "lora"), "unguide": ("reference", "object", "object", "unguide"),
-               "full": ("reference", "full", "full", "lora"), "selective": ("selective", "object", "selective", "lora"),
-               "selective-unguide": ("selective", "object", "selective", "unguide")}
+Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide"]
+METHODS: tuple[str, ...] = ("base", "lora", "unguide", "full", "selective", "selective-unguide")
+# method -> (erasure recipe, layer preset, run directory name, generation mode); preset None: the concept's own
+METHOD_RUNS = {"lora": ("reference", None, "object", "lora"), "unguide": ("reference", None, "object", "unguide"),
+               "full": ("reference", "full", "full", "lora"), "selective": ("selective", None, "selective", "lora"),
+               "selective-unguide": ("selective", None, "selective", "unguide")}
 
 
 @dataclass
 class BenchmarkConfig:
-    concepts: list[str] = field(default_factory=lambda: ["sun"])
+    suite: str = "toy"
+    concepts: list[str] | str = field(default_factory=lambda: ["sun"])  # or "all"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     samples: int = 32
     steps: int = 50
@@ -61,51 +67,38 @@ class BenchmarkConfig:
     # selective-unguide's weights under / over the calibrated gate; None: what the selective recipe stores in its runs
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
+    prompts: Optional[str] = None  # nudity suite: the I2P-style CSV
+    clip_model: Optional[str] = DEFAULT_CLIP  # cifar10 judge; nudity CLIP score and FID features (None: skip them)
+    fid_reference: Optional[str] = None  # nudity suite: a folder of reference images (e.g. COCO) for FID
 
     def __post_init__(self):
+        if self.suite not in SUITES:
+            raise UnguideError(f"unknown suite {self.suite!r}: use {', '.join(SUITES)}")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise UnguideError("--methods is empty: name at least one of " + ", ".join(METHODS))
         if self.samples < 1:
             raise UnguideError("--samples must be at least 1")
-
-
-def concept_prompts(spec: ConceptSpec) -> list[dict]:
-    """Rows of (prompt, role, class) for one toy concept. Roles: erased, synonym, heldout (held-out synonym
-    words), anchor (another class the concept's anchors name) and other (a held-out class)."""
-    rows = [{"prompt": spec.target, "role": "erased", "class": spec.label}]
-    rows += [{"prompt": p, "role": "synonym", "class": spec.label} for p in spec.synonym_prompts(heldout=False)]
-    rows += [{"prompt": p, "role": "heldout", "class": spec.label} for p in spec.synonym_prompts(heldout=True)]
-    anchors = set(spec.anchors)
-    for p in spec.other:
-        rows.append({"prompt": p, "role": "anchor" if p in anchors else "other", "class": p.split()[-1]})
-    return rows
-
-
-def _canonical_prompt_order() -> dict[str, int]:
-    from .toyworld.render import OBJECTS
-
-    prompts = [r["prompt"] for name in OBJECTS for r in concept_prompts(load_preset(name))]
-    return {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-
-
-def _load_images(out: Path) -> tuple[list[dict], torch.Tensor]:
-    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines() if line.strip()]
-    imgs = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows])
-    return rows, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+        if self.steps < 1:
+            raise UnguideError("--steps must be at least 1")
+        if self.selective_keep not in (None, *KEEP_WEIGHTS):
+            raise UnguideError(f"unknown keep {self.selective_keep!r}: use {' or '.join(KEEP_WEIGHTS)}")
+        if self.selective_erase_with not in (None, *ERASE_WEIGHTS):
+            raise UnguideError(f"unknown erase_with {self.selective_erase_with!r}: use {' or '.join(ERASE_WEIGHTS)}")
+        if self.fid_reference and not Path(self.fid_reference).is_dir():
+            raise UnguideError(f"--fid-reference {self.fid_reference}: not a folder of images")
+        if self.suite == "nudity" and self.fid_reference and not self.clip_model:
+            raise UnguideError("FID needs image features: give --clip-model (FID is computed on CLIP image features)")
 
 
 class Benchmark:
-    def __init__(self, bundle, cfg: BenchmarkConfig, out: str | Path):
-        from .toyworld.classifier import ToyClassifier
-
+    def __init__(self, bundle, cfg: BenchmarkConfig, out: str | Path, suite: Optional[Suite] = None):
         self.bundle, self.cfg, self.out = bundle, cfg, Path(out)
-        self.specs = {name: load_preset(name) for name in cfg.concepts}
-        for name, spec in self.specs.items():
-            if spec.label is None or spec.attribute not in (None, "object"):
-                raise UnguideError(f"concept {name!r} is not a toy-world object concept: benchmark the 10 classes (or 'all')")
+        self.suite = suite or load_suite(cfg.suite, cfg.concepts, bundle=bundle, prompts=cfg.prompts)
+        self.specs = {name: case.spec for name, case in self.suite.cases.items()}
         self.guidance = cfg.guidance if cfg.guidance is not None else bundle.default_guidance
-        self.classifier = ToyClassifier.from_pretrained()
         self.timings: dict[str, float] = {}
         self.notes: dict[str, str] = {}  # where a guide departed from its method's rule, and why
 
@@ -113,29 +106,34 @@ class Benchmark:
     def run_dir(self, concept: str, method: str) -> Path:
         return self.out / "runs" / concept / METHOD_RUNS[method][2]
 
-    def erase_config(self, method: str) -> EraseConfig:
+    def erase_config(self, method: str, concept: Optional[str] = None) -> EraseConfig:
         recipe, preset, _, _ = METHOD_RUNS[method]
+        preset = preset or (self.specs[concept].preset if concept else "object")
         lr = self.cfg.erase_lr if recipe == "reference" else None
         return EraseConfig.from_recipe(recipe, preset=preset, iterations=self.cfg.erase_iterations, lr=lr)
 
     def ensure_run(self, concept: str, method: str) -> Path:
-        run = self.run_dir(concept, method)
-        try:
-            read_run(run)
-            return run
-        except UnguideError:
-            pass
-        t0 = time.time()
-        erase(self.bundle, self.specs[concept], run, self.erase_config(method))
-        self.timings[f"erase/{concept}/{run.name}"] = round(time.time() - t0, 1)
+        """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""
+        from accelerate import PartialState
+
+        state, run = PartialState(), self.run_dir(concept, method)
+        if state.is_main_process:
+            try:
+                read_run(run)
+            except UnguideError:
+                t0 = time.time()
+                erase(self.bundle, self.specs[concept], run, self.erase_config(method, concept))
+                self.timings[f"erase/{concept}/{run.name}"] = round(time.time() - t0, 1)
+        state.wait_for_everyone()
         return run
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _generate(self, rows: list[dict], out: Path, guide, info: dict, canonical: bool = False) -> Path:
-        prompt_rows = [PromptRow(r["prompt"]) for r in rows]
+        prompt_rows = [PromptRow(r["prompt"], seed=r.get("seed"), guidance=r.get("guidance"), width=r.get("width"),
+                                 height=r.get("height")) for r in rows]
         size = self.bundle.image_size
         items = plan_items(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance, size, size)
-        order = _canonical_prompt_order() if canonical else {}
+        order = self.suite.canonical_order() if canonical else {}
         for it, r in zip(items, [r for r in rows for _ in range(self.cfg.samples)]):
             it.extra = {"role": r["role"], "class": r["class"]}
             # shared base images are named by the prompt's place among all concepts' prompts, so a later run
@@ -145,12 +143,11 @@ class Benchmark:
                               run_info=info)
 
     def generate_all(self) -> None:
-        base_rows = list({r["prompt"]: r for spec in self.specs.values() for r in concept_prompts(spec)}.values())
+        base_rows = list({r["prompt"]: r for case in self.suite.cases.values() for r in case.rows}.values())
         t0 = time.time()  # base images are always needed: they are the reference of every preservation metric
         self._generate(base_rows, self.out / "images" / "base", PlainGuide(), {"method": "base"}, canonical=True)
         self.timings["generate/base"] = round(time.time() - t0, 1)
-        for name, spec in self.specs.items():
-            rows = concept_prompts(spec)
+        for name, case in self.suite.cases.items():
             for method in self.cfg.methods:
                 if method == "base":
                     continue
@@ -165,83 +162,142 @@ class Benchmark:
                     self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()
                 try:
-                    self._generate(rows, target, guide, {"method": method, "run": str(run)})
+                    self._generate(case.rows, target, guide, {"method": method, "run": str(run)})
                 finally:
                     adapter.remove()
                 self.timings[f"generate/{name}/{method}"] = round(time.time() - t0, 1)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
+    def _images(self, name: str, method: str) -> tuple[list[dict], torch.Tensor, Path]:
+        folder = self.out / "images" / ("base" if method == "base" else f"{name}/{method}")
+        rows, imgs = load_folder(folder)
+        if method == "base":  # the shared base folder holds every concept's prompts: keep this concept's
+            wanted = {r["prompt"] for r in self.suite.cases[name].rows}
+            idx = [i for i, r in enumerate(rows) if r["prompt"] in wanted]
+            rows, imgs = [rows[i] for i in idx], imgs[idx]
+        return rows, imgs, folder
+
     def evaluate(self) -> dict:
-        from .metrics.erasure import harmonic_overall
-        from .metrics.preservation import fid_kid, pixel_error, ssim
-        from .toyworld.render import OBJECTS
-
-        base_rows, base_imgs = _load_images(self.out / "images" / "base")
-        base_key = {(r["prompt"], r["seed"]): i for i, r in enumerate(base_rows)}
-        base_probs = self.classifier.predict(base_imgs)["object"]
-        with torch.no_grad():
-            base_feats = self.classifier.embed(base_imgs)
-        results: dict = {}
-        for name, spec in self.specs.items():
-            roles = {r["prompt"]: r for r in concept_prompts(spec)}
-            results[name] = {}
-            for method in self.cfg.methods:
-                if method == "base":
-                    idx = [i for i, r in enumerate(base_rows) if r["prompt"] in roles]
-                    rows, probs, imgs = [base_rows[i] for i in idx], base_probs[idx], base_imgs[idx]
-                else:
-                    rows, imgs = _load_images(self.out / "images" / name / method)
-                    probs = self.classifier.predict(imgs)["object"]
-                labels = torch.tensor([OBJECTS.index(roles[r["prompt"]]["class"]) for r in rows])
-                p_correct = probs[torch.arange(len(rows)), labels]
-                top1 = (probs.argmax(-1) == labels).float()
-                role = np.array([roles[r["prompt"]]["role"] for r in rows])
-
-                def mean(values, *which):
-                    mask = torch.from_numpy(np.isin(role, which))
-                    return values[mask].mean().item() if mask.any() else float("nan")
-
-                m = {"acc_e": mean(p_correct, "erased"), "acc_s": mean(p_correct, "other"),
-                     "acc_anchor": mean(p_correct, "anchor"),
-                     "acc_g": mean(p_correct, "synonym", "heldout"), "acc_g_heldout": mean(p_correct, "heldout"),
-                     "acc_e_top1": mean(top1, "erased"), "acc_s_top1": mean(top1, "other"),
-                     "acc_g_top1": mean(top1, "synonym", "heldout")}
-                m["h_o"] = harmonic_overall(m["acc_e"], m["acc_s"], m["acc_g"])
-                m["h_o_top1"] = harmonic_overall(m["acc_e_top1"], m["acc_s_top1"], m["acc_g_top1"])
-                other = [i for i, r in enumerate(rows) if roles[r["prompt"]]["role"] == "other"]
-                if method != "base" and other:
-                    ref = [base_key[(rows[i]["prompt"], rows[i]["seed"])] for i in other]
-                    m["ssim_other"] = ssim(imgs[other], base_imgs[ref]).mean().item()
-                    m["pixel_error_other"] = pixel_error(imgs[other], base_imgs[ref]).mean().item()
-                    with torch.no_grad():
-                        fk = fid_kid(base_feats[ref], self.classifier.embed(imgs[other]))
-                    m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
-                if method.endswith("unguide"):
-                    first = {r["prompt"]: r for r in reversed(rows)}
-                    m["influence"] = {p: {"role": roles[p]["role"], "w": first[p]["w"], "score": first[p].get("score"),
-                                          "threshold": first[p].get("threshold"), "gate": first[p].get("gate")}
-                                      for p in roles}
-                    m["w_per_class"] = {roles[p]["class"] if roles[p]["role"] in ("anchor", "other") else roles[p]["role"]:
-                                        first[p]["w"] for p in roles}
-                if f"{name}/{method}" in self.notes:
-                    m["note"] = self.notes[f"{name}/{method}"]
-                m["n_images"] = len(rows)
-                results[name][method] = m
+        judge = make_judge(self.suite.judge, clip_model=self.cfg.clip_model or DEFAULT_CLIP)
+        if self.suite.metrics == "nudity":
+            results = {name: {m: self._nudity_metrics(judge, name, m) for m in self.cfg.methods}
+                       for name in self.suite.cases}
+        else:
+            results = self._table1_results(judge)
         averages = {}
         for method in self.cfg.methods:
             keys = sorted({k for c in results for k, v in results[c][method].items() if isinstance(v, float)})
             averages[method] = {k: float(np.nanmean([results[c][method].get(k, np.nan) for c in results])) for k in keys}
         return {"per_concept": results, "average": averages}
 
+    def _table1_results(self, judge) -> dict:
+        from .metrics.erasure import table1_metrics
+        from .metrics.preservation import fid_kid, pixel_error, ssim
+
+        base_rows, base_imgs = load_folder(self.out / "images" / "base")
+        base_key = {(r["prompt"], r["seed"]): i for i, r in enumerate(base_rows)}
+        base_feats = judge.features(base_imgs)
+        base_judged: dict = {}  # per class set: a fixed-label judge (toy) scores the base images once
+        results: dict = {}
+        for name, case in self.suite.cases.items():
+            roles = {r["prompt"]: r for r in case.rows}
+            results[name] = {}
+            key = (tuple(judge.label_set(case.classes)), repr(sorted(case.aliases.items())))
+            for method in self.cfg.methods:
+                if method == "base":
+                    if key not in base_judged:
+                        base_judged[key] = class_judgements(judge, base_imgs, case.classes, case.aliases,
+                                                            [r.get("class") for r in base_rows])
+                    idx = [i for i, r in enumerate(base_rows) if r["prompt"] in roles]
+                    rows = [base_rows[i] for i in idx]
+                    judged = {k: base_judged[key][k][idx] for k in ("p_correct", "top1")}
+                    imgs = base_imgs[idx]
+                else:
+                    rows, imgs, _ = self._images(name, method)
+                    judged = class_judgements(judge, imgs, case.classes, case.aliases,
+                                              [roles[r["prompt"]]["class"] for r in rows])
+                role = [roles[r["prompt"]]["role"] for r in rows]
+                m = table1_metrics(judged["p_correct"], judged["top1"], role)
+                other = [i for i, r in enumerate(rows) if roles[r["prompt"]]["role"] == "other"]
+                if method != "base" and other:
+                    ref = [base_key[(rows[i]["prompt"], rows[i]["seed"])] for i in other]
+                    m["ssim_other"] = ssim(imgs[other], base_imgs[ref]).mean().item()
+                    m["pixel_error_other"] = pixel_error(imgs[other], base_imgs[ref]).mean().item()
+                    feats = judge.features(imgs[other])
+                    if feats is not None and base_feats is not None and len(other) >= 2:
+                        fk = fid_kid(base_feats[ref], feats)
+                        m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
+                if method.endswith("unguide"):
+                    m.update(self._influence(rows, roles))
+                if f"{name}/{method}" in self.notes:
+                    m["note"] = self.notes[f"{name}/{method}"]
+                m["n_images"] = len(rows)
+                results[name][method] = m
+        return results
+
+    @staticmethod
+    def _influence(rows: list[dict], roles: dict) -> dict:
+        """What the guide decided per prompt (w, score, threshold), for the report's influence plots."""
+        first = {r["prompt"]: r for r in reversed(rows)}
+        return {"influence": {p: {"role": roles[p]["role"], "w": first[p]["w"], "score": first[p].get("score"),
+                                  "threshold": first[p].get("threshold"), "gate": first[p].get("gate")}
+                              for p in roles if p in first},
+                "w_per_class": {roles[p]["class"] if roles[p]["role"] in ("anchor", "other") else roles[p]["role"]:
+                                first[p]["w"] for p in roles if p in first}}
+
+    def _nudity_metrics(self, judge, name: str, method: str) -> dict:
+        from .metrics.nudity import EXPOSED_CLASSES, summarise
+
+        rows, imgs, folder = self._images(name, method)
+        summary = summarise(judge.detections([folder / r["file"] for r in rows]))
+        m: dict = {f"exposed_{c.lower()}": float(summary["per_class"][c]) for c in EXPOSED_CLASSES}
+        m.update(exposed_total=float(summary["total"]), images_with_exposed=float(summary["images_with_exposed"]),
+                 n_images=len(rows))
+        if self.cfg.clip_model:
+            clip = self._clip()
+            m["clip_score"] = clip.clip_score(imgs, [r["prompt"] for r in rows]).mean().item()
+            if self.cfg.fid_reference:
+                from .metrics.preservation import fid_kid
+
+                fk = fid_kid(self._reference_features(clip), clip.features(imgs))
+                m.update(fid=fk["fid"], kid=fk["kid_mean"])
+        if method.endswith("unguide"):
+            first = {r["prompt"]: r for r in reversed(rows)}
+            m["to_adapter"] = float(sum(1 for r in first.values() if r.get("w", 1) < 1))
+        return m
+
+    def _clip(self):
+        if not hasattr(self, "_clip_judge"):
+            self._clip_judge = make_judge("clip", clip_model=self.cfg.clip_model)
+        return self._clip_judge
+
+    def _reference_features(self, clip) -> torch.Tensor:
+        if not hasattr(self, "_ref_feats"):
+            folder = Path(self.cfg.fid_reference)
+            paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            if len(paths) < 2:
+                raise UnguideError(f"--fid-reference {folder}: FID needs at least 2 images (.png/.jpg), found {len(paths)}")
+            size = self.bundle.image_size
+            from PIL import Image
+
+            tmp = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths]
+            imgs = torch.from_numpy(np.stack(tmp)).permute(0, 3, 1, 2).float() / 255.0
+            self._ref_feats = clip.features(imgs)
+        return self._ref_feats
+
     def run(self) -> dict:
+        from accelerate import PartialState
+
         t0 = time.time()
         self.generate_all()
+        if not PartialState().is_main_process:
+            return {}
         report = self.evaluate()
-        report.update(config=asdict(self.cfg), model=self.bundle.name, guidance=self.guidance, timings=self.timings,
+        report.update(suite=self.suite.name, description=self.suite.description, config=asdict(self.cfg),
+                      model=self.bundle.name, guidance=self.guidance, timings=self.timings,
                       seconds=round(time.time() - t0, 1))
         write_json(self.out / "report.json", report)
         from .report import write_report
 
-        write_report(self.out, report, self.specs)
+        write_report(self.out, report, self.suite)
         return report
-

@@ -17,6 +17,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld",
                    help="'toyworld' (embedded default), a diffusers Stable Diffusion directory, or a hub id")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision the model runs in (default float32); erasure keeps its trained weights in float32. "
+                   "On CPU use bfloat16: float16 is for GPUs")
 
 
 def _cmd_generate(args) -> int:
@@ -51,27 +54,12 @@ def _train_device(name: str) -> str:
 def _cmd_train_toy(args) -> int:
     import torch
 
-    from .toyworld.classifier import ClassifierTrainConfig, train_classifier
-    from .toyworld.train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
+    from .models import toy_plugin
 
-    device = _train_device(args.device)  # checked before any stage starts
+    args.device = _train_device(args.device)  # checked before any stage starts
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if args.stage in ("classifier", "all"):
-        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=args.classifier_steps)))
-    if args.stage in ("vae", "all"):
-        train_vae(out, VAEConfig(steps=args.vae_steps))
-    if args.stage in ("unet", "all"):
-        if not (out / "vae").is_dir():
-            raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
-                         text_norm=args.text_norm, block_out_channels=args.unet_channels)
-        target = train_unet(out, cfg, max_minutes=args.max_minutes, device=device)
-        print(f"toyworld model written to {target}")
-    if args.stage == "export":
-        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_norm=args.text_norm)))  # rest: the checkpoint's
-    return 0
+    return toy_plugin().train_command(args)
 
 
 def _cmd_erase(args) -> int:
@@ -86,7 +74,7 @@ def _cmd_erase(args) -> int:
                                   a_init=args.a_init, anchor_weight=args.anchor_weight,
                                   anchors_per_step=args.anchors_per_step,
                                   anchors=read_anchor_file(args.anchors) if args.anchors else None)
-    bundle = load_model(args.model, device=args.device)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
     meta = erase(bundle, concept, args.out, cfg)
     print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations) in "
@@ -104,11 +92,13 @@ def _cmd_erase(args) -> int:
 
 def _cmd_toy_quality(args) -> int:
     from .io import write_json
-    from .models import load_model
-    from .toyworld.quality import toy_quality
+    from .models import load_model, world_plugin
 
     bundle = load_model(args.model, device=args.device)
-    result = toy_quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps, seed=args.seed)
+    if world_plugin(bundle) is None:
+        raise UnguideError(f"{args.model} is not a toy-world model: toy-quality judges the embedded model's classes")
+    result = world_plugin(bundle).quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps,
+                                          seed=args.seed)
     if args.out:
         write_json(args.out, result)
     for name in ("class_prompts", "heldout_synonyms"):
@@ -122,17 +112,20 @@ def _cmd_benchmark(args) -> int:
     from .benchmark import Benchmark, BenchmarkConfig
     from .models import load_model
     from .report import markdown_table
-    from .toyworld.render import OBJECTS
 
-    concepts = list(OBJECTS) if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
+    concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    cfg = BenchmarkConfig(concepts=concepts, methods=methods, samples=args.samples, steps=args.steps, seed=args.seed,
-                          guidance=args.guidance, erase_iterations=args.iterations, erase_lr=args.erase_lr,
-                          batch_size=args.batch_size, selective_keep=args.keep, selective_erase_with=args.erase_with)
-    bundle = load_model(args.model, device=args.device)
+    cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
+                          seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
+                          erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
+                          selective_erase_with=args.erase_with, prompts=args.prompts,
+                          clip_model=None if args.clip_model == "none" else args.clip_model,
+                          fid_reference=args.fid_reference)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     report = Benchmark(bundle, cfg, args.out).run()
-    print(markdown_table(report, average_only=True))
-    print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
+    if report:  # the main process (the others only generate their share)
+        print(markdown_table(report, average_only=True))
+        print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
     return 0
 
 
@@ -155,18 +148,20 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_benchmark_scorer(args) -> int:
     from .concepts import load_preset
-    from .cost import run_gate_cost, scorer_benchmark, toy_decision_prompts
+    from .cost import run_gate_cost, scorer_benchmark
     from .erase import attach_erasure
     from .io import write_json
-    from .models import load_model
+    from .models import load_model, world_plugin
     from .prompts import read_prompts
 
     bundle = load_model(args.model, device=args.device)
     adapter, meta = attach_erasure(bundle, args.erasure)
     if args.prompts:
         prompts = [r.prompt for r in read_prompts(args.prompts)]
+    elif world_plugin(bundle) is not None:
+        prompts = world_plugin(bundle).decision_prompts(load_preset(meta["concept"]["name"]))
     else:
-        prompts = toy_decision_prompts(load_preset(meta["concept"]["name"]))
+        raise UnguideError("give --prompts FILE: the default prompt set exists for the embedded model's concepts only")
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
                               timing_prompts=args.timing_prompts)
@@ -198,11 +193,12 @@ def _cmd_benchmark_scorer(args) -> int:
 def _concept_prompts(meta: dict) -> list[tuple[str, str]]:
     """(role, prompt) for the prompts an erasure run's own concept spec names."""
     from .concepts import concept_from_dict
+    from .suites import concept_rows
 
     spec = concept_from_dict(meta["concept"], "of the erasure run")
-    anchors = set(meta.get("anchors") or spec.anchors)
-    return ([("target", spec.target)] + [("synonym", p) for p in spec.synonym_prompts()]
-            + [("anchor" if p in anchors else "other", p) for p in spec.other])
+    spec.anchors = list(meta.get("anchors") or spec.anchors)
+    names = {"erased": "target", "heldout": "synonym"}
+    return [(names.get(r["role"], r["role"]), r["prompt"]) for r in concept_rows(spec)]
 
 
 def _selectivity_summary(rows: list[dict]) -> str:
@@ -231,7 +227,7 @@ def _cmd_influence(args) -> int:
     from .models import load_model
     from .prompts import read_prompts
 
-    bundle = load_model(args.model, device=args.device)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     adapter, meta = attach_erasure(bundle, args.erasure)
     own_concept = not (args.prompt or args.prompts)
     if own_concept:
@@ -360,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
     _add_model(b)
-    b.add_argument("--concepts", default="all", help="comma-separated toy concepts (e.g. sun,boat) or 'all'")
+    b.add_argument("--suite", choices=["toy", "cifar10", "nudity"], default="toy",
+                   help="toy (the embedded model's 10 classes), cifar10 (Stable Diffusion, the paper's Table 1, CLIP "
+                   "judge) or nudity (an I2P-style --prompts CSV, NudeNet)")
+    b.add_argument("--concepts", default="all",
+                   help="comma-separated concepts of the suite (toy: sun,boat,...; cifar10: cat,dog,...) or 'all'")
     b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide",
                    help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide")
     b.add_argument("--samples", type=int, default=32, help="images per prompt")
@@ -376,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--erase-with", choices=["adapter", "paper"], default=None,
                    help="selective-unguide: weight of prompts over the gate, adapter (w = 0) or paper (w = -1); "
                    "default: the selective recipe's")
+    b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
+                   "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")
+    b.add_argument("--clip-model", default="openai/clip-vit-base-patch32",
+                   help="CLIP model (hub id or local directory): the cifar10 judge, the nudity suite's CLIP score and "
+                   "FID features; 'none' skips CLIP in the nudity suite")
+    b.add_argument("--fid-reference", default=None,
+                   help="nudity suite: a folder of reference images (e.g. COCO) for FID on CLIP image features")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)

@@ -13,22 +13,6 @@ from .generation import Item, PlainGuide, sample_images
 from .guidance import EvalCounter, ScorerConfig, UnGuide, guide_for_run
 
 
-def toy_decision_prompts(spec) -> list[str]:
-    """>= 100 prompts around a toy concept: target, synonyms, other classes, colour and scene variations."""
-    from .toyworld.captions import SCENE_WORDS
-    from .toyworld.render import COLOUR_NAMES, OBJECTS
-
-    prompts = [spec.target] + spec.synonym_prompts() + list(spec.other)
-    for obj in OBJECTS:
-        for colour in COLOUR_NAMES[:7]:
-            prompts.append(f"a photo of a {colour} {obj}")
-        for scene in ("grass", "sand"):
-            prompts.append(f"a {obj} on the {SCENE_WORDS[scene]}")
-    for scene in SCENE_WORDS.values():
-        prompts.append(f"a photo of the {scene}")
-    return list(dict.fromkeys(prompts))
-
-
 def _timed(bundle, items, guide, steps, batch_size):
     counter = EvalCounter(bundle.unet)
     t0 = time.perf_counter()

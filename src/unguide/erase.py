@@ -186,6 +186,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
                 raise UnguideError(f"{out} already holds a finished run with other settings: choose another --out")
             return done
     unet = bundle.unet
+    dtype_name = str(unet.dtype).removeprefix("torch.")  # the frozen model's precision; trained weights are float32
     adapter = make_adapter(unet, cfg.adapter_config(), init_seed=cfg.seed)
     try:
         opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
@@ -197,6 +198,9 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
             if state.get("config") != asdict(cfg) or state.get("base_fingerprint") != fingerprint:
                 raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
                                    "use another --out or delete that directory")
+            if state.get("dtype", "float32") != dtype_name:
+                raise UnguideError(f"{out} holds a checkpoint trained in {state.get('dtype', 'float32')}: resume it with "
+                                   f"--dtype {state.get('dtype', 'float32')} (not {dtype_name}) or use another --out")
             tensors = load_tensors(out / CHECKPOINT)
             adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
             load_optimizer_tensors(opt, tensors)
@@ -230,9 +234,9 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
                 f.write(json.dumps(row) + "\n")
             last = i + 1 == cfg.iterations
             if (i + 1) % cfg.checkpoint_every == 0 and not last:
-                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
+                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
             if stop_after is not None and i + 1 - start >= stop_after and not last:
-                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint)
+                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
                 return {"status": "interrupted", "iteration": i + 1}
         unet.eval()
         train_seconds = round(time.time() - t0, 1)
@@ -243,7 +247,8 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
     meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "anchors": anchors,
-            "base_model": bundle.name, "base_fingerprint": fingerprint, "weights": weights.name, "losses": losses,
+            "base_model": bundle.name, "base_fingerprint": fingerprint, "dtype": dtype_name, "weights": weights.name,
+            "losses": losses,
             "final_loss": losses[-1] if losses else None, "gate": gate,
             "train_seconds_this_process": train_seconds, "versions": _versions()}
     write_json(meta_path, meta)
@@ -261,12 +266,13 @@ def _truncate_log(path: Path, iteration: int) -> None:
         write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _checkpoint(out: Path, adapter, opt, iteration: int, losses, cfg: EraseConfig, fingerprint: str) -> None:
+def _checkpoint(out: Path, adapter, opt, iteration: int, losses, cfg: EraseConfig, fingerprint: str,
+                dtype_name: str) -> None:
     tensors = {f"adapter.{k}": v for k, v in adapter.trainable_state().items()}
     tensors.update(optimizer_tensors(opt))
     save_tensors(out / CHECKPOINT, tensors)
     write_json(out / CHECKPOINT_STATE, {"iteration": iteration, "losses": losses, "config": asdict(cfg),
-                                        "base_fingerprint": fingerprint})
+                                        "base_fingerprint": fingerprint, "dtype": dtype_name})
 
 
 def _versions() -> dict:

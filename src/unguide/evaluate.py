@@ -1,20 +1,20 @@
 """``unguide evaluate --images DIR``: score a generated folder from its index.jsonl; writes metrics.json.
 
-Judges:
+Judges (:mod:`unguide.judges`):
 * ``toy`` (default): the toy classifier. Each image's class is its index row's ``class`` or the class/synonym
   word in its prompt; colour prompts ("a red boat") are also scored for the rate of the asked colour.
-* ``clip``: zero-shot CLIP over ``--labels`` ("a photo of the {label}") and CLIP score against each prompt
-  (default model openai/clip-vit-base-patch32; needs those weights on your machine).
+* ``clip``: zero-shot CLIP over ``--labels`` (or the concept's classes) with "a photo of the {label}", and CLIP
+  score against each prompt (default model openai/clip-vit-base-patch32; needs those weights on your machine).
 * ``nudenet``: exposed-class counts (the 9 classes of the UnGuide protocol, threshold 0.6).
-With ``--concept NAME`` the paper's Acc_e / Acc_s / Acc_g / H_o are computed from the concept's prompts;
-with ``--reference DIR`` (the base model's images, same prompts and seeds) SSIM, pixel error and FID/KID.
+With ``--concept NAME`` the paper's Acc_e / Acc_s / Acc_g / H_o are computed from the concept's prompts
+(:func:`unguide.metrics.erasure.table1_metrics`, as the benchmark does); with ``--reference DIR`` (the base
+model's images, same prompts and seeds) SSIM, pixel error and FID/KID on the judge's features.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,85 +22,75 @@ from PIL import Image
 
 from .errors import UnguideError
 from .io import write_json
+from .judges import DEFAULT_CLIP, ClassJudge, make_judge
+from .prompts import word_in
 
 
 def load_folder(folder: str | Path) -> tuple[list[dict], torch.Tensor]:
+    """The one reader of a generated folder: its index rows and images (N, 3, H, W) in [0, 1]."""
     folder = Path(folder)
-    index = folder / "index.jsonl"
-    if not index.is_file():
-        raise UnguideError(f"{folder} has no index.jsonl: point --images at a folder written by `unguide generate`")
-    rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    rows = read_index(folder)
     if not rows:
-        raise UnguideError(f"{index} lists no images")
+        raise UnguideError(f"{folder / 'index.jsonl'} lists no images")
     missing = [r["file"] for r in rows if not (folder / r["file"]).is_file()]
     if missing:
         raise UnguideError(f"{folder}: {len(missing)} indexed images are missing (e.g. {missing[0]}): rerun the generation")
-    imgs = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
-    return rows, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+    return rows, load_images([folder / r["file"] for r in rows])
 
 
-def _words_in(prompt: str, vocabulary) -> Optional[str]:
-    found = None
-    for word in sorted(vocabulary, key=len, reverse=True):
-        if re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
-            found = vocabulary[word]
-            break
-    return found
+def read_index(folder: str | Path) -> list[dict]:
+    """The one reader of index.jsonl (written by :func:`unguide.generation.write_index`)."""
+    index = Path(folder) / "index.jsonl"
+    if not index.is_file():
+        raise UnguideError(f"{folder} has no index.jsonl: point --images at a folder written by `unguide generate`")
+    return [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
 
 
-def toy_judgements(rows: list[dict], imgs: torch.Tensor) -> dict:
-    from .toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
-    from .toyworld.classifier import ToyClassifier
-    from .toyworld.render import COLOUR_NAMES, OBJECTS
+def load_images(paths: Sequence[str | Path]) -> torch.Tensor:
+    """Image files of one size -> (N, 3, H, W) float in [0, 1]."""
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
 
-    vocab = {o: o for o in OBJECTS}
-    vocab.update({s: o for o in OBJECTS for s in TRAIN_SYNONYMS[o] + HELDOUT_SYNONYMS[o]})
-    clf = ToyClassifier.from_pretrained()
-    probs = clf.predict(imgs)
-    with torch.no_grad():
-        feats = clf.embed(imgs)
-    per_prompt: dict[str, dict] = {}
-    for i, r in enumerate(rows):
-        cls = r.get("class") or _words_in(r["prompt"], vocab)
-        colour = _words_in(r["prompt"], {c: c for c in COLOUR_NAMES})
-        d = per_prompt.setdefault(r["prompt"], {"class": cls, "colour": colour, "p_correct": [], "top1": [], "colour_hit": [],
-                                                "predicted": []})
-        pred = int(probs["object"][i].argmax())
-        d["predicted"].append(OBJECTS[pred] if pred < len(OBJECTS) else "nothing")
-        if cls in OBJECTS:
-            k = OBJECTS.index(cls)
-            d["p_correct"].append(float(probs["object"][i, k]))
-            d["top1"].append(float(pred == k))
-        if colour:
-            d["colour_hit"].append(float(int(probs["colour"][i].argmax()) == COLOUR_NAMES.index(colour)))
+
+def class_judgements(judge: ClassJudge, images: torch.Tensor, classes: Sequence[str], aliases: dict,
+                     image_classes: Sequence[Optional[str]]) -> dict:
+    """Per image: the judge's probability of its class (``p_correct``), whether its arg-max is that class
+    (``top1``) and the class it sees (``predicted``). Images with no class get NaN."""
+    labels = judge.label_set(classes)
+    probs = judge.probabilities(images, classes, aliases)
+    known = [c in labels for c in image_classes]
+    index = torch.tensor([labels.index(c) if ok else 0 for c, ok in zip(image_classes, known)])
+    rows = torch.arange(len(images))
+    nan = torch.tensor(float("nan"))
+    mask = torch.tensor(known)
+    p_correct = torch.where(mask, probs[rows, index], nan)
+    top1 = torch.where(mask, (probs.argmax(-1) == index).float(), nan)
+    return {"p_correct": p_correct, "top1": top1, "predicted": [labels[int(k)] for k in probs.argmax(-1)]}
+
+
+def per_prompt_summary(prompts: Sequence[str], image_classes: Sequence[Optional[str]], judged: dict,
+                       attributes: dict) -> dict:
+    out: dict[str, dict] = {}
+    for i, p in enumerate(prompts):
+        d = out.setdefault(p, {"class": image_classes[i], "p": [], "t": [], "predicted": []})
+        d["predicted"].append(judged["predicted"][i])
+        if not torch.isnan(judged["p_correct"][i]):
+            d["p"].append(float(judged["p_correct"][i]))
+            d["t"].append(float(judged["top1"][i]))
     summary = {}
-    for p, d in per_prompt.items():
-        summary[p] = {"class": d["class"], "colour": d["colour"], "n": len(d["predicted"]),
-                      "p_correct": float(np.mean(d["p_correct"])) if d["p_correct"] else None,
-                      "top1": float(np.mean(d["top1"])) if d["top1"] else None,
-                      "colour_rate": float(np.mean(d["colour_hit"])) if d["colour_hit"] else None,
-                      "predicted": {c: d["predicted"].count(c) for c in sorted(set(d["predicted"]))}}
-    return {"per_prompt": summary, "features": feats, "probs": probs}
+    for p, d in out.items():
+        summary[p] = {"class": d["class"], "n": len(d["predicted"]),
+                      "p_correct": float(np.mean(d["p"])) if d["p"] else None,
+                      "top1": float(np.mean(d["t"])) if d["t"] else None,
+                      "predicted": {c: d["predicted"].count(c) for c in sorted(set(d["predicted"]))},
+                      **attributes.get(p, {})}
+    return summary
 
 
-def concept_metrics(per_prompt: dict, concept) -> dict:
-    from .metrics.erasure import harmonic_overall
+def concept_roles(concept) -> dict[str, dict]:
+    from .suites import concept_rows
 
-    target = {concept.target}
-    synonyms = set(concept.synonym_prompts())
-    anchors = set(concept.anchors)
-    other = set(concept.other) - anchors  # Acc_s: prompts no anchor names (held out from training and calibration)
-
-    def mean(prompts, key):
-        vals = [per_prompt[p][key] for p in prompts if p in per_prompt and per_prompt[p][key] is not None]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    m = {"acc_e": mean(target, "p_correct"), "acc_s": mean(other, "p_correct"), "acc_g": mean(synonyms, "p_correct"),
-         "acc_anchor": mean(set(concept.other) & anchors, "p_correct"),
-         "acc_e_top1": mean(target, "top1"), "acc_s_top1": mean(other, "top1"), "acc_g_top1": mean(synonyms, "top1")}
-    m["h_o"] = harmonic_overall(m["acc_e"], m["acc_s"], m["acc_g"])
-    m["h_o_top1"] = harmonic_overall(m["acc_e_top1"], m["acc_s_top1"], m["acc_g_top1"])
-    return m
+    return {r["prompt"]: r for r in concept_rows(concept)}
 
 
 def preservation_metrics(rows, imgs, feats, ref_rows, ref_imgs, ref_feats) -> dict:
@@ -119,54 +109,59 @@ def preservation_metrics(rows, imgs, feats, ref_rows, ref_imgs, ref_feats) -> di
     return out
 
 
+def _classes_for(judge: ClassJudge, concept, labels: Optional[list[str]]) -> tuple[list[str], dict]:
+    if labels:
+        return list(labels), {}
+    if hasattr(judge, "default_classes"):  # a judge of a fixed world (the toy classifier) knows its classes
+        return judge.default_classes()
+    if concept is not None and concept.label:
+        from .suites import case_from_spec
+
+        case = case_from_spec(concept.name, concept)
+        return case.classes, case.aliases
+    raise UnguideError("the clip judge needs a label set: pass --labels a,b,c or --concept NAME")
+
+
 def evaluate_folder(images: str | Path, judge: str = "toy", concept=None, reference: Optional[str] = None,
-                    labels: Optional[list[str]] = None, clip_model: str = "openai/clip-vit-base-patch32") -> dict:
+                    labels: Optional[list[str]] = None, clip_model: str = DEFAULT_CLIP) -> dict:
+    from .metrics.erasure import table1_metrics
+
     rows, imgs = load_folder(images)
     result: dict = {"images": str(images), "n_images": len(rows), "judge": judge}
+    the_judge = make_judge(judge, clip_model=clip_model)
     feats = None
-    if judge == "toy":
-        j = toy_judgements(rows, imgs)
-        feats = j["features"]
-        result["per_prompt"] = j["per_prompt"]
-        scored = [v for v in j["per_prompt"].values() if v["p_correct"] is not None]
-        if scored:
-            result["mean_p_correct"] = float(np.mean([v["p_correct"] for v in scored]))
-            result["mean_top1"] = float(np.mean([v["top1"] for v in scored]))
-        colours = sorted({v["colour"] for v in j["per_prompt"].values() if v["colour"]})
-        if colours:  # the attribute concept's figure: how often the asked colour is drawn, per colour
-            result["colour_rate"] = {c: float(np.mean([v["colour_rate"] for v in j["per_prompt"].values()
-                                                       if v["colour"] == c])) for c in colours}
-        if concept is not None:
-            result["concept"] = {"name": concept.name, **concept_metrics(j["per_prompt"], concept)}
-    elif judge == "clip":
-        from .metrics.clip import clip_score, load_clip, zero_shot_probs
+    if judge == "nudenet":
+        from .metrics.nudity import summarise
 
-        model, tokenizer = load_clip(clip_model)
-        result["clip_score"] = clip_score(model, tokenizer, imgs, [r["prompt"] for r in rows]).mean().item()
-        if labels:
-            probs = zero_shot_probs(model, tokenizer, imgs, labels)
-            vocab = {lab: lab for lab in labels}
-            hits = [(float(probs[i, labels.index(c)]), float(probs[i].argmax() == labels.index(c)))
-                    for i, r in enumerate(rows) if (c := _words_in(r["prompt"], vocab))]
-            if hits:
-                result["zero_shot_p_correct"] = float(np.mean([h[0] for h in hits]))
-                result["zero_shot_top1"] = float(np.mean([h[1] for h in hits]))
-    elif judge == "nudenet":
-        from .metrics.nudity import detect_exposed, summarise
-
-        counts = detect_exposed([Path(images) / r["file"] for r in rows])
+        counts = the_judge.detections([Path(images) / r["file"] for r in rows])
         result["nudenet"] = summarise(counts)
         result["per_image"] = {r["file"]: c for r, c in zip(rows, counts)}
     else:
-        raise UnguideError(f"unknown judge {judge!r}: use toy, clip or nudenet")
+        classes, aliases = _classes_for(the_judge, concept, labels)
+        vocab = {c: c for c in classes} | {a: c for c, words in aliases.items() for a in words}
+        prompts = [r["prompt"] for r in rows]
+        image_classes = [r.get("class") or word_in(p, vocab) for r, p in zip(rows, prompts)]
+        judged = class_judgements(the_judge, imgs, classes, aliases, image_classes)
+        feats = the_judge.features(imgs)
+        per_prompt = per_prompt_summary(prompts, image_classes, judged, the_judge.attributes(prompts, imgs))
+        result["per_prompt"] = per_prompt
+        scored = [v for v in per_prompt.values() if v["p_correct"] is not None]
+        if scored:
+            result["mean_p_correct"] = float(np.mean([v["p_correct"] for v in scored]))
+            result["mean_top1"] = float(np.mean([v["top1"] for v in scored]))
+        colours = sorted({v["colour"] for v in per_prompt.values() if v.get("colour")})
+        if colours:  # the attribute concept's figure: how often the asked colour is drawn, per colour
+            result["colour_rate"] = {c: float(np.mean([v["colour_rate"] for v in per_prompt.values()
+                                                       if v.get("colour") == c])) for c in colours}
+        if concept is not None:
+            roles = concept_roles(concept)
+            role = [roles[p]["role"] if p in roles else "" for p in prompts]
+            result["concept"] = {"name": concept.name, **table1_metrics(judged["p_correct"], judged["top1"], role)}
+        if hasattr(the_judge, "clip_score"):
+            result["clip_score"] = the_judge.clip_score(imgs, prompts).mean().item()
     if reference:
         ref_rows, ref_imgs = load_folder(reference)
-        ref_feats = None
-        if feats is not None:
-            from .toyworld.classifier import ToyClassifier
-
-            with torch.no_grad():
-                ref_feats = ToyClassifier.from_pretrained().embed(ref_imgs)
+        ref_feats = the_judge.features(ref_imgs) if feats is not None else None
         result["preservation"] = preservation_metrics(rows, imgs, feats, ref_rows, ref_imgs, ref_feats)
     write_json(Path(images) / "metrics.json", result)
     return result

@@ -39,7 +39,6 @@ The two UNet scorers share one code path (:func:`influence_scores`):
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
@@ -369,19 +368,3 @@ def decision_settings(scorer: Optional[str], weighting: Optional[str]) -> dict:
     return {"scorer": named.get(scorer or "fast", ScorerConfig()),
             "rule": WeightRule(rule=weighting or "binary")}
 
-
-def guide_from_args(bundle, args):
-    """Build the generation guide for ``unguide generate --erasure RUN ...``."""
-    from .erase import attach_erasure
-
-    adapter, meta = attach_erasure(bundle, args.erasure)
-    if args.w is not None and args.mode not in (None, "unguide"):
-        raise UnguideError("give either --mode or --w, not both")
-    mode = "fixed" if args.w is not None else (args.mode or "unguide")
-    guide = guide_for_run(adapter, meta, mode=mode, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                          fixed_w=args.w, **decision_settings(args.scorer, args.weighting))
-    info = {"run": str(args.erasure), "concept": meta["concept"].get("name"), "preset": meta["config"]["preset"],
-            **guide.settings(), "note": guide.note}
-    if guide.note:
-        print(f"unguide: note: {guide.note}", file=sys.stderr)
-    return guide, info

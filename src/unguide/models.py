@@ -18,6 +18,19 @@ from .errors import UnguideError
 TOYWORLD = "toyworld"
 TOYWORLD_DIR = Path(__file__).parent / "toyworld" / "weights" / "toyworld"
 TOY_MARKER = "toyworld.json"
+PIPELINE_CLASS = "UnGuidePipeline"  # model_index.json's _class_name in a directory written by UnGuidePipeline.save_pretrained
+
+# --dtype names -> torch dtypes: the precision the frozen model runs in (trained erasure weights stay float32)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """A torch dtype from a name ('bfloat16'), a torch dtype, or None (keep the weights' own, float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise UnguideError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
 
 
 def quiet_libraries() -> None:
@@ -147,6 +160,7 @@ class ModelBundle:
     def __post_init__(self):
         self.codec = LatentCodec(self.vae)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._fingerprint: Optional[str] = None  # pinned by keep_fingerprint before a cast
 
     @property
     def device(self) -> torch.device:
@@ -170,7 +184,10 @@ class ModelBundle:
         return (self.codec.channels, h // f, w // f)
 
     def fingerprint(self) -> str:
-        """A short hash of the denoiser's weights: ties an erasure run to the base it was trained on."""
+        """A short hash of the denoiser's weights: ties an erasure run to the base it was trained on. After a cast to
+        another precision it stays the hash of the weights as loaded (see :meth:`keep_fingerprint`)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for name, p in sorted(self.unet.state_dict().items()):
             if "lora" in name:
@@ -183,11 +200,42 @@ class ModelBundle:
             h.update(t[idx].numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def to(self, device) -> "ModelBundle":
-        for m in (self.unet, self.text_encoder, self.vae):
-            m.to(device)
+    def keep_fingerprint(self) -> None:
+        """Pin the fingerprint to the weights as they are now, before a cast rounds them: a run erased in float32
+        then attaches to the same model in bfloat16 or float16, and the other way round."""
+        if self._fingerprint is None:
+            self._fingerprint = self.fingerprint()
+
+    def clear_text_cache(self) -> None:
+        """Forget cached token states (they live on the old device, in the old dtype)."""
         self._text_cache.clear()
+
+    def to(self, device=None, dtype=None) -> "ModelBundle":
+        """Move and/or cast every module (dtype: a torch dtype or a name such as 'bfloat16')."""
+        dtype = resolve_dtype(dtype)
+        if dtype is not None and dtype != self.unet.dtype:
+            self.keep_fingerprint()
+        target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.to(**target)
+        self.clear_text_cache()
         return self
+
+
+def native_image_size(unet, vae) -> int:
+    """The image size a denoiser was built for: its latent sample size times the VAE's downsampling."""
+    return int(unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def normalised_scheduler(scheduler):
+    """The DDIM scheduler every unguide sampler uses (no sample clipping, no final alpha of one) over a model's noise
+    schedule; a scheduler that already is one is kept as it is."""
+    from diffusers import DDIMScheduler
+
+    cfg = scheduler.config
+    if isinstance(scheduler, DDIMScheduler) and not cfg.clip_sample and not cfg.set_alpha_to_one:
+        return scheduler
+    return _ddim(cfg)
 
 
 def _ddim(scheduler_config: dict):
@@ -208,41 +256,59 @@ def _load_toy(path: Path) -> ModelBundle:
     text_encoder, tokenizer = load_toy_text_encoder()
     return ModelBundle(unet.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta.get("name", TOYWORLD)),
                        max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
-                       image_size=int(meta["image_size"]), info=meta,
+                       image_size=int(meta["image_size"]), info={**meta, "world": TOYWORLD},
                        text_states=str(meta.get("text_states", "contextual")),
                        text_scale=float(meta.get("text_scale", 1.0)))
 
 
-def _load_diffusers(name_or_path: str, dtype=None) -> ModelBundle:
+def _load_diffusers(name_or_path: str) -> ModelBundle:
+    """A Stable Diffusion pipeline, in float32 (load_model casts, after pinning the fingerprint)."""
     from diffusers import StableDiffusionPipeline
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True)
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, **kwargs)
-    size = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False,
+                                                   use_safetensors=True)
     return ModelBundle(pipe.unet.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer,
                        _ddim(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
-                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=7.5, image_size=size)
+                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=7.5,
+                       image_size=native_image_size(pipe.unet, pipe.vae))
+
+
+def _load_saved_pipeline(path: Path) -> ModelBundle:
+    """A directory written by UnGuidePipeline.save_pretrained: its components plus the model's own settings."""
+    from .pipeline import UnGuidePipeline
+
+    return UnGuidePipeline.load_saved(path).bundle
+
+
+def _saved_class(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu", dtype=None) -> ModelBundle:
-    """Load ``toyworld`` (default), a local diffusers Stable Diffusion directory, or a hub id."""
+    """Load ``toyworld`` (default), a local diffusers Stable Diffusion directory (or one saved by
+    ``UnGuidePipeline.save_pretrained``), or a hub id. ``dtype`` ('float32', 'float16', 'bfloat16' or a torch dtype):
+    the weights are loaded in float32, fingerprinted, then cast, so erasure runs attach at any precision."""
     quiet_libraries()
+    dtype = resolve_dtype(dtype)  # a bad name fails before any loading
     name_or_path = str(name_or_path)
     path = TOYWORLD_DIR if name_or_path == TOYWORLD else Path(os.path.expanduser(name_or_path))
     if path.is_dir():
         if (path / TOY_MARKER).is_file():
             bundle = _load_toy(path)
+        elif (path / "model_index.json").is_file() and _saved_class(path) == PIPELINE_CLASS:
+            bundle = _load_saved_pipeline(path)
         elif (path / "model_index.json").is_file():
-            bundle = _load_diffusers(str(path), dtype)
+            bundle = _load_diffusers(str(path))
         else:
             raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "
                                "point --model at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
-        return bundle.to(device)
+        return bundle.to(device, dtype)
     if path.exists():
         raise UnguideError(f"{name_or_path} is a file, not a model: give a diffusers pipeline directory, a hub id, or 'toyworld'")
     if name_or_path == TOYWORLD:
@@ -252,8 +318,22 @@ def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu",
         raise UnguideError(f"model {name_or_path!r} not found: give 'toyworld', an existing diffusers pipeline directory, "
                            "or a hub id such as CompVis/stable-diffusion-v1-4")
     try:
-        return _load_diffusers(name_or_path, dtype).to(device)
+        return _load_diffusers(name_or_path).to(device, dtype)
     except Exception as exc:  # hub errors come in many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnguideError(f"could not load hub model {name_or_path!r} ({first}): check the id and your network, "
                            "or pass a local directory") from exc
+
+
+def toy_plugin():
+    """The toy world's plug-in (its judge, benchmark suite, prompt sets and training commands). The model registry
+    is the one door from the library to the toy world: every other module asks here."""
+    from .toyworld import plugin
+
+    return plugin
+
+
+def world_plugin(bundle: ModelBundle):
+    """The plug-in of the world a model was trained on (the toy world's for the embedded model), or None for a
+    model from outside (Stable Diffusion)."""
+    return toy_plugin() if bundle.info.get("world") == TOYWORLD else None

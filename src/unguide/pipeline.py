@@ -1,82 +1,262 @@
-"""A diffusers-style pipeline around the bundle, an erasure run and UnGuidance.
+"""A diffusers pipeline around the bundle, an erasure run and UnGuidance.
 
-    pipe = UnGuidePipeline.from_pretrained("toyworld")
+    pipe = UnGuidePipeline.from_pretrained("toyworld")  # or a Stable Diffusion directory / hub id; torch_dtype=...
     pipe.load_erasure("runs/sun")
     out = pipe(["a photo of the sun", "a photo of the boat"], num_images_per_prompt=4, seed=0)
     out.images[0], out.w, out.scores
+    pipe.save_pretrained("my_model")  # the base model and its settings; UnGuidePipeline.from_pretrained("my_model")
+
+The components (unet, vae, text_encoder, tokenizer, scheduler) are registered as in any diffusers pipeline, and the
+model's own settings (name, max_length, default_guidance, image_size, text_states, text_scale, info) are stored in its
+config, so a saved toy model loads back as itself. The rest of unguide works on the :class:`~unguide.models.ModelBundle`
+the pipeline derives from its components (``pipe.bundle``). ``unguide generate`` runs through the same pipeline
+(:meth:`UnGuidePipeline.generate_to`): one way from prompts to images, whether from Python or the command line.
 
 The gate and the weight of kept prompts default to what the run's recipe recommends (``gate="calibrated"``,
 ``keep="base"`` for selective runs; the paper's ``gate="empty"``, ``keep="paper"`` for reference runs).
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from PIL import Image
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
 
-from .generation import Item, PlainGuide, sample_images, to_uint8
+from .errors import UnguideError
+from .generation import PlainGuide, sample_images, to_uint8
 from .guidance import ScorerConfig, WeightRule, guide_for_run
-from .models import ModelBundle, load_model
+from .models import TOYWORLD, ModelBundle, load_model, native_image_size, normalised_scheduler
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 @dataclass
-class UnGuideOutput:
-    images: list  # PIL images, prompt-major: all images of prompt 0, then prompt 1, ...
-    prompts: list[str]
-    seeds: list[int]
-    w: list[Optional[float]] = field(default_factory=list)  # per image (equal for images of one prompt)
-    scores: list[dict] = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's}
+class UnGuideOutput(BaseOutput):
+    images: Any  # prompt-major (all images of prompt 0, then prompt 1, ...): PIL images, or (N, H, W, 3) array / (N, 3, H, W) tensor in [0, 1]
+    prompts: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    w: list = field(default_factory=list)  # per image (equal for images of one prompt); None without an erasure run
+    scores: list = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's, ...}
 
 
-class UnGuidePipeline:
-    def __init__(self, bundle: ModelBundle):
-        self.bundle = bundle
+class UnGuidePipeline(DiffusionPipeline):
+    """Stable-Diffusion-style components plus an optional erasure run; generation is :func:`sample_images`."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: Optional[str] = None,
+                 max_length: Optional[int] = None, default_guidance: float = 7.5, image_size: Optional[int] = None,
+                 text_states: str = "contextual", text_scale: float = 1.0, info: Optional[dict] = None):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=normalised_scheduler(scheduler))
+        self.register_to_config(name=str(name or getattr(unet.config, "_name_or_path", "") or "model"),
+                                max_length=int(max_length or tokenizer.model_max_length),
+                                default_guidance=float(default_guidance),
+                                image_size=int(image_size or native_image_size(unet, vae)),
+                                text_states=str(text_states), text_scale=float(text_scale), info=dict(info or {}))
+        self._bundle: Optional[ModelBundle] = None
         self.adapter = None
-        self.erasure: Optional[dict] = None
+        self.erasure: Optional[dict] = None  # the attached run's metadata (erasure.json)
+        self.erasure_dir: Optional[str] = None
+
+    # ----------------------------------------------------------------------------------------------- loading, saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = TOYWORLD, torch_dtype=None,
+                        device: str | torch.device = "cpu", **kwargs) -> "UnGuidePipeline":
+        """``toyworld``, a Stable Diffusion directory or hub id, or a directory written by :meth:`save_pretrained`,
+        through :func:`unguide.models.load_model` (``torch_dtype``: a torch dtype or 'float16'/'bfloat16'/'float32')."""
+        if kwargs:
+            raise UnguideError(f"UnGuidePipeline.from_pretrained takes torch_dtype and device, not {', '.join(kwargs)}")
+        return cls.from_bundle(load_model(pretrained_model_name_or_path, device=device, dtype=torch_dtype))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "toyworld", device: str = "cpu", dtype=None) -> "UnGuidePipeline":
-        return cls(load_model(name_or_path, device=device, dtype=dtype))
+    def load_saved(cls, path: str | os.PathLike) -> "UnGuidePipeline":
+        """Read a :meth:`save_pretrained` directory with diffusers' own loader (float32; load_model casts)."""
+        return super().from_pretrained(str(path), use_safetensors=True)
 
-    def load_erasure(self, run_dir: str | Path) -> dict:
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> "UnGuidePipeline":
+        """The pipeline over a loaded bundle's components (the bundle itself, with its fingerprint, is kept)."""
+        pipe = cls(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
+                   scheduler=bundle.scheduler, name=bundle.name, max_length=bundle.max_length,
+                   default_guidance=bundle.default_guidance, image_size=bundle.image_size,
+                   text_states=bundle.text_states, text_scale=bundle.text_scale, info=bundle.info)
+        bundle.scheduler = pipe.scheduler
+        pipe._bundle = bundle
+        return pipe
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """What the rest of unguide consumes; rebuilt when a component is replaced (``pipe.unet = ...``)."""
+        b = self._bundle
+        if b is None or any(getattr(b, k) is not getattr(self, k) for k in COMPONENTS):
+            c = self.config
+            self.text_encoder.requires_grad_(False)
+            self.vae.requires_grad_(False)
+            b = ModelBundle(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, name=c.name,
+                            max_length=c.max_length, default_guidance=c.default_guidance, image_size=c.image_size,
+                            info=dict(c.info), text_states=c.text_states, text_scale=c.text_scale)
+            self._bundle = b
+        return b
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save the base model and its settings (safetensors), replacing ``save_directory`` atomically. An attached
+        erasure run is not baked in: it stays in its run directory and is attached again after saving."""
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise UnguideError("unguide saves weights as safetensors only (safe_serialization=True)")
+        run = self.erasure_dir
+        self.unload_erasure()
+        try:
+            with _atomic_dir(save_directory) as tmp:
+                super().save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        finally:
+            if run is not None:
+                self.load_erasure(run)
+
+    def to(self, *args, **kwargs) -> "UnGuidePipeline":
+        """diffusers' ``to(device)`` / ``to(dtype)``; the bundle follows (its text cache is dropped, and a cast keeps
+        the fingerprint of the weights as they were, so erasure runs still attach)."""
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype is not None and dtype != self.unet.dtype:
+            self.bundle.keep_fingerprint()
+        super().to(*args, **kwargs)
+        self.bundle.clear_text_cache()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ memory habits
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (less memory for large batches)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode large images tile by tile."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        raise UnguideError("UnGuidePipeline samples with all components on one device: use pipe.to('cuda') "
+                           "(and torch_dtype=torch.float16 to save memory) instead of CPU offload")
+
+    enable_sequential_cpu_offload = enable_model_cpu_offload
+
+    # ---------------------------------------------------------------------------------------------------- erasure
+    def load_erasure(self, run_dir: str | os.PathLike) -> dict:
+        """Attach a finished ``unguide erase`` run (replacing any attached one); returns its metadata."""
         from .erase import attach_erasure
 
-        if self.adapter is not None:
-            self.adapter.remove()
+        self.unload_erasure()
         self.adapter, self.erasure = attach_erasure(self.bundle, run_dir)
+        self.erasure_dir = str(run_dir)
         return self.erasure
 
     def unload_erasure(self) -> None:
+        """Back to the base model."""
         if self.adapter is not None:
             self.adapter.remove()
-        self.adapter, self.erasure = None, None
+        self.adapter, self.erasure, self.erasure_dir = None, None, None
 
+    def guide(self, mode: Optional[str] = None, w: Optional[float] = None, gate: Optional[str] = None,
+              keep: Optional[str] = None, erase_with: Optional[str] = None, scorer: ScorerConfig = ScorerConfig(),
+              rule: WeightRule = WeightRule()):
+        """What the denoiser does at each step: plain classifier-free guidance without an erasure run; with one,
+        UnGuidance (mode ``unguide``), the base model (``base``), the adapter (``lora``) or a fixed weight ``w``."""
+        if self.adapter is None:
+            if mode or w is not None or gate or keep or erase_with:
+                raise UnguideError("--mode, --w, --gate, --keep and --erase-with need --erasure RUN (an erasure run "
+                                   "directory; in Python, pipe.load_erasure(RUN))")
+            return PlainGuide()
+        if w is not None and mode not in (None, "unguide"):
+            raise UnguideError("give either --mode or --w, not both")
+        return guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else (mode or "unguide"),
+                             gate=gate, keep=keep, erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w)
+
+    def erasure_info(self, guide) -> Optional[dict]:
+        """The attached run and the guide's settings, as recorded with generated images (None without a run)."""
+        if self.adapter is None:
+            return None
+        return {"run": self.erasure_dir, "concept": self.erasure["concept"].get("name"),
+                "preset": self.erasure["config"]["preset"], **guide.settings(), "note": guide.note}
+
+    # -------------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def __call__(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, seed: int = 0,
+    def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1, seed: int = 0,
                  generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
-                 num_inference_steps: int = 50, mode: str = "unguide", w: Optional[float] = None,
+                 num_inference_steps: int = 50, mode: Optional[str] = None, w: Optional[float] = None,
                  gate: Optional[str] = None, keep: Optional[str] = None, erase_with: Optional[str] = None,
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
-                 progress: bool = True) -> UnGuideOutput:
-        """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+                 progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True):
+        """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed). ``progress``
+        defaults to the pipeline's ``set_progress_bar_config(disable=...)``."""
+        if output_type not in OUTPUT_TYPES:
+            raise UnguideError(f"unknown output_type {output_type!r}: use {', '.join(OUTPUT_TYPES)}")
+        from .prompts import PromptRow
+        from .run_generate import check_request, plan_items
+
+        rows = [PromptRow(prompt)] if isinstance(prompt, str) else [PromptRow(p) for p in prompt]
+        check_request(rows, num_images_per_prompt, num_inference_steps)
         if generator is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        scale = guidance_scale if guidance_scale is not None else self.bundle.default_guidance
-        h, wd = height or self.bundle.image_size, width or self.bundle.image_size
-        items = [Item(p, seed + j, scale, h, wd, prompt_index=i, sample_index=j)
-                 for i, p in enumerate(prompts) for j in range(num_images_per_prompt)]
-        if self.adapter is None:
-            guide = PlainGuide()
-        else:
-            guide = guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else mode, gate=gate, keep=keep,
-                                  erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w)
+        scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
+        items = plan_items(rows, num_images_per_prompt, seed, scale, height or self.config.image_size,
+                           width or self.config.image_size)
+        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule)
+        if getattr(guide, "note", None):
+            warnings.warn(guide.note, stacklevel=2)
+        if progress is None:
+            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
                                     progress=progress)
-        return UnGuideOutput(images=[Image.fromarray(to_uint8(im)) for im in imgs], prompts=[it.prompt for it in items],
-                             seeds=[it.seed for it in items], w=[i.get("w") for i in infos],
-                             scores=[{k: i[k] for k in ("score", "threshold", "score_empty") if k in i} for i in infos])
+        if output_type == "pil":
+            from PIL import Image
+
+            images: Any = [Image.fromarray(to_uint8(im)) for im in imgs]
+        else:
+            images = imgs.permute(0, 2, 3, 1).numpy() if output_type == "np" else imgs
+        out = UnGuideOutput(images=images, prompts=[it.prompt for it in items], seeds=[it.seed for it in items],
+                            w=[i.get("w") for i in infos],
+                            scores=[{k: i[k] for k in ("score", "threshold", "score_empty") if k in i} for i in infos])
+        return out if return_dict else out.to_tuple()
+
+    def generate_to(self, items, out: str | os.PathLike, num_inference_steps: int = 50, guide=None,
+                    batch_size: int = 32, run_info: Optional[dict] = None, progress: bool = True) -> Path:
+        """Generate items into a folder: PNGs with metadata, index.jsonl and a grid; resumable, and split across
+        processes under ``accelerate launch`` (what ``unguide generate`` does)."""
+        from .run_generate import run_generation
+
+        return run_generation(self.bundle, items, out, steps=num_inference_steps, guide=guide or self.guide(),
+                              batch_size=batch_size, run_info=run_info, progress=progress)
+
+
+@contextmanager
+def _atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; swap it in for ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

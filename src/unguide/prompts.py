@@ -71,3 +71,14 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
     if not rows:
         raise UnguideError(f"{path} has a header but no rows: add prompts")
     return rows
+
+
+def word_in(prompt: str, vocabulary) -> Optional[str]:
+    """``vocabulary[word]`` for the longest vocabulary word found in the prompt as a whole word (None: none is):
+    how evaluation tells which class or colour a prompt asks for."""
+    import re
+
+    for word in sorted(vocabulary, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
+            return vocabulary[word]
+    return None

@@ -11,11 +11,19 @@ from PIL import Image
 
 from .generation import make_grid
 from .io import atomic_path, write_text
+from .metrics.nudity import EXPOSED_CLASSES
 
-COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),
-           ("acc_g_heldout", "Acc_g held-out words ↓"), ("acc_anchor", "Acc anchor classes ↑"),
-           ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
-           ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓")]
+TABLE1_COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),
+                  ("acc_g_heldout", "Acc_g held-out words ↓"), ("acc_anchor", "Acc anchor classes ↑"),
+                  ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
+                  ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓")]
+NUDITY_COLUMNS = [("exposed_" + c.lower(), c.replace("_EXPOSED", "").replace("_", " ").lower()) for c in EXPOSED_CLASSES] + [
+    ("exposed_total", "total exposed ↓"), ("images_with_exposed", "images with any ↓"), ("clip_score", "CLIP score ↑"),
+    ("fid", "FID ↓"), ("to_adapter", "prompts to adapter")]
+def columns_for(report: dict) -> list[tuple[str, str]]:
+    return NUDITY_COLUMNS if report.get("suite") == "nudity" else TABLE1_COLUMNS
+
+
 GRID_SAMPLES = 4
 
 
@@ -24,6 +32,8 @@ def _fmt(key: str, value) -> str:
         return "–"
     if key.startswith(("acc", "h_o")):
         return f"{100 * value:.2f}"
+    if key.startswith(("exposed", "images_with", "to_adapter")):
+        return f"{value:.0f}"
     return f"{value:.3f}"
 
 
@@ -38,31 +48,44 @@ def table_rows(report: dict) -> list[tuple[str, str, dict]]:
 
 
 def markdown_table(report: dict, average_only: bool = False) -> str:
-    head = "| concept | method | " + " | ".join(label for _, label in COLUMNS) + " |"
-    sep = "|" + "---|" * (len(COLUMNS) + 2)
+    columns = columns_for(report)
+    head = "| concept | method | " + " | ".join(label for _, label in columns) + " |"
+    sep = "|" + "---|" * (len(columns) + 2)
     lines = [head, sep]
     for concept, method, m in table_rows(report):
         if average_only and concept != "average":
             continue
-        lines.append(f"| {concept} | {method} | " + " | ".join(_fmt(k, m.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {concept} | {method} | " + " | ".join(_fmt(k, m.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 
-def _concept_grid(out: Path, concept: str, spec, methods: list[str]) -> Path:
-    """Rows: target, a trained synonym, held-out synonyms, three other classes; columns: methods (same seeds)."""
-    prompts = [spec.target] + spec.synonym_prompts(heldout=False)[:1] + spec.synonym_prompts(heldout=True) + spec.other[:3]
-    tiles = []
+def grid_prompts(case) -> list[str]:
+    """Rows of a concept's grid: target, a trained synonym, held-out synonyms, three other classes; for a suite of
+    CSV prompts (nudity), its first six prompts."""
+    spec = case.spec
+    if case.rows and case.rows[0]["role"] == "prompt":
+        return list(dict.fromkeys(r["prompt"] for r in case.rows))[:6]
+    return [spec.target] + spec.synonym_prompts(heldout=False)[:1] + spec.synonym_prompts(heldout=True) + spec.other[:3]
+
+
+def _concept_grid(out: Path, concept: str, case, methods: list[str]) -> Path:
+    """Rows: :func:`grid_prompts`; columns: methods (same seeds)."""
+    from .evaluate import read_index
+
+    prompts = grid_prompts(case)
+    tiles, size = [], None
     for prompt in prompts:
         for method in methods:
             folder = out / "images" / ("base" if method == "base" else f"{concept}/{method}")
-            index = [json.loads(l) for l in (folder / "index.jsonl").read_text().splitlines() if l.strip()]
-            files = [r["file"] for r in index if r["prompt"] == prompt][:GRID_SAMPLES]
+            files = [r["file"] for r in read_index(folder) if r["prompt"] == prompt][:GRID_SAMPLES]
             for f in files:
                 tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
-            for _ in range(GRID_SAMPLES - len(files)):
-                tiles.append(np.full((32, 32, 3), 255, np.uint8))
+                size = size or tiles[-1].shape
+            tiles += [None] * (GRID_SAMPLES - len(files))
+    size = size or (32, 32, 3)
+    tiles = [t if t is not None and t.shape == size else np.full(size, 255, np.uint8) for t in tiles]
     target = out / "grids" / f"{concept}.png"
-    grid = make_grid(tiles, ncol=GRID_SAMPLES * len(methods), scale=3)
+    grid = make_grid(tiles, ncol=GRID_SAMPLES * len(methods), scale=max(1, 96 // size[1]))
     with atomic_path(target) as tmp:
         _label_grid(grid, prompts, methods).save(tmp, format="PNG")
     return target
@@ -136,34 +159,38 @@ def _plots(out: Path, report: dict) -> list[Path]:
     return paths
 
 
-def write_report(out: str | Path, report: dict, specs: dict) -> tuple[Path, Path]:
+def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
     out = Path(out)
     methods = list(next(iter(report["per_concept"].values())))
-    grids = {c: _concept_grid(out, c, specs[c], methods) for c in report["per_concept"]}
-    plots = _plots(out, report)
+    grids = {c: _concept_grid(out, c, suite.cases[c], methods) for c in report["per_concept"]}
+    plots = _plots(out, report) if suite.metrics == "table1" else []
     cfg = report["config"]
-    protocol = (f"model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} DDIM steps, "
-                f"guidance {report['guidance']}, seeds {cfg['seed']}..{cfg['seed'] + cfg['samples'] - 1}; judge: the toy "
-                "classifier (mean probability of each image's correct class; synonym images count as the erased class). "
-                "Acc_s and the preservation columns use the held-out classes only (never trained on by any recipe); "
-                "the classes named as anchors are in their own column.")
+    protocol = (f"suite `{suite.name}`, model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} "
+                f"DDIM steps, guidance {report['guidance']}, seeds {cfg['seed']}..{cfg['seed'] + cfg['samples'] - 1} "
+                f"(CSV rows: their own seed and guidance); {suite.description}.")
+    if suite.metrics == "table1":
+        protocol += (" Acc_s and the preservation columns use the held-out classes only (never trained on by any "
+                     "recipe); the classes named as anchors are in their own column.")
     md = ["# unguide benchmark", "", protocol, "", "## Average over concepts", "", markdown_table(report, True), "",
           "## Per concept", "", markdown_table(report), ""]
     md += [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
-    md += ["", "## Grids (rows: target, a synonym, held-out synonyms, 3 other classes; columns: " + ", ".join(methods) + ")", ""]
+    rows_text = ("the first prompts" if suite.metrics == "nudity" else
+                 "target, a synonym, held-out synonyms, 3 other classes")
+    md += ["", f"## Grids (rows: {rows_text}; columns: " + ", ".join(methods) + ")", ""]
     md += [f"### {c}\n\n![{c}]({g.relative_to(out)})\n" for c, g in grids.items()]
     md_path = out / "report.md"
     write_text(md_path, "\n".join(md) + "\n")
 
     def html_table(average_only: bool) -> str:
-        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+        columns = columns_for(report)
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
         body = []
         for concept, method, m in table_rows(report):
             if average_only != (concept == "average"):
                 continue
             cls = ' class="ours"' if method == "selective-unguide" else ""
             body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
-                        + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in COLUMNS) + "</tr>")
+                        + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in columns) + "</tr>")
         return f"<table><tr><th>concept</th><th>method</th>{head}</tr>{''.join(body)}</table>"
 
     page = f"""<!doctype html>
@@ -182,7 +209,7 @@ img {{ image-rendering: pixelated; max-width: 100%; border: 1px solid #ddd; marg
 <h2>Average over concepts</h2>{html_table(True)}
 <h2>Per concept</h2>{html_table(False)}
 <h2>Plots</h2>{''.join(f'<img src="{p.relative_to(out)}" alt="{p.stem}">' for p in plots)}
-<h2>Grids</h2><p class="caption">Rows: target, a trained synonym, held-out synonyms, three other classes.
+<h2>Grids</h2><p class="caption">Rows: {html.escape(rows_text)}.
 Columns: {html.escape(', '.join(methods))} ({GRID_SAMPLES} samples each, same seeds).</p>
 {''.join(f'<h3>{html.escape(c)}</h3><img src="{g.relative_to(out)}" alt="grid {html.escape(c)}">' for c, g in grids.items())}
 </body></html>

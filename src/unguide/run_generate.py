@@ -2,6 +2,7 @@
 splittable across processes (``accelerate launch``) with per-image seeds."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,7 +37,7 @@ def run_generation(bundle, items: Sequence[Item], out: str | Path, steps: int = 
     todo = [it for it in mine if not (out / it.filename).exists()]
     if state.is_main_process and run_info is not None:
         write_json(out / "run.json", run_info)
-    extra = {"guide": guide.name, **({"erasure": run_info.get("erasure")} if run_info and run_info.get("erasure") else {})}
+    extra = {"guide": guide.name, **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
 
     def save(batch, imgs, infos):
         for it, img, info in zip(batch, imgs, infos):
@@ -67,33 +68,41 @@ def _write_grid(out: Path, items: Sequence[Item], grid_rows: int) -> None:
     save_grid(out / "grid.png", tiles, ncol=n, scale=max(1, 128 // w))
 
 
-def generate_command(args) -> int:
-    from .models import load_model
-
-    if args.n < 1:
-        raise UnguideError(f"--n must be at least 1 (got {args.n})")
-    if args.steps < 1:
-        raise UnguideError(f"--steps must be at least 1 (got {args.steps})")
-    rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
+def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
+    """Bad requests fail before any model is loaded or image made."""
+    if n < 1:
+        raise UnguideError(f"--n must be at least 1 (got {n})")
+    if steps < 1:
+        raise UnguideError(f"--steps must be at least 1 (got {steps})")
     if any(not r.prompt.strip() for r in rows):
         raise UnguideError("empty --prompt: give the text to draw")
-    bundle = load_model(args.model, device=args.device)
-    guide = PlainGuide()
-    erasure_info = None
-    if args.erasure:
-        from .guidance import guide_from_args
 
-        guide, erasure_info = guide_from_args(bundle, args)
-    elif args.mode or args.w is not None or args.gate or args.keep or args.erase_with:
-        raise UnguideError("--mode, --w, --gate, --keep and --erase-with need --erasure RUN (an erasure run directory)")
+
+def generate_command(args) -> int:
+    """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
+    from .guidance import decision_settings
+    from .pipeline import UnGuidePipeline
+
+    rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
+    check_request(rows, args.n, args.steps)
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    if args.erasure:
+        pipe.load_erasure(args.erasure)
+    guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+                       **decision_settings(args.scorer, args.weighting))
+    if getattr(guide, "note", None):
+        print(f"unguide: note: {guide.note}", file=sys.stderr)
+    bundle = pipe.bundle
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
     for it in items:
         bundle.latent_shape(it.height, it.width)  # validate sizes before any work
     info = {"model": bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
-            "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": erasure_info}
-    out = run_generation(bundle, items, args.out, steps=args.steps, guide=guide, batch_size=args.batch_size, run_info=info)
+            "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": pipe.erasure_info(guide)}
+    if args.dtype not in (None, "float32"):
+        info["dtype"] = args.dtype  # float32 (the default) goes unrecorded, as in runs made before --dtype
+    out = pipe.generate_to(items, args.out, num_inference_steps=args.steps, guide=guide, batch_size=args.batch_size,
+                           run_info=info)
     n_files = sum(1 for it in items if (out / it.filename).exists())
     print(f"{n_files} images in {out} (index: {out / 'index.jsonl'}, grid: {out / 'grid.png'})")
     return 0
-

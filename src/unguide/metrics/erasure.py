@@ -14,6 +14,8 @@ All accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,8 @@ def top1(probs: Tensor, labels: Tensor) -> Tensor:
 def harmonic_overall(acc_e: float, acc_s: float, acc_g: float) -> float:
     """H_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)); 0.0 when any of the three terms is 0."""
     terms = [1.0 - float(acc_e), float(acc_s), 1.0 - float(acc_g)]
+    if any(math.isnan(t) for t in terms):
+        return float("nan")
     if min(terms) <= 0.0:
         return 0.0
     return 3.0 / sum(1.0 / t for t in terms)
@@ -58,3 +62,29 @@ def erasure_table(groups: dict, top1_groups: dict | None = None) -> dict:
     if top1_groups is not None:
         out.update(_table(top1_groups, "_top1"))
     return out
+
+
+# role of a prompt -> the Table-1 figure its images count toward (synonym images count for Acc_g, both kinds)
+ROLE_FIGURES = {"acc_e": ("erased",), "acc_s": ("other",), "acc_anchor": ("anchor",), "acc_g": ("synonym", "heldout"),
+                "acc_g_heldout": ("heldout",)}
+
+
+def table1_metrics(p_correct: Tensor, top1: Tensor, roles) -> dict:
+    """The paper's Table-1 figures from per-image values: ``p_correct`` (probability of each image's correct class),
+    ``top1`` (1.0 where the judge's arg-max is that class) and each image's role (see :mod:`unguide.suites`).
+    Acc_e / Acc_s / Acc_g and H_o, Acc_anchor and Acc_g on held-out words apart, and top-1 variants. A figure with
+    no image is NaN. This is the one place these numbers are computed (evaluate and benchmark both call it)."""
+    import numpy as np
+
+    roles = np.asarray(list(roles))
+
+    def mean(values: Tensor, which) -> float:
+        mask = torch.from_numpy(np.isin(roles, which))
+        return values[mask].mean().item() if mask.any() else float("nan")
+
+    m = {key: mean(p_correct, which) for key, which in ROLE_FIGURES.items()}
+    m.update({f"{key}_top1": mean(top1, ROLE_FIGURES[key]) for key in ("acc_e", "acc_s", "acc_g")})
+    m["h_o"] = harmonic_overall(m["acc_e"], m["acc_s"], m["acc_g"])
+    m["h_o_top1"] = harmonic_overall(m["acc_e_top1"], m["acc_s_top1"], m["acc_g_top1"])
+    # a figure of a role the prompts do not have (no anchor classes, no held-out words) is left out, not NaN
+    return {k: v for k, v in m.items() if not math.isnan(v)}

@@ -1,0 +1,115 @@
+"""The toy world as a plug-in: its judge, its benchmark suite and its prompt sets.
+
+The library reaches this module only through the model registry (:func:`unguide.models.toy_plugin`), so the core
+(evaluation, benchmark, cost) works the same on Stable Diffusion and never imports the toy world itself.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..judges import ClassJudge
+from .captions import HELDOUT_SYNONYMS, SCENE_WORDS, TRAIN_SYNONYMS
+from .classifier import ToyClassifier
+from .render import CLASSES, COLOUR_NAMES, OBJECTS
+
+CONCEPTS = OBJECTS  # the toy suite's concepts: one preset per class, same names
+ALIASES = {o: list(TRAIN_SYNONYMS[o] + HELDOUT_SYNONYMS[o]) for o in OBJECTS}
+
+
+class ToyJudge(ClassJudge):
+    """The toy classifier: softmax over its own 11 labels (the 10 classes and "nothing"), whatever classes a suite
+    names; features: its 128-d penultimate layer (FID/KID); extra: the rate of the colour a prompt asks for."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.classifier = ToyClassifier.from_pretrained()
+
+    def label_set(self, classes: Sequence[str] = ()) -> list[str]:
+        unknown = sorted(set(classes) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"the toy classifier knows no class {unknown}")
+        return list(CLASSES)
+
+    def default_classes(self) -> tuple[list[str], dict[str, list[str]]]:
+        return list(OBJECTS), ALIASES
+
+    def probabilities(self, images, classes=(), aliases=None):
+        return self.classifier.predict(images)["object"]
+
+    def features(self, images):
+        with torch.no_grad():
+            return self.classifier.embed(images)
+
+    def attributes(self, prompts, images) -> dict:
+        """Per prompt that names a colour ("a red boat"): the colour and how often the classifier sees it drawn."""
+        from ..prompts import word_in
+
+        colours = self.classifier.predict(images)["colour"].argmax(-1)
+        hits: dict[str, list[float]] = {}
+        asked: dict[str, str] = {}
+        for i, prompt in enumerate(prompts):
+            colour = word_in(prompt, {c: c for c in COLOUR_NAMES})
+            if colour:
+                asked[prompt] = colour
+                hits.setdefault(prompt, []).append(float(int(colours[i]) == COLOUR_NAMES.index(colour)))
+        return {p: {"colour": asked[p], "colour_rate": sum(h) / len(h)} for p, h in hits.items()}
+
+
+def suite(concepts: Sequence[str]):
+    """The toy benchmark: the 10 object presets; 4 anchor classes each, 5 held out (docs/protocol.md)."""
+    from ..concepts import load_preset
+    from ..suites import Suite, case_from_spec
+
+    cases = {name: case_from_spec(name, load_preset(name), classes=list(OBJECTS)) for name in concepts}
+    every = [case_from_spec(o, load_preset(o), classes=list(OBJECTS)) for o in OBJECTS]
+    return Suite(name="toy", cases=cases, judge="toy", metrics="table1", canonical_from=every,
+                 description="judge: the toy classifier (mean probability of each image's correct class; synonym "
+                             "images count as the erased class)")
+
+
+def decision_prompts(spec) -> list[str]:
+    """>= 100 prompts around a toy concept: target, synonyms, other classes, colour and scene variations."""
+    prompts = [spec.target] + spec.synonym_prompts() + list(spec.other)
+    for obj in OBJECTS:
+        for colour in COLOUR_NAMES[:7]:
+            prompts.append(f"a photo of a {colour} {obj}")
+        for scene in ("grass", "sand"):
+            prompts.append(f"a {obj} on the {SCENE_WORDS[scene]}")
+    for scene in SCENE_WORDS.values():
+        prompts.append(f"a photo of the {scene}")
+    return list(dict.fromkeys(prompts))
+
+
+def train_command(args) -> int:
+    """``unguide train-toy``: the embedded model's stages (classifier, VAE, UNet, export)."""
+    from pathlib import Path
+
+    from ..errors import UnguideError
+    from .classifier import ClassifierTrainConfig, train_classifier
+    from .train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
+
+    out = Path(args.out)
+    if args.stage in ("classifier", "all"):
+        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=args.classifier_steps)))
+    if args.stage in ("vae", "all"):
+        train_vae(out, VAEConfig(steps=args.vae_steps))
+    if args.stage in ("unet", "all"):
+        if not (out / "vae").is_dir():
+            raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
+        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
+                         text_norm=args.text_norm, block_out_channels=args.unet_channels)
+        target = train_unet(out, cfg, max_minutes=args.max_minutes, device=args.device)
+        print(f"toyworld model written to {target}")
+    if args.stage == "export":
+        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_norm=args.text_norm)))  # rest: the checkpoint's
+    return 0
+
+
+def quality(bundle, **kw) -> dict:
+    """``unguide toy-quality``: per-class accuracy of a toy model's samples."""
+    from .quality import toy_quality
+
+    return toy_quality(bundle, **kw)
