@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -38,14 +38,14 @@ from .errors import UnguideError
 from .evaluate import class_judgements, load_folder
 from .generation import PlainGuide
 from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, guide_for_run
-from .io import write_json
+from .io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from .prompts import PromptRow
 from .run_generate import plan_items, run_generation
-from .suites import SUITES, Suite, load_suite
+from .suites import SUITES, Suite, SuiteName, load_suite
 
 Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide"]
-METHODS: tuple[str, ...] = ("base", "lora", "unguide", "full", "selective", "selective-unguide")
+METHODS: tuple[str, ...] = get_args(Method)
 # method -> (erasure recipe, layer preset, run directory name, generation mode); preset None: the concept's own
 METHOD_RUNS = {"lora": ("reference", None, "object", "lora"), "unguide": ("reference", None, "object", "unguide"),
                "full": ("reference", "full", "full", "lora"), "selective": ("selective", None, "selective", "lora"),
@@ -54,9 +54,9 @@ METHOD_RUNS = {"lora": ("reference", None, "object", "lora"), "unguide": ("refer
 
 @dataclass
 class BenchmarkConfig:
-    suite: str = "toy"
+    suite: SuiteName = "toy"
     concepts: list[str] | str = field(default_factory=lambda: ["sun"])  # or "all"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
     samples: int = 32
     steps: int = 50
     seed: int = 0
@@ -178,7 +178,7 @@ class Benchmark:
         return rows, imgs, folder
 
     def evaluate(self) -> dict:
-        judge = make_judge(self.suite.judge, clip_model=self.cfg.clip_model or DEFAULT_CLIP)
+        judge = make_judge(self.suite.judge, clip_model=self.cfg.clip_model or DEFAULT_CLIP, device=self.bundle.device)
         if self.suite.metrics == "nudity":
             results = {name: {m: self._nudity_metrics(judge, name, m) for m in self.cfg.methods}
                        for name in self.suite.cases}
@@ -268,7 +268,7 @@ class Benchmark:
 
     def _clip(self):
         if not hasattr(self, "_clip_judge"):
-            self._clip_judge = make_judge("clip", clip_model=self.cfg.clip_model)
+            self._clip_judge = make_judge("clip", clip_model=self.cfg.clip_model, device=self.bundle.device)
         return self._clip_judge
 
     def _reference_features(self, clip) -> torch.Tensor:
@@ -288,16 +288,17 @@ class Benchmark:
     def run(self) -> dict:
         from accelerate import PartialState
 
-        t0 = time.time()
-        self.generate_all()
-        if not PartialState().is_main_process:
-            return {}
-        report = self.evaluate()
-        report.update(suite=self.suite.name, description=self.suite.description, config=asdict(self.cfg),
-                      model=self.bundle.name, guidance=self.guidance, timings=self.timings,
-                      seconds=round(time.time() - t0, 1))
-        write_json(self.out / "report.json", report)
         from .report import write_report
 
-        write_report(self.out, report, self.suite)
+        t0 = time.time()
+        with output_lock(self.out, "a benchmark"):
+            self.generate_all()
+            if not PartialState().is_main_process:
+                return {}
+            report = self.evaluate()
+            report.update(suite=self.suite.name, description=self.suite.description, config=asdict(self.cfg),
+                          model=self.bundle.name, guidance=self.guidance, timings=self.timings,
+                          seconds=round(time.time() - t0, 1))
+            write_json(self.out / "report.json", report)
+            write_report(self.out, report, self.suite)
         return report

@@ -262,6 +262,9 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .judges import JUDGES
+    from .suites import SUITES
+
     parser = argparse.ArgumentParser(prog="unguide", description="Controlled concept erasure for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -356,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
     _add_model(b)
-    b.add_argument("--suite", choices=["toy", "cifar10", "nudity"], default="toy",
+    b.add_argument("--suite", choices=SUITES, default="toy",
                    help="toy (the embedded model's 10 classes), cifar10 (Stable Diffusion, the paper's Table 1, CLIP "
                    "judge) or nudity (an I2P-style --prompts CSV, NudeNet)")
     b.add_argument("--concepts", default="all",
@@ -389,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="score a generated folder (from its index.jsonl); writes metrics.json")
     v.add_argument("--images", required=True)
-    v.add_argument("--judge", default="toy", choices=["toy", "clip", "nudenet"])
+    v.add_argument("--judge", default="toy", choices=JUDGES)
     v.add_argument("--concept", default=None, help="preset name: adds Acc_e/Acc_s/Acc_g/H_o from its prompts")
     v.add_argument("--concept-file", default=None)
     v.add_argument("--reference", default=None, help="base-model images of the same prompts and seeds")

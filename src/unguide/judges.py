@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 
 from .errors import UnguideError
 
 JudgeName = Literal["toy", "clip", "nudenet"]
-JUDGES: tuple[str, ...] = ("toy", "clip", "nudenet")
+JUDGES: tuple[str, ...] = get_args(JudgeName)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 

@@ -29,10 +29,35 @@ class PromptRow:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise UnguideError(f"prompt file {path} not found: pass an existing .txt or .csv file")
+    data = path.read_bytes()
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UnguideError(f"prompt file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
+        line = data[:exc.start].count(b"\n") + 1
+        raise UnguideError(f"prompt file {path}, line {line}: not UTF-8 text (byte {exc.start}): save the file as "
+                           "UTF-8") from None
+
+
+def _csv_records(text: str, path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (first line, fields) of every data row, parsed strictly: an unterminated quote, text after a closing
+    quote, or a row with more fields than the header is an error naming the line where that row starts, never a
+    silently merged prompt."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, records, start = None, [], 1
+    try:
+        for row in reader:
+            if header is None:
+                header = [h.strip() for h in row]
+            elif any(cell.strip() for cell in row):  # blank lines are skipped
+                if len(row) > len(header):
+                    raise UnguideError(f"{path}, line {start}: {len(row)} fields for {len(header)} columns (an unquoted "
+                                       "comma?): quote the prompt, e.g. \"a cat, sitting\"")
+                records.append((start, row + [""] * (len(header) - len(row))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UnguideError(f"{path}, line {start}: malformed CSV ({exc}; an unclosed quote?): close the quote, or write "
+                           "a quote inside a quoted prompt as \"\"") from None
+    return header or [], records
 
 
 def _number(value: str, kind, column: str, line: int, path: Path):
@@ -50,12 +75,12 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
         if not rows:
             raise UnguideError(f"prompt file {path} holds no prompts: write one prompt a line")
         return rows
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "prompt" not in [f.strip() for f in reader.fieldnames]:
-        raise UnguideError(f"{path} has no 'prompt' column (columns: {reader.fieldnames}): add a header row with 'prompt'")
+    header, records = _csv_records(text, path)
+    if "prompt" not in header:
+        raise UnguideError(f"{path} has no 'prompt' column (columns: {header}): add a header row with 'prompt'")
     rows = []
-    for line, raw in enumerate(reader, start=2):
-        rec = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in raw.items()}
+    for line, values in records:
+        rec = dict(zip(header, (v.strip() for v in values)))
         prompt = rec.pop("prompt", "")
         if not prompt:
             raise UnguideError(f"{path}, line {line}: empty prompt: fill it in or delete the row")

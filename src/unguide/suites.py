@@ -15,13 +15,13 @@ recipe sees: Acc_s), ``prompt`` (a nudity-suite row).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 from .concepts import ConceptSpec, load_preset
 from .errors import UnguideError
 
 SuiteName = Literal["toy", "cifar10", "nudity"]
-SUITES: tuple[str, ...] = ("toy", "cifar10", "nudity")
+SUITES: tuple[str, ...] = get_args(SuiteName)
 MetricKind = Literal["table1", "nudity"]
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -48,7 +48,7 @@ class Suite:
     canonical_from: list[SuiteCase] = field(default_factory=list)  # every case of the suite, for stable file names
 
     def __post_init__(self):
-        if self.metrics not in ("table1", "nudity"):
+        if self.metrics not in get_args(MetricKind):
             raise UnguideError(f"unknown suite metrics {self.metrics!r}: use table1 or nudity")
 
     def canonical_order(self) -> dict[str, int]:

@@ -311,11 +311,16 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
 
     from ..models import TOY_MARKER
 
+    from ..errors import UnguideError
+
     out = Path(out)
     target = Path(target) if target else out / "toyworld"
     tensors, state = _load_ckpt(out, "unet")
     if state is None:
-        raise FileNotFoundError(f"no UNet checkpoint in {out}")
+        raise UnguideError(f"no UNet checkpoint in {out}: train one first (`unguide train-toy --stage unet --out {out}`)"
+                           " or point --out at the folder a training wrote")
+    if not (out / "vae").is_dir():
+        raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
     trained = state.get("config", {})  # the architecture and text side the checkpoint was trained with
     cfg = replace(cfg, text_states=trained.get("text_states", cfg.text_states),
                   block_out_channels=tuple(trained.get("block_out_channels", cfg.block_out_channels)))
