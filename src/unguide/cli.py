@@ -19,7 +19,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="precision the model runs in (default float32); erasure keeps its trained weights in float32. "
-                   "On CPU use bfloat16: float16 is for GPUs")
+                   "Reduced precision is for GPUs: on CPU it runs, slower (float16 much slower)")
 
 
 def _cmd_generate(args) -> int:
@@ -94,7 +94,7 @@ def _cmd_toy_quality(args) -> int:
     from .io import write_json
     from .models import load_model, world_plugin
 
-    bundle = load_model(args.model, device=args.device)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     if world_plugin(bundle) is None:
         raise UnguideError(f"{args.model} is not a toy-world model: toy-quality judges the embedded model's classes")
     result = world_plugin(bundle).quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps,
@@ -154,7 +154,7 @@ def _cmd_benchmark_scorer(args) -> int:
     from .models import load_model, world_plugin
     from .prompts import read_prompts
 
-    bundle = load_model(args.model, device=args.device)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     adapter, meta = attach_erasure(bundle, args.erasure)
     if args.prompts:
         prompts = [r.prompt for r in read_prompts(args.prompts)]
