@@ -255,6 +255,29 @@ def _cmd_influence(args) -> int:
     return 0
 
 
+def _cmd_attack(args) -> int:
+    from .attack import AttackConfig, attack_benchmark
+    from .models import load_model
+
+    cfg = AttackConfig(candidates=args.candidates, pairs=args.pairs, renders=args.renders, keep=args.keep,
+                       inversion_steps=args.inversion_steps, soft_tokens=args.soft_tokens, samples=args.samples,
+                       steps=args.steps, seed=args.seed)
+    concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    report = attack_benchmark(bundle, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
+                              suite_name=args.suite, clip_model=args.clip_model)
+    out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
+    for concept, methods_ in report["results"].items():
+        for method, r in methods_.items():
+            print(f"{concept:10s} {method:18s} target {100 * r['plain']['success_rate']:5.1f}%  word search "
+                  f"{100 * r['word_search']['success_rate']:5.1f}%  inversion "
+                  f"{100 * r.get('inversion', {}).get('success_rate', float('nan')):5.1f}%  any "
+                  f"{100 * r['any_success_rate']:5.1f}%  ({r['budget']['seconds']:.0f} s)")
+    print(f"report: {out / 'report.html'} (also report.md, report.json)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import demo_command
 
@@ -426,6 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight over the gate (default: the run's)")
     f.add_argument("--out", default=None, help="also write the scores as JSON")
     f.set_defaults(func=_cmd_influence)
+
+    k = sub.add_parser("attack", help="try to bring erased concepts back (word search + soft-token inversion), "
+                       "per method, against the runs of a benchmark directory")
+    _add_model(k)
+    k.add_argument("--benchmark", required=True, help="a benchmark directory (its runs are attacked; missing runs are "
+                   "trained as `unguide benchmark` would)")
+    k.add_argument("--suite", choices=SUITES, default="toy")
+    k.add_argument("--concepts", default="sun", help="comma-separated concepts or 'all' (default sun)")
+    k.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide")
+    k.add_argument("--images", default=None, help="a folder of images of the concept (needed on Stable Diffusion; the "
+                   "embedded model renders its own)")
+    k.add_argument("--clip-model", default=None, help="cifar10 suite: the CLIP judge")
+    k.add_argument("--candidates", type=int, default=256, help="vocabulary words scored per method (default 256)")
+    k.add_argument("--pairs", type=int, default=8, help="best words combined in pairs (default 8: 56 prompts)")
+    k.add_argument("--renders", type=int, default=8, help="concept images the loss is measured on")
+    k.add_argument("--keep", type=int, default=3, help="best search prompts generated and judged")
+    k.add_argument("--inversion-steps", type=int, default=40, help="soft-token inversion steps (0: none)")
+    k.add_argument("--soft-tokens", type=int, default=3)
+    k.add_argument("--samples", type=int, default=8, help="images per judged prompt")
+    k.add_argument("--steps", type=int, default=50, help="DDIM steps of the judged images")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", default=None, help="default: BENCHMARK/attack (a rerun resumes)")
+    k.set_defaults(func=_cmd_attack)
 
     d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
     d.add_argument("--out", default="demo_out")

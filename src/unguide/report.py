@@ -217,3 +217,86 @@ Columns: {html.escape(', '.join(methods))} ({GRID_SAMPLES} samples each, same se
     html_path = out / "report.html"
     write_text(html_path, page)
     return md_path, html_path
+
+
+ATTACK_COLUMNS = [("plain", "target as written"), ("synonym", "best synonym"), ("word", "word search (top-1 by loss)"),
+                  ("word_top", "best of top-3 words"), ("inversion", "soft-token inversion"), ("any", "any")]
+
+
+def _attack_cells(r: dict) -> dict[str, str]:
+    def cell(rate, mean_p):
+        return "–" if rate is None else f"{100 * rate:.0f}% ({100 * mean_p:.0f})"
+
+    syn = max(r["synonyms"].values(), key=lambda v: v["success_rate"], default=None)
+    ws, inv = r["word_search"], r.get("inversion", {})
+    return {"plain": cell(r["plain"]["success_rate"], r["plain"]["mean_p"]),
+            "synonym": cell(syn["success_rate"], syn["mean_p"]) if syn else "–",
+            "word": cell(ws["success_rate"], ws["mean_p"]),
+            "word_top": cell(ws["best_of_top"]["success_rate"], ws["best_of_top"]["mean_p"]),
+            "inversion": cell(inv.get("success_rate"), inv.get("mean_p")),
+            "any": f"{100 * r['any_success_rate']:.0f}%"}
+
+
+def _attack_grid(out: Path, concept: str, results: dict) -> Path:
+    """Rows: methods; columns: 4 images of the word search's top prompt, then 4 of the inverted soft prompt."""
+    from .evaluate import read_index
+
+    tiles, size = [], None
+    for method, r in results.items():
+        folder = out / concept / method / "images"
+        index = read_index(folder)
+        for prompt in (r["word_search"]["best_prompt"], f"<inverted {r['concept']}>"):
+            files = [row["file"] for row in index if row["prompt"] == prompt][:GRID_SAMPLES]
+            for f in files:
+                tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
+                size = size or tiles[-1].shape
+            tiles += [None] * (GRID_SAMPLES - len(files))
+    size = size or (32, 32, 3)
+    tiles = [t if t is not None and t.shape == size else np.full(size, 255, np.uint8) for t in tiles]
+    grid = make_grid(tiles, ncol=2 * GRID_SAMPLES, scale=max(1, 96 // size[1]))
+    target = out / "grids" / f"{concept}.png"
+    with atomic_path(target) as tmp:
+        _label_grid(grid, list(results), ["best word prompt", "inverted soft prompt"]).save(tmp, format="PNG")
+    return target
+
+
+def write_attack_report(out: str | Path, report: dict) -> tuple[Path, Path]:
+    """attack report.md / .html: per concept and method, how often each attack brings the concept back."""
+    out = Path(out)
+    cfg = report["config"]
+    intro = (f"Success rate = share of images (of {cfg['samples']} seeds) where the judge gives the erased concept "
+             f"probability >= 0.5; in brackets the mean probability (%). Word search: {cfg['candidates']} vocabulary "
+             f"words + the concept's synonyms + pairs of the {cfg['pairs']} best, scored by the defended model's "
+             f"denoising loss on {cfg['renders']} concept images x {cfg['draws']} noise draws; the attacker keeps "
+             f"its top prompt by loss (no judge in the loop). Inversion: {cfg['soft_tokens']} token states of that "
+             f"prompt optimised for {cfg['inversion_steps']} steps. UnGuide methods are attacked through their gate "
+             "(the gate decides w for every candidate, as generation would).")
+    head = "| concept | method | " + " | ".join(label for _, label in ATTACK_COLUMNS) + \
+           " | gate: prompts to base | best word prompt | UNet evals | seconds |"
+    lines = [head, "|" + "---|" * (len(ATTACK_COLUMNS) + 6)]
+    grids = {}
+    for concept, methods in report["results"].items():
+        for method, r in methods.items():
+            cells = _attack_cells(r)
+            gate = "–" if r["gate_passed"] is None else f"{r['gate_passed']} of {r['budget']['prompts_scored']}"
+            lines.append(f"| {concept} | {method} | " + " | ".join(cells[k] for k, _ in ATTACK_COLUMNS) +
+                         f" | {gate} | {r['word_search']['best_prompt']} | {r['budget']['unet_evals']} | "
+                         f"{r['budget']['seconds']:.0f} |")
+        grids[concept] = _attack_grid(out, concept, methods)
+    table = "\n".join(lines)
+    md = ["# unguide attack", "", intro, "", table, ""]
+    md += [f"### {c}\n\n![{c}]({g.relative_to(out)})\n" for c, g in grids.items()]
+    md_path = out / "report.md"
+    write_text(md_path, "\n".join(md) + "\n")
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split(" | ")) + "</tr>"
+                   for line in lines[2:])
+    heads = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0].strip("|").split(" | "))
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>unguide attack</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;font-size:14px}"
+            "th,td{border:1px solid #ccc;padding:4px 8px}th{background:#f3f3f3}img{image-rendering:pixelated;max-width:100%}"
+            f"</style></head><body><h1>unguide attack</h1><p>{html.escape(intro)}</p><table><tr>{heads}</tr>{rows}</table>"
+            + "".join(f"<h3>{html.escape(c)}</h3><img src=\"{g.relative_to(out)}\" alt=\"{html.escape(c)}\">"
+                      for c, g in grids.items()) + "</body></html>\n")
+    html_path = out / "report.html"
+    write_text(html_path, page)
+    return md_path, html_path

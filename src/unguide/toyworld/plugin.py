@@ -70,6 +70,15 @@ def suite(concepts: Sequence[str]):
                              "images count as the erased class)")
 
 
+def concept_images(spec, n: int, seed: int = 0) -> torch.Tensor:
+    """n renders of the concept's class (random colours and scenes): what the attack measures its loss on."""
+    from .classifier import to_tensor
+    from .render import render_batch
+
+    images, _ = render_batch(seed + 7, n, p_empty=0.0, obj=spec.label)
+    return to_tensor(images)
+
+
 def decision_prompts(spec) -> list[str]:
     """>= 100 prompts around a toy concept: target, synonyms, other classes, colour and scene variations."""
     prompts = [spec.target] + spec.synonym_prompts() + list(spec.other)
