@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnguideError
-from .io import load_tensors, save_tensors
+from .io import load_tensors, save_tensors, tensor_metadata
 
 ADAPTER_NAME = "erasure"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -227,15 +227,16 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
     path = run_dir / LORA_FILE
     if not path.is_file():
         raise UnguideError(f"{run_dir} has no {LORA_FILE}: is it a finished `unguide erase` run?")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    header = tensor_metadata(path)  # checked: a damaged or pickled file is one clear error
+    try:
+        raw = json.loads(header.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        raise UnguideError(f"{path}: its adapter metadata is not valid JSON: the file is damaged, rerun `unguide erase`") from None
     meta = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("unet.")}
     adapter = LoraAdapter.__new__(LoraAdapter)
     adapter.unet, adapter.cfg = unet, cfg
     # the adapter config (lora_alpha: the scale 8) lives in the file's metadata; without it peft would use alpha = 1
-    unet.load_lora_adapter(str(path), prefix="unet", adapter_name=ADAPTER_NAME)
+    unet.load_lora_adapter(load_tensors(path), prefix="unet", adapter_name=ADAPTER_NAME)  # our checked reader
     if meta:  # load_lora_adapter ignores that metadata here: set the saved scale on every LoRA layer ourselves
         scale = float(meta["lora_alpha"]) / float(meta["r"])
         for m in unet.modules():

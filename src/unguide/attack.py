@@ -52,6 +52,7 @@ class AttackConfig:
     steps: int = 50  # DDIM steps of those images
     seed: int = 0
     template: str = "a photo of the {}"
+    start: Optional[str] = None  # the inversion starts from this prompt (default: the word search's best)
     batch_size: int = 64
 
     def __post_init__(self):
@@ -255,8 +256,8 @@ def invert(defence: Defence, probe: Probe, init_prompt: str, cfg: AttackConfig, 
         loss.backward()
         opt.step()
         step += 1
-        history.append({"step": step, "loss": float(loss), "w": w})
-        bar.set_postfix(loss=f"{float(loss):.4f}", w=w)
+        history.append({"step": step, "loss": float(loss.detach()), "w": w})
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", w=w)
         bar.update(1)
         if step % 10 == 0 or step == cfg.inversion_steps:
             st = opt.state.get(soft, {})
@@ -314,7 +315,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
         probe = Probe.build(bundle, images[:cfg.renders], cfg)
         scored = word_search(defence, probe, spec, cfg, out, progress)
         best_words = [r for r in scored if r["kind"] in ("word", "pair")][:cfg.keep]
-        init = best_words[0]["prompt"] if best_words else spec.target
+        init = cfg.start or (best_words[0]["prompt"] if best_words else spec.target)
         inverted_name = f"<inverted {spec.name}>"
         if cfg.inversion_steps:
             states, inversion = invert(defence, probe, init, cfg, out, progress)
@@ -323,7 +324,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
                                   cfg.batch_size)[0]
             inversion["loss"] = float(final)
         baseline = [spec.target] + spec.synonym_prompts()
-        judged_prompts = list(dict.fromkeys(baseline + [r["prompt"] for r in best_words]
+        judged_prompts = list(dict.fromkeys(baseline + ([cfg.start] if cfg.start else []) + [r["prompt"] for r in best_words]
                                             + ([inverted_name] if cfg.inversion_steps else [])))
         judged = judge_prompts(bundle, defence, judged_prompts, spec, judge, classes, aliases, cfg, out / "images",
                                {"attack": label, "concept": spec.name})
@@ -352,6 +353,8 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
         "gate_passed": sum(1 for r in scored if r["w"] >= 1) if guide is not None else None,
         "scored_top10": scored[:10],
     }
+    if cfg.start:
+        result["start"] = {"prompt": cfg.start, **judged[cfg.start]}
     if cfg.inversion_steps:
         result["inversion"] = {**inversion, **judged[inverted_name]}
     result["any_success_rate"] = max(v for v in [result["plain"]["success_rate"],
@@ -364,7 +367,8 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
 
 def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | str, methods: Sequence[str],
                      cfg: AttackConfig = AttackConfig(), out: Optional[str | Path] = None, images: Optional[str] = None,
-                     suite_name: str = "toy", clip_model: Optional[str] = None, progress: bool = True) -> dict:
+                     suite_name: str = "toy", clip_model: Optional[str] = None, erase_iterations: Optional[int] = None,
+                     progress: bool = True) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
     from .benchmark import METHOD_RUNS, METHODS, Benchmark, BenchmarkConfig
@@ -379,7 +383,8 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
     if unknown:
         raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     bench = Benchmark(bundle, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
-                                              clip_model=clip_model or DEFAULT_CLIP), bench_dir)
+                                              clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations),
+                      bench_dir)
     plugin = world_plugin(bundle)
     if images is None and plugin is None:
         raise UnguideError("the attack needs images of the concept: pass --images DIR (on the embedded model it "

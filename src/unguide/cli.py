@@ -266,7 +266,7 @@ def _cmd_attack(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     report = attack_benchmark(bundle, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
-                              suite_name=args.suite, clip_model=args.clip_model)
+                              suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
     for concept, methods_ in report["results"].items():
         for method, r in methods_.items():
@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--samples", type=int, default=8, help="images per judged prompt")
     k.add_argument("--steps", type=int, default=50, help="DDIM steps of the judged images")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--iterations", type=int, default=None, help="erasure iterations of runs the benchmark lacks (200)")
     k.add_argument("--out", default=None, help="default: BENCHMARK/attack (a rerun resumes)")
     k.set_defaults(func=_cmd_attack)
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .adapters import A_INITS, LORA_FILE, AdapterConfig, make_adapter
 from .concepts import ConceptSpec
 from .errors import UnguideError
-from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, save_tensors, write_json, write_text
+from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
 from .guidance import calibrate_gate
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
@@ -174,8 +174,13 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
 
     ``stop_after`` ends the process-level run early after that many iterations (for tests of resume)."""
     out = Path(out)
-    anchors = run_anchors(concept, cfg)  # checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    run_anchors(concept, cfg)  # checked before anything is written
+    with output_lock(out, "an erasure"):
+        return _erase(bundle, concept, out, cfg, progress, stop_after)
+
+
+def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: bool, stop_after: Optional[int]) -> dict:
+    anchors = run_anchors(concept, cfg)
     meta_path = out / METADATA_FILE
     fingerprint = bundle.fingerprint()
     if meta_path.exists():

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from .errors import UnguideError
 from .generation import Item, PlainGuide, item_metadata, sample_images, save_grid, save_png, write_index
-from .io import write_json
+from .io import output_lock, write_json
 from .prompts import PromptRow, read_prompts
 
 
@@ -26,11 +26,16 @@ def plan_items(rows: Sequence[PromptRow], n: int, seed: int, guidance: float, he
 
 def run_generation(bundle, items: Sequence[Item], out: str | Path, steps: int = 50, guide=None, batch_size: int = 32,
                    run_info: Optional[dict] = None, grid_rows: int = 16, progress: bool = True) -> Path:
-    """Generate the items not yet on disk into ``out``; this process's share when under accelerate."""
+    """Generate the items not yet on disk into ``out``; this process's share when under accelerate. One job at a
+    time per folder (:func:`unguide.io.output_lock`)."""
+    with output_lock(out, "a generation"):
+        return _run_generation(bundle, items, Path(out), steps, guide, batch_size, run_info, grid_rows, progress)
+
+
+def _run_generation(bundle, items, out: Path, steps, guide, batch_size, run_info, grid_rows, progress) -> Path:
     from accelerate import PartialState
 
     state = PartialState()
-    out = Path(out)
     guide = guide or PlainGuide()
     out.mkdir(parents=True, exist_ok=True)
     mine = list(items)[state.process_index::state.num_processes]

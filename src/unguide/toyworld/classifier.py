@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..io import load_tensors, save_tensors, write_json
+from ..io import load_tensors, save_tensors, tensor_metadata, write_json
 from .render import CLASSES, COLOUR_NAMES, OBJECTS, render_batch
 
 DEFAULT_PATH = Path(__file__).parent / "weights" / "classifier.safetensors"
@@ -66,9 +66,7 @@ class ToyClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path = DEFAULT_PATH) -> "ToyClassifier":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = tensor_metadata(path)
         model = cls(tuple(json.loads(meta.get("widths", "[32, 64, 128]"))))
         model.load_state_dict(load_tensors(path))
         return model.eval()

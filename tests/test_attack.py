@@ -1,0 +1,58 @@
+"""The attack harness: it must find prompts that bring a concept back (tests that a broken search fails)."""
+import json
+
+from unguide.attack import AttackConfig, attack, vocabulary_words
+from unguide.cli import main
+from unguide.concepts import load_preset
+from unguide.models import toy_plugin
+
+
+def test_inversion_from_an_unrelated_prompt_raises_the_concept(toy_bundle, tmp_path):
+    """Base model, start "a photo of the boat", a tiny budget: the inverted soft prompt draws the sun far more often."""
+    plugin, spec = toy_plugin(), load_preset("sun")
+    cfg = AttackConfig(candidates=0, pairs=0, renders=4, draws=1, samples=4, steps=10, inversion_steps=20,
+                       start="a photo of the boat")
+    r = attack(toy_bundle, spec, plugin.concept_images(spec, 4), plugin.ToyJudge(), list(plugin.OBJECTS), {},
+               tmp_path / "a", cfg, progress=False)
+    assert r["start"]["mean_p"] < 0.05
+    assert r["inversion"]["mean_p"] > r["start"]["mean_p"] + 0.2
+    hist = r["inversion"]["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]  # the denoising loss on sun renders went down
+    # resume: a rerun finds its checkpoint, scores and images, and gives the same figures
+    again = attack(toy_bundle, spec, plugin.concept_images(spec, 4), plugin.ToyJudge(), list(plugin.OBJECTS), {},
+                   tmp_path / "a", cfg, progress=False)
+    assert again["inversion"]["mean_p"] == r["inversion"]["mean_p"] and again["budget"]["unet_evals"] < r["budget"]["unet_evals"]
+
+
+def test_word_search_ranks_the_concept_words_first_on_the_base_model(toy_bundle, tmp_path):
+    """Scored by the denoising loss on sun renders, the sun's own prompts beat random vocabulary words."""
+    plugin, spec = toy_plugin(), load_preset("sun")
+    cfg = AttackConfig(candidates=12, pairs=0, renders=4, draws=2, inversion_steps=0, keep=1, samples=2, steps=8)
+    r = attack(toy_bundle, spec, plugin.concept_images(spec, 4), plugin.ToyJudge(), list(plugin.OBJECTS), {},
+               tmp_path / "w", cfg, progress=False)
+    scored = json.loads((tmp_path / "w" / "search.json").read_text())
+    assert len(scored) == 1 + 3 + 12
+    words = sorted(s["loss"] for s in scored if s["kind"] == "word")
+    target = next(s["loss"] for s in scored if s["kind"] == "target")
+    assert target < words[len(words) // 2]  # better than the median random word
+    assert r["plain"]["mean_p"] > 0.5
+
+
+def test_vocabulary_words_are_seeded_whole_words(toy_bundle):
+    a = vocabulary_words(toy_bundle.tokenizer, 20, seed=1, exclude=["sun"])
+    assert a == vocabulary_words(toy_bundle.tokenizer, 20, seed=1, exclude=["sun"]) and len(set(a)) == 20
+    assert all(w.isalpha() and 3 <= len(w) <= 12 and w != "sun" for w in a)
+
+
+def test_attack_command_reports_every_method(tmp_path):
+    args = ["attack", "--benchmark", str(tmp_path / "bench"), "--concepts", "sun", "--methods", "base,selective-unguide",
+            "--iterations", "2", "--candidates", "4", "--pairs", "2", "--renders", "2", "--keep", "1",
+            "--inversion-steps", "2", "--samples", "1", "--steps", "4"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench" / "attack" / "report.json").read_text())
+    assert set(report["results"]["sun"]) == {"base", "selective-unguide"}
+    su = report["results"]["sun"]["selective-unguide"]
+    assert su["gate_passed"] is not None and su["budget"]["unet_evals"] > 0
+    assert su["budget"]["prompts_scored"] == 1 + 3 + 4 + 2
+    md = (tmp_path / "bench" / "attack" / "report.md").read_text()
+    assert "| sun | selective-unguide |" in md and (tmp_path / "bench" / "attack" / "grids" / "sun.png").exists()
