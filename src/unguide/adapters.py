@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -30,16 +30,29 @@ FULL_FILE = "full_weights.safetensors"
 
 # LoRA down-projection (A) init -> peft's init_lora_weights: "gaussian" is N(0, 1/rank) (the reference code's);
 # True is peft's default, kaiming-uniform, i.e. uniform in +-1/sqrt(fan_in), small enough for A to learn
-A_INITS = ("gaussian", "uniform")
+AInit = Literal["gaussian", "uniform"]
+A_INITS: tuple[str, ...] = get_args(AInit)
 _PEFT_INIT = {"gaussian": "gaussian", "uniform": True}
+# which layers an erasure trains: object = LoRA on cross-attention key/value, explicit = LoRA on every other Linear,
+# full = the cross-attention key/value weights themselves (ESD-x)
+LayerPreset = Literal["object", "explicit", "full"]
+LAYER_PRESETS: tuple[str, ...] = get_args(LayerPreset)
 
 
 @dataclass
 class AdapterConfig:
-    preset: str = "object"
+    preset: LayerPreset = "object"
     rank: int = 1
     alpha: float = 8.0  # the LoRA output scale itself (peft lora_alpha = alpha * rank)
-    a_init: str = "gaussian"
+    a_init: AInit = "gaussian"
+
+    def __post_init__(self):
+        if self.preset not in LAYER_PRESETS:
+            raise UnguideError(f"unknown layer preset {self.preset!r}: use {', '.join(LAYER_PRESETS)}")
+        if self.a_init not in A_INITS:
+            raise UnguideError(f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}")
+        if self.rank < 1:
+            raise UnguideError(f"the LoRA rank must be >= 1 (got {self.rank})")
 
 
 def target_modules(unet: nn.Module, preset: str) -> list[str]:

@@ -302,6 +302,26 @@ def judge_prompts(bundle, defence: Defence, prompts: list[str], spec, judge, cla
     return result
 
 
+class _Ledger:
+    """What the attack has cost so far (UNet image-evaluations, seconds), kept on disk so that a resumed attack adds
+    its share and a finished one rerun adds nothing: a phase is charged only when it did new work."""
+
+    def __init__(self, path: Path, counter):
+        self.path, self.counter = path, counter
+        self.total = json.loads(path.read_text()) if path.exists() else {"unet_evals": 0, "seconds": 0.0}
+        self.mark_evals, self.mark_time = 0, time.time()
+
+    def charge(self, did_work: bool) -> None:
+        if did_work:
+            self.total = {"unet_evals": self.total["unet_evals"] + self.counter.count - self.mark_evals,
+                          "seconds": round(self.total["seconds"] + time.time() - self.mark_time, 1)}
+            write_json(self.path, self.total)
+        self.mark_evals, self.mark_time = self.counter.count, time.time()
+
+    def spent(self) -> dict:
+        return dict(self.total)
+
+
 def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str | Path, cfg: AttackConfig = AttackConfig(),
            guide=None, adapter=None, label: str = "", progress: bool = True) -> dict:
     """Run the whole attack on one defended model; writes ``out/attack.json`` and the judged images."""
@@ -310,24 +330,32 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     defence = Defence(bundle, guide, adapter)
-    t0, counter = time.time(), EvalCounter(bundle.unet)
+    counter = EvalCounter(bundle.unet)
+    ledger = _Ledger(out / "budget.json", counter)
     try:
         probe = Probe.build(bundle, images[:cfg.renders], cfg)
+        before = len(json.loads(_scored_file(out).read_text())) if _scored_file(out).exists() else 0
         scored = word_search(defence, probe, spec, cfg, out, progress)
+        ledger.charge(len(scored) > before)
         best_words = [r for r in scored if r["kind"] in ("word", "pair")][:cfg.keep]
         init = cfg.start or (best_words[0]["prompt"] if best_words else spec.target)
         inverted_name = f"<inverted {spec.name}>"
         if cfg.inversion_steps:
+            state_file = out / "inversion.json"
+            done = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
             states, inversion = invert(defence, probe, init, cfg, out, progress)
             register_prompt_states(bundle, inverted_name, states)
             final = prompt_losses(defence, probe, states[None], [defence.weights([inverted_name])[0]["w"]],
                                   cfg.batch_size)[0]
             inversion["loss"] = float(final)
+            ledger.charge(len(inversion["history"]) > done)
         baseline = [spec.target] + spec.synonym_prompts()
         judged_prompts = list(dict.fromkeys(baseline + ([cfg.start] if cfg.start else []) + [r["prompt"] for r in best_words]
                                             + ([inverted_name] if cfg.inversion_steps else [])))
+        images_before = len(list((out / "images").glob("[0-9]*.png")))
         judged = judge_prompts(bundle, defence, judged_prompts, spec, judge, classes, aliases, cfg, out / "images",
                                {"attack": label, "concept": spec.name})
+        ledger.charge(len(list((out / "images").glob("[0-9]*.png"))) > images_before)
     finally:
         counter.close()
     loss_of = {r["prompt"]: r for r in scored}
@@ -340,8 +368,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
 
     result = {
         "label": label, "concept": spec.name, "config": asdict(cfg),
-        "budget": {"prompts_scored": len(scored), "inversion_steps": cfg.inversion_steps, "unet_evals": counter.count,
-                   "seconds": round(time.time() - t0, 1)},
+        "budget": {"prompts_scored": len(scored), "inversion_steps": cfg.inversion_steps, **ledger.spent()},
         "plain": {"prompt": spec.target, **judged[spec.target]},
         "synonyms": {p: judged[p] for p in spec.synonym_prompts()},
         "word_search": {"best_prompt": best_words[0]["prompt"] if best_words else None,
@@ -350,7 +377,8 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
                         "success_rate": judged[best_words[0]["prompt"]]["success_rate"] if best_words else None,
                         "mean_p": judged[best_words[0]["prompt"]]["mean_p"] if best_words else None,
                         "best_of_top": summary([r["prompt"] for r in best_words])},
-        "gate_passed": sum(1 for r in scored if r["w"] >= 1) if guide is not None else None,
+        # how many scored prompts UnGuidance's gate kept (w >= 1: the base model generates them); None without a gate
+        "gate_passed": sum(1 for r in scored if r["w"] >= 1) if getattr(guide, "mode", None) == "unguide" else None,
         "scored_top10": scored[:10],
     }
     if cfg.start:

@@ -14,18 +14,46 @@ DEFAULT_RECIPE = "selective"
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
+    from .models import DTYPES
+
     p.add_argument("--model", default="toyworld",
                    help="'toyworld' (embedded default), a diffusers Stable Diffusion directory, or a hub id")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="precision the model runs in (default float32); erasure keeps its trained weights in float32. "
                    "Reduced precision is for GPUs: on CPU it runs, slower (float16 much slower)")
 
 
 def _cmd_generate(args) -> int:
-    from .run_generate import generate_command
+    """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
+    from .guidance import decision_settings
+    from .pipeline import UnGuidePipeline
+    from .prompts import PromptRow, read_prompts
+    from .run_generate import check_request, plan_items
 
-    return generate_command(args)
+    rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
+    check_request(rows, args.n, args.steps)
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    if args.erasure:
+        pipe.load_erasure(args.erasure)
+    guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+                       **decision_settings(args.scorer, args.weighting))
+    if getattr(guide, "note", None):
+        print(f"unguide: note: {guide.note}", file=sys.stderr)
+    bundle = pipe.bundle
+    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
+    items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
+    for it in items:
+        bundle.latent_shape(it.height, it.width)  # validate sizes before any work
+    info = {"model": bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
+            "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": pipe.erasure_info(guide)}
+    if args.dtype not in (None, "float32"):
+        info["dtype"] = args.dtype  # float32 (the default) goes unrecorded, as in runs made before --dtype
+    out = pipe.generate_to(items, args.out, num_inference_steps=args.steps, guide=guide, batch_size=args.batch_size,
+                           run_info=info)
+    n_files = sum(1 for it in items if (out / it.filename).exists())
+    print(f"{n_files} images in {out} (index: {out / 'index.jsonl'}, grid: {out / 'grid.png'})")
+    return 0
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -56,10 +84,14 @@ def _cmd_train_toy(args) -> int:
 
     from .models import toy_plugin
 
-    args.device = _train_device(args.device)  # checked before any stage starts
+    device = _train_device(args.device)  # checked before any stage starts
     if args.threads:
         torch.set_num_threads(args.threads)
-    return toy_plugin().train_command(args)
+    unet = dict(steps=args.unet_steps, text_norm=args.text_norm)
+    if args.stage != "export":  # export takes the architecture and text side from the checkpoint it exports
+        unet.update(text_states=args.text_states, stop_after=args.stop_after, block_out_channels=args.unet_channels)
+    toy_plugin().train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device)
+    return 0
 
 
 def _cmd_erase(args) -> int:
@@ -279,14 +311,26 @@ def _cmd_attack(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo_command
+    from .demo import headline, run_demo
+    from .report import markdown_table
 
-    return demo_command(args)
+    report = run_demo(args.out, args.concept, args.samples or 12)
+    print(markdown_table(report, average_only=True))
+    print("\n" + headline(report, args.concept, args.out))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from typing import get_args
+
+    from .adapters import A_INITS, LAYER_PRESETS
+    from .erase import RECIPES, TIMESTEP_MAPPINGS
+    from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
     from .judges import JUDGES
+    from .models import DTYPES, TEXT_STATES
     from .suites import SUITES
+
+    WEIGHTINGS = get_args(Weighting)
 
     parser = argparse.ArgumentParser(prog="unguide", description="Controlled concept erasure for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,16 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default=None, choices=["unguide", "base", "lora"],
                    help="with --erasure: unguide (default), base (w=1) or lora (w=0)")
     g.add_argument("--w", type=float, default=None, help="with --erasure: a fixed guidance weight w for every prompt")
-    g.add_argument("--scorer", default=None, choices=["fast", "reference", "response"],
+    g.add_argument("--scorer", default=None, choices=SCORERS,
                    help="influence scorer: fast (default), reference (the paper's), or response (the adapter's own "
                    "response to the prompt's text states: no UNet evaluation; object-preset LoRA runs)")
-    g.add_argument("--weighting", default=None, choices=["binary", "continuous"], help="rule from scores to w")
+    g.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="rule from scores to w")
     g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
                    "rule) or a number; default: what the run's recipe recommends")
-    g.add_argument("--keep", default=None, choices=["base", "paper"],
+    g.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS),
                    help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "
                    "paper (w = 2); default: the run's recipe's")
-    g.add_argument("--erase-with", default=None, choices=["adapter", "paper"],
+    g.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
                    help="weight of prompts over the gate: adapter (w = 0, the adapter alone) or paper (w = -1); "
                    "default: the run's recipe's")
     g.set_defaults(func=_cmd_generate)
@@ -327,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concept", help="a preset name (toy classes such as sun, 'red', sd-cat, sd-nudity, ...)")
     e.add_argument("--concept-file", help="a concept JSON file (see docs: target, reference, synonyms, other)")
     e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
-    e.add_argument("--preset", choices=["object", "explicit", "full"], default=None,
+    e.add_argument("--preset", choices=LAYER_PRESETS, default=None,
                    help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")
-    e.add_argument("--recipe", choices=["selective", "reference"], default=DEFAULT_RECIPE,
+    e.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
                    help="selective (default): learnable LoRA A + anchor preservation + a calibrated gate; reference: the "
                    "paper's protocol exactly (A ~ N(0,1), lr 3e-5, no anchors). Flags below override the recipe")
     e.add_argument("--anchors", default=None,
@@ -337,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the concept's own anchors")
     e.add_argument("--iterations", type=int, default=None, help="default 200")
     e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
-    e.add_argument("--a-init", choices=["gaussian", "uniform"], default=None,
+    e.add_argument("--a-init", choices=A_INITS, default=None,
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
     e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
     e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default 1)")
@@ -346,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rank", type=int, default=None, help="default 1")
     e.add_argument("--alpha", type=float, default=None, help="LoRA output scale (default 8)")
     e.add_argument("--seed", type=int, default=None, help="default 0")
-    e.add_argument("--timestep-mapping", choices=["reference", "aligned"], default=None,
+    e.add_argument("--timestep-mapping", choices=TIMESTEP_MAPPINGS, default=None,
                    help="reference (default): t in [k*20, k*20+20) as the reference code; aligned: the timestep z_k sits at")
     e.set_defaults(func=_cmd_erase)
 
@@ -359,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
     t.add_argument("--stop-after", type=int, default=None,
                    help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported)")
-    t.add_argument("--text-states", choices=["contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad"],
+    t.add_argument("--text-states", choices=TEXT_STATES,
                    default="contextual", help="how the frozen MiniLM's token states condition the UNet "
                    "(contextual: the committed weights; the others: see docs/findings-toyworld.md)")
     t.add_argument("--unet-channels", type=_channels, default=(32, 64, 128),
@@ -396,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
     b.add_argument("--erase-lr", type=float, default=None,
                    help="learning rate of the reference-recipe runs (default 3e-5); the selective recipe keeps its own")
-    b.add_argument("--keep", choices=["base", "paper"], default=None,
+    b.add_argument("--keep", choices=list(KEEP_WEIGHTS), default=None,
                    help="selective-unguide: weight of prompts under the calibrated gate, base (w = 1) or paper (w = 2); "
                    "default: the selective recipe's")
-    b.add_argument("--erase-with", choices=["adapter", "paper"], default=None,
+    b.add_argument("--erase-with", choices=list(ERASE_WEIGHTS), default=None,
                    help="selective-unguide: weight of prompts over the gate, adapter (w = 0) or paper (w = -1); "
                    "default: the selective recipe's")
     b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
@@ -440,12 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = f.add_mutually_exclusive_group()  # neither: the run's own concept (target, synonyms, other prompts)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", help="text file (one prompt a line) or I2P-style CSV")
-    f.add_argument("--scorer", choices=["fast", "reference", "response"], default="fast")
-    f.add_argument("--weighting", choices=["binary", "continuous"], default="binary")
+    f.add_argument("--scorer", choices=SCORERS, default="fast")
+    f.add_argument("--weighting", choices=WEIGHTINGS, default="binary")
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")
-    f.add_argument("--keep", default=None, choices=["base", "paper"], help="weight under the gate (default: the run's)")
-    f.add_argument("--erase-with", default=None, choices=["adapter", "paper"],
+    f.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS), help="weight under the gate (default: the run's)")
+    f.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
                    help="weight over the gate (default: the run's)")
     f.add_argument("--out", default=None, help="also write the scores as JSON")
     f.set_defaults(func=_cmd_influence)

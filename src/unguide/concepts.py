@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .adapters import LAYER_PRESETS
 from .errors import UnguideError
 
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
-LAYER_PRESETS = ("object", "explicit", "full")
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
            "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
            "anchors": list, "anchors_file": str}

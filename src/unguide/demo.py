@@ -13,24 +13,24 @@ from pathlib import Path
 DEMO_METHODS = ["base", "unguide", "selective", "selective-unguide"]
 
 
-def demo_command(args) -> int:
+def run_demo(out: str | Path = "demo_out", concept: str = "sun", samples: int = 12) -> dict:
+    """The demo's benchmark on one concept; returns its report."""
     from .benchmark import Benchmark, BenchmarkConfig
     from .models import load_model
-    from .report import markdown_table
 
-    out = Path(args.out)
-    bundle = load_model("toyworld")
-    cfg = BenchmarkConfig(concepts=[args.concept], methods=DEMO_METHODS, samples=args.samples or 12)
-    report = Benchmark(bundle, cfg, out).run()
-    print(markdown_table(report, average_only=True))
+    cfg = BenchmarkConfig(concepts=[concept], methods=DEMO_METHODS, samples=samples)
+    return Benchmark(load_model("toyworld"), cfg, Path(out)).run()
+
+
+def headline(report: dict, concept: str, out: str | Path) -> str:
+    """What the demo found, in three sentences."""
     avg = report["average"]
     ours, paper = avg["selective-unguide"], avg["unguide"]
-    print(f"\nErasing '{args.concept}' (selective recipe + calibrated gate): target recognised {100 * ours['acc_e']:.1f}% "
-          f"(base {100 * avg['base']['acc_e']:.1f}%), held-out synonyms {100 * ours['acc_g_heldout']:.1f}%, classes the "
-          f"erasure never saw {100 * ours['acc_s']:.1f}% (base {100 * avg['base']['acc_s']:.1f}%), same-seed SSIM to base "
-          f"on them {ours.get('ssim_other', float('nan')):.3f}; H_o {100 * ours['h_o']:.1f}.")
-    print(f"The paper's recipe on the same prompts: target {100 * paper['acc_e']:.1f}%, unseen classes "
-          f"{100 * paper['acc_s']:.1f}%, SSIM {paper.get('ssim_other', float('nan')):.3f}; H_o {100 * paper['h_o']:.1f}.")
-    print(f"Report: {(out / 'report.html').resolve()} (also report.md, report.json, grids/, plots/) "
-          f"in {report['seconds']:.0f} s")
-    return 0
+    return (f"Erasing '{concept}' (selective recipe + calibrated gate): target recognised {100 * ours['acc_e']:.1f}% "
+            f"(base {100 * avg['base']['acc_e']:.1f}%), held-out synonyms {100 * ours['acc_g_heldout']:.1f}%, classes the "
+            f"erasure never saw {100 * ours['acc_s']:.1f}% (base {100 * avg['base']['acc_s']:.1f}%), same-seed SSIM to base "
+            f"on them {ours.get('ssim_other', float('nan')):.3f}; H_o {100 * ours['h_o']:.1f}.\n"
+            f"The paper's recipe on the same prompts: target {100 * paper['acc_e']:.1f}%, unseen classes "
+            f"{100 * paper['acc_s']:.1f}%, SSIM {paper.get('ssim_other', float('nan')):.3f}; H_o {100 * paper['h_o']:.1f}.\n"
+            f"Report: {(Path(out) / 'report.html').resolve()} (also report.md, report.json, grids/, plots/) "
+            f"in {report['seconds']:.0f} s")

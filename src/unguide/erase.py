@@ -26,14 +26,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import A_INITS, LORA_FILE, AdapterConfig, make_adapter
+from .adapters import A_INITS, LAYER_PRESETS, LORA_FILE, AdapterConfig, AInit, LayerPreset, make_adapter
 from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
@@ -46,7 +46,8 @@ CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
 
 
-RECIPES = ("reference", "selective")
+Recipe = Literal["reference", "selective"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 # what each recipe changes from the reference protocol's defaults (the dataclass defaults below)
 RECIPE_SETTINGS = {
     "reference": {},
@@ -55,14 +56,15 @@ RECIPE_SETTINGS = {
 # how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
 RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
                 "selective": {"default": "calibrated", "keep": "base", "erase_with": "paper"}}
-TIMESTEP_MAPPINGS = ("reference", "aligned")
+TimestepMapping = Literal["reference", "aligned"]
+TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 
 
 @dataclass
 class EraseConfig:
     """Defaults are the reference protocol's (METHOD.md section 2); ``from_recipe`` names a whole recipe."""
 
-    preset: str = "object"
+    preset: LayerPreset = "object"
     iterations: int = 200
     lr: float = 3e-5
     eta: float = 2.0  # negative-guidance strength
@@ -74,15 +76,16 @@ class EraseConfig:
     checkpoint_every: int = 20
     # "reference": t drawn in [k*1000/50, (k+1)*1000/50) as the reference code does, although z_k (k steps from
     # noise) sits near timestep 1000 - k*20; "aligned": t is the timestep z_k actually sits at
-    timestep_mapping: str = "reference"
-    recipe: str = "reference"  # the name of the recipe these settings came from (recorded with the run)
-    a_init: str = "gaussian"  # LoRA A init: gaussian = N(0, 1/rank) (reference), uniform = +-1/sqrt(fan_in)
+    timestep_mapping: TimestepMapping = "reference"
+    recipe: Recipe = "reference"  # the name of the recipe these settings came from (recorded with the run)
+    a_init: AInit = "gaussian"  # LoRA A init: gaussian = N(0, 1/rank) (reference), uniform = +-1/sqrt(fan_in)
     anchor_weight: float = 0.0  # lambda of the anchor-preservation term (0: none, the reference)
     anchors_per_step: int = 1  # anchor prompts drawn per iteration
     anchors: Optional[list] = None  # anchor prompts; None: the concept's own
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
+                  (self.preset in LAYER_PRESETS, f"unknown layer preset {self.preset!r}: use {', '.join(LAYER_PRESETS)}"),
                   (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
                   (self.timestep_mapping in TIMESTEP_MAPPINGS,
                    f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
@@ -48,14 +48,18 @@ from .errors import UnguideError
 from .sampling import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
 
 
-SCORERS = ("fast", "reference", "response")
+ScorerKind = Literal["fast", "reference", "response"]
+SCORERS: tuple[str, ...] = get_args(ScorerKind)
+GateKind = Literal["empty", "calibrated", "value"]
+Weighting = Literal["binary", "continuous"]
+GuideMode = Literal["unguide", "base", "lora", "fixed"]
 
 
 @dataclass(frozen=True)
 class ScorerConfig:
     """Reference defaults: ``ScorerConfig.reference()``; the fast scorer is the default."""
 
-    kind: str = "fast"
+    kind: ScorerKind = "fast"
     draws: int = 6  # 95.3% of decisions equal to the reference's on 107 prompts (sun adapter); 236 evals/image
     schedule_steps: int = 13  # DDIM schedule the scoring trajectory follows
     trajectory_steps: int = 2  # steps of that schedule run with the base model before scoring
@@ -91,12 +95,12 @@ class Gate:
     """What a prompt's influence score is compared with: ``empty`` (d(""), the paper's), ``calibrated`` (the run's
     stored threshold) or ``value`` (a given threshold)."""
 
-    kind: str = "empty"
+    kind: GateKind = "empty"
     threshold: Optional[float] = None
     guidance: Optional[float] = None  # the CFG scale the threshold was calibrated at (scores must use the same)
 
     def __post_init__(self):
-        if self.kind not in ("empty", "calibrated", "value"):
+        if self.kind not in get_args(GateKind):
             raise UnguideError(f"unknown gate {self.kind!r}: use calibrated, empty or a number")
         if self.kind != "empty" and (self.threshold is None or not self.threshold > 0):
             raise UnguideError(f"the {self.kind} gate needs a positive threshold (got {self.threshold})")
@@ -127,13 +131,13 @@ class WeightRule:
     ``continuous``: w = w_keep + (w_erase - w_keep) * sigmoid(log(d(c) / d("")) / temperature), which equals the
     binary rule as temperature -> 0 and moves smoothly between the two for borderline prompts."""
 
-    rule: str = "binary"
+    rule: Weighting = "binary"
     w_erase: float = -1.0
     w_keep: float = 2.0
     temperature: float = 0.1
 
     def __post_init__(self):
-        if self.rule not in ("binary", "continuous"):
+        if self.rule not in get_args(Weighting):
             raise UnguideError(f"unknown weighting rule {self.rule!r}: use binary or continuous")
         if self.temperature <= 0:
             raise UnguideError(f"the continuous rule's temperature must be > 0 (got {self.temperature})")
@@ -246,7 +250,7 @@ class UnGuide:
     ``stored_empty``: d("") already computed for this adapter (the run's calibration), used when the scorer and
     guidance match, so a one-prompt call does not rescore the empty prompt."""
 
-    MODES = ("unguide", "base", "lora", "fixed")
+    MODES = get_args(GuideMode)
 
     def __init__(self, adapter, mode: str = "unguide", scorer: ScorerConfig = ScorerConfig(),
                  rule: WeightRule = WeightRule(), fixed_w: Optional[float] = None, gate: Gate = Gate(),

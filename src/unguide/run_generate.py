@@ -1,15 +1,14 @@
-"""``unguide generate``: prompts -> PNGs with metadata, an index and grids; resumable and
-splittable across processes (``accelerate launch``) with per-image seeds."""
+"""Generation into a folder (``unguide generate``, benchmarks, attacks): PNGs with metadata, an index and grids;
+resumable and splittable across processes (``accelerate launch``) with per-image seeds."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import UnguideError
 from .generation import Item, PlainGuide, item_metadata, sample_images, save_grid, save_png, write_index
 from .io import output_lock, write_json
-from .prompts import PromptRow, read_prompts
+from .prompts import PromptRow
 
 
 def plan_items(rows: Sequence[PromptRow], n: int, seed: int, guidance: float, height: int, width: int) -> list[Item]:
@@ -81,33 +80,3 @@ def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
         raise UnguideError(f"--steps must be at least 1 (got {steps})")
     if any(not r.prompt.strip() for r in rows):
         raise UnguideError("empty --prompt: give the text to draw")
-
-
-def generate_command(args) -> int:
-    """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
-    from .guidance import decision_settings
-    from .pipeline import UnGuidePipeline
-
-    rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
-    check_request(rows, args.n, args.steps)
-    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
-    if args.erasure:
-        pipe.load_erasure(args.erasure)
-    guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                       **decision_settings(args.scorer, args.weighting))
-    if getattr(guide, "note", None):
-        print(f"unguide: note: {guide.note}", file=sys.stderr)
-    bundle = pipe.bundle
-    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
-    items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
-    for it in items:
-        bundle.latent_shape(it.height, it.width)  # validate sizes before any work
-    info = {"model": bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
-            "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": pipe.erasure_info(guide)}
-    if args.dtype not in (None, "float32"):
-        info["dtype"] = args.dtype  # float32 (the default) goes unrecorded, as in runs made before --dtype
-    out = pipe.generate_to(items, args.out, num_inference_steps=args.steps, guide=guide, batch_size=args.batch_size,
-                           run_info=info)
-    n_files = sum(1 for it in items if (out / it.filename).exists())
-    print(f"{n_files} images in {out} (index: {out / 'index.jsonl'}, grid: {out / 'grid.png'})")
-    return 0

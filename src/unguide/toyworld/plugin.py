@@ -5,7 +5,7 @@ The library reaches this module only through the model registry (:func:`unguide.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -92,29 +92,26 @@ def decision_prompts(spec) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def train_command(args) -> int:
-    """``unguide train-toy``: the embedded model's stages (classifier, VAE, UNet, export)."""
+def train(out, stage: str = "all", classifier_steps: int = 1500, vae_steps: int = 700, unet: Optional[dict] = None,
+          max_minutes: Optional[float] = None, device: str = "cpu") -> None:
+    """``unguide train-toy``: the embedded model's stages (classifier, VAE, UNet, export); ``unet``: UNetConfig fields."""
     from pathlib import Path
 
     from ..errors import UnguideError
     from .classifier import ClassifierTrainConfig, train_classifier
     from .train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
 
-    out = Path(args.out)
-    if args.stage in ("classifier", "all"):
-        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=args.classifier_steps)))
-    if args.stage in ("vae", "all"):
-        train_vae(out, VAEConfig(steps=args.vae_steps))
-    if args.stage in ("unet", "all"):
+    out, cfg = Path(out), UNetConfig(**(unet or {}))
+    if stage in ("classifier", "all"):
+        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=classifier_steps)))
+    if stage in ("vae", "all"):
+        train_vae(out, VAEConfig(steps=vae_steps))
+    if stage in ("unet", "all"):
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        cfg = UNetConfig(steps=args.unet_steps, text_states=args.text_states, stop_after=args.stop_after,
-                         text_norm=args.text_norm, block_out_channels=args.unet_channels)
-        target = train_unet(out, cfg, max_minutes=args.max_minutes, device=args.device)
-        print(f"toyworld model written to {target}")
-    if args.stage == "export":
-        print(export_toyworld(out, UNetConfig(steps=args.unet_steps, text_norm=args.text_norm)))  # rest: the checkpoint's
-    return 0
+        print(f"toyworld model written to {train_unet(out, cfg, max_minutes=max_minutes, device=device)}")
+    if stage == "export":
+        print(export_toyworld(out, cfg))  # the architecture and text side come from the checkpoint
 
 
 def quality(bundle, **kw) -> dict:
