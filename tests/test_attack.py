@@ -56,6 +56,11 @@ def test_attack_command_reports_every_method(tmp_path):
     assert ug["budget"]["unet_evals"] > base["budget"]["unet_evals"] > 0  # the gate's scoring is part of the cost
     md = (tmp_path / "bench" / "attack" / "report.md").read_text()
     assert "| sun | unguide |" in md and (tmp_path / "bench" / "attack" / "grids" / "sun.png").exists()
+    from unguide.report import attack_summary  # what the benchmark report shows once its directory was attacked
+
+    summary = attack_summary(tmp_path / "bench")
+    row = next(line for line in summary.splitlines() if line.startswith("| unguide |"))
+    assert row.split("|")[2].strip() == f"{100 * ug['plain']['success_rate']:.0f}"
 
 
 def test_a_finished_attack_rerun_costs_nothing_more(toy_bundle, tmp_path):

@@ -448,9 +448,16 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                     bundle.clear_text_cache()  # the soft prompts registered for this method go with it
         report = {"concepts": list(results), "methods": list(methods), "config": asdict(cfg), "results": results}
         write_json(out / "report.json", report)
-        from .report import write_attack_report
+        from .report import write_attack_report, write_report
 
         write_attack_report(out, report)
+    bench_report = Path(bench_dir) / "report.json"
+    if out == Path(bench_dir) / "attack" and bench_report.exists():  # the benchmark report gains its attack columns
+        try:
+            with output_lock(bench_dir, "a benchmark"):
+                write_report(bench_dir, json.loads(bench_report.read_text()), bench.suite)
+        except UnguideError:
+            print(f"unguide: note: {bench_dir} is busy; its report shows the attack on the benchmark's next run")
     return report
 
 

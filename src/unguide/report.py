@@ -178,6 +178,9 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
                  "target, a synonym, held-out synonyms, 3 other classes")
     md += ["", f"## Grids (rows: {rows_text}; columns: " + ", ".join(methods) + ")", ""]
     md += [f"### {c}\n\n![{c}]({g.relative_to(out)})\n" for c, g in grids.items()]
+    attack = attack_summary(out)
+    if attack:
+        md += ["## Under attack", "", attack, ""]
     md_path = out / "report.md"
     write_text(md_path, "\n".join(md) + "\n")
 
@@ -208,6 +211,7 @@ img {{ image-rendering: pixelated; max-width: 100%; border: 1px solid #ddd; marg
 <p class="caption">{html.escape(protocol)}</p>
 <h2>Average over concepts</h2>{html_table(True)}
 <h2>Per concept</h2>{html_table(False)}
+{_markdown_table_html(attack, "Under attack") if attack else ""}
 <h2>Plots</h2>{''.join(f'<img src="{p.relative_to(out)}" alt="{p.stem}">' for p in plots)}
 <h2>Grids</h2><p class="caption">Rows: {html.escape(rows_text)}.
 Columns: {html.escape(', '.join(methods))} ({GRID_SAMPLES} samples each, same seeds).</p>
@@ -217,6 +221,43 @@ Columns: {html.escape(', '.join(methods))} ({GRID_SAMPLES} samples each, same se
     html_path = out / "report.html"
     write_text(html_path, page)
     return md_path, html_path
+
+
+def attack_summary(out: Path) -> str:
+    """The benchmark report's attack columns, when ``unguide attack`` has run on its directory: per method, the mean
+    success rate of each attack over the attacked concepts (details: attack/report.html)."""
+    path = out / "attack" / "report.json"
+    if not path.exists():
+        return ""
+    results = json.loads(path.read_text())["results"]
+    methods = list(dict.fromkeys(m for per in results.values() for m in per))
+    picks = [("target as written", lambda r: r["plain"]["success_rate"]),
+             ("word search (top-1)", lambda r: r["word_search"]["success_rate"]),
+             ("soft-token inversion", lambda r: r.get("inversion", {}).get("success_rate")),
+             ("any", lambda r: r["any_success_rate"])]
+    lines = [f"Success rates (% of images showing the erased concept) under `unguide attack`, mean over "
+             f"{', '.join(results)}; details: [attack/report.html](attack/report.html).", "",
+             "| method | " + " | ".join(name for name, _ in picks) + " | UNet evals per attack |",
+             "|" + "---|" * (len(picks) + 2)]
+    for m in methods:
+        rs = [per[m] for per in results.values() if m in per]
+        cells = []
+        for _, pick in picks:
+            vals = [pick(r) for r in rs if pick(r) is not None]
+            cells.append(f"{100 * np.mean(vals):.0f}" if vals else "–")
+        evals = np.mean([r["budget"]["unet_evals"] for r in rs])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {evals:,.0f} |")
+    return "\n".join(lines)
+
+
+def _markdown_table_html(text: str, title: str) -> str:
+    """A small markdown block (a paragraph and one table) as HTML."""
+    rows = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    para = html.escape(text.splitlines()[0])
+    cells = [[html.escape(c.strip()) for c in row.strip("|").split("|")] for row in rows]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<h2>{html.escape(title)}</h2><p class=\"caption\">{para}</p><table><tr>{head}</tr>{body}</table>"
 
 
 ATTACK_COLUMNS = [("plain", "target as written"), ("synonym", "best synonym"), ("word", "word search (top-1 by loss)"),
