@@ -70,24 +70,30 @@ def grid_prompts(case) -> list[str]:
 
 def _concept_grid(out: Path, concept: str, case, methods: list[str]) -> Path:
     """Rows: :func:`grid_prompts`; columns: methods (same seeds)."""
+    prompts = grid_prompts(case)
+    cells = [(out / "images" / ("base" if m == "base" else f"{concept}/{m}"), p) for p in prompts for m in methods]
+    return _save_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
+
+
+def _save_grid(target: Path, cells: list[tuple[Path, str]], ncol: int, row_labels: list[str],
+               col_labels: list[str]) -> Path:
+    """Up to GRID_SAMPLES images of each (folder, prompt) cell, row-major with ncol cells a row; white where images
+    are missing; labelled."""
     from .evaluate import read_index
 
-    prompts = grid_prompts(case)
-    tiles, size = [], None
-    for prompt in prompts:
-        for method in methods:
-            folder = out / "images" / ("base" if method == "base" else f"{concept}/{method}")
-            files = [r["file"] for r in read_index(folder) if r["prompt"] == prompt][:GRID_SAMPLES]
-            for f in files:
-                tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
-                size = size or tiles[-1].shape
-            tiles += [None] * (GRID_SAMPLES - len(files))
+    tiles, size, indexes = [], None, {}
+    for folder, prompt in cells:
+        index = indexes.setdefault(folder, read_index(folder))
+        files = [r["file"] for r in index if r["prompt"] == prompt][:GRID_SAMPLES]
+        for f in files:
+            tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
+            size = size or tiles[-1].shape
+        tiles += [None] * (GRID_SAMPLES - len(files))
     size = size or (32, 32, 3)
     tiles = [t if t is not None and t.shape == size else np.full(size, 255, np.uint8) for t in tiles]
-    target = out / "grids" / f"{concept}.png"
-    grid = make_grid(tiles, ncol=GRID_SAMPLES * len(methods), scale=max(1, 96 // size[1]))
+    grid = make_grid(tiles, ncol=GRID_SAMPLES * ncol, scale=max(1, 96 // size[1]))
     with atomic_path(target) as tmp:
-        _label_grid(grid, prompts, methods).save(tmp, format="PNG")
+        _label_grid(grid, row_labels, col_labels).save(tmp, format="PNG")
     return target
 
 
@@ -280,25 +286,10 @@ def _attack_cells(r: dict) -> dict[str, str]:
 
 def _attack_grid(out: Path, concept: str, results: dict) -> Path:
     """Rows: methods; columns: 4 images of the word search's top prompt, then 4 of the inverted soft prompt."""
-    from .evaluate import read_index
-
-    tiles, size = [], None
-    for method, r in results.items():
-        folder = out / concept / method / "images"
-        index = read_index(folder)
-        for prompt in (r["word_search"]["best_prompt"], f"<inverted {r['concept']}>"):
-            files = [row["file"] for row in index if row["prompt"] == prompt][:GRID_SAMPLES]
-            for f in files:
-                tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
-                size = size or tiles[-1].shape
-            tiles += [None] * (GRID_SAMPLES - len(files))
-    size = size or (32, 32, 3)
-    tiles = [t if t is not None and t.shape == size else np.full(size, 255, np.uint8) for t in tiles]
-    grid = make_grid(tiles, ncol=2 * GRID_SAMPLES, scale=max(1, 96 // size[1]))
-    target = out / "grids" / f"{concept}.png"
-    with atomic_path(target) as tmp:
-        _label_grid(grid, list(results), ["best word prompt", "inverted soft prompt"]).save(tmp, format="PNG")
-    return target
+    cells = [(out / concept / m / "images", p) for m, r in results.items()
+             for p in (r["word_search"]["best_prompt"], f"<inverted {r['concept']}>")]
+    return _save_grid(out / "grids" / f"{concept}.png", cells, 2, list(results),
+                      ["best word prompt", "inverted soft prompt"])
 
 
 def write_attack_report(out: str | Path, report: dict) -> tuple[Path, Path]:
