@@ -85,6 +85,19 @@ def test_cifar10_suite_end_to_end(cifar_run):
     assert "zero-shot CLIP" in (out / "report.md").read_text()
 
 
+def test_evaluate_and_benchmark_give_the_same_table1(cifar_run, tiny_clip):
+    """`unguide evaluate` on a benchmark folder computes what the benchmark computed (one core, one Table-1 module)."""
+    out, _ = cifar_run
+    folder = out / "images" / "sd-cat" / "unguide"
+    assert main(["evaluate", "--images", str(folder), "--judge", "clip", "--clip-model", str(tiny_clip), "--concept",
+                 "sd-cat", "--reference", str(out / "images" / "base")]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    bench = json.loads((out / "report.json").read_text())["per_concept"]["sd-cat"]["unguide"]
+    for key in ("acc_e", "acc_s", "acc_g", "h_o", "acc_e_top1", "h_o_top1"):
+        assert metrics["concept"][key] == pytest.approx(bench[key], abs=1e-6), key
+    assert math.isfinite(metrics["clip_score"]) and metrics["preservation"]["pairs"] == 26
+
+
 def test_cifar10_rerun_resumes_with_the_same_figures(cifar_run):
     out, args = cifar_run
     before = _numbers(json.loads((out / "report.json").read_text()))
