@@ -71,3 +71,31 @@ def test_a_finished_attack_rerun_costs_nothing_more(toy_bundle, tmp_path):
     assert first["budget"]["unet_evals"] > 0
     again = attack(*args, tmp_path / "m", cfg, progress=False)
     assert again["budget"] == first["budget"]
+
+
+def test_attack_on_stable_diffusion_with_the_users_images(tiny_sd, tiny_clip, tmp_path):
+    """On SD the attacker measures its loss on pictures the user gives, and the suite's CLIP judge scores the result."""
+    from PIL import Image
+
+    pics = tmp_path / "cats"
+    pics.mkdir()
+    for k in range(3):
+        Image.new("RGB", (24, 24), (60 * k, 120, 90)).save(pics / f"{k}.png")
+    args = ["attack", "--model", str(tiny_sd), "--suite", "cifar10", "--clip-model", str(tiny_clip), "--benchmark",
+            str(tmp_path / "bench"), "--concepts", "cat", "--methods", "base,selective", "--images", str(pics),
+            "--iterations", "1", "--candidates", "3", "--pairs", "2", "--renders", "2", "--keep", "1",
+            "--inversion-steps", "2", "--samples", "1", "--steps", "2"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench" / "attack" / "report.json").read_text())
+    for method in ("base", "selective"):
+        r = report["results"]["sd-cat"][method]
+        assert 0 <= r["plain"]["mean_p"] <= 1 and 0 <= r["inversion"]["mean_p"] <= 1
+        # target + 3 synonyms: the tiny character-level tokenizer has no whole words for the vocabulary search
+        assert r["budget"]["prompts_scored"] == 1 + 3 and r["word_search"]["best_prompt"] is None
+
+
+def test_attack_without_images_on_stable_diffusion_is_one_line(tiny_sd, tmp_path, capsys):
+    assert main(["attack", "--model", str(tiny_sd), "--suite", "cifar10", "--benchmark", str(tmp_path / "b"),
+                 "--concepts", "cat", "--methods", "base"]) == 2
+    err = capsys.readouterr().err
+    assert "--images" in err and err.count("\n") == 1

@@ -300,12 +300,14 @@ def _cmd_attack(args) -> int:
     report = attack_benchmark(bundle, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
                               suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
+    def pct(rate) -> str:
+        return "    –" if rate is None else f"{100 * rate:5.1f}%"
+
     for concept, methods_ in report["results"].items():
         for method, r in methods_.items():
-            print(f"{concept:10s} {method:18s} target {100 * r['plain']['success_rate']:5.1f}%  word search "
-                  f"{100 * r['word_search']['success_rate']:5.1f}%  inversion "
-                  f"{100 * r.get('inversion', {}).get('success_rate', float('nan')):5.1f}%  any "
-                  f"{100 * r['any_success_rate']:5.1f}%  ({r['budget']['seconds']:.0f} s)")
+            print(f"{concept:10s} {method:18s} target {pct(r['plain']['success_rate'])}  word search "
+                  f"{pct(r['word_search']['success_rate'])}  inversion {pct(r.get('inversion', {}).get('success_rate'))}"
+                  f"  any {pct(r['any_success_rate'])}  ({r['budget']['seconds']:.0f} s)")
     print(f"report: {out / 'report.html'} (also report.md, report.json)")
     return 0
 
