@@ -81,29 +81,12 @@ class Defence:
         return self.guide.decide(self.bundle, list(prompts), self.guidance)
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Conditional noise prediction, each branch evaluated only for the rows that need it."""
+        """Conditional noise prediction, mixed as generation mixes its guided predictions."""
+        from .guidance import mix_by_weight
         from .sampling import unet_eps
 
         unet = self.bundle.unet
-        out = torch.zeros_like(z)
-        base_rows, lora_rows = torch.nonzero(w != 0).flatten(), torch.nonzero(w != 1).flatten()
-        if len(base_rows):
-            ctx = self.adapter.base() if self.adapter is not None else _nothing()
-            with ctx:
-                e = unet_eps(unet, z[base_rows], t[base_rows], states[base_rows])
-            out[base_rows] = w[base_rows].view(-1, 1, 1, 1).to(e.dtype) * e
-        if len(lora_rows):
-            e = unet_eps(unet, z[lora_rows], t[lora_rows], states[lora_rows])
-            out[lora_rows] = out[lora_rows] + (1 - w[lora_rows]).view(-1, 1, 1, 1).to(e.dtype) * e
-        return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        return mix_by_weight(w, self.adapter, lambda rows: unet_eps(unet, z[rows], t[rows], states[rows]), z)
 
 
 @dataclass
@@ -401,7 +384,7 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
     from .benchmark import METHOD_RUNS, METHODS, Benchmark, BenchmarkConfig
     from .erase import attach_erasure
-    from .evaluate import load_images
+    from .evaluate import load_image_folder
     from .guidance import guide_for_run
     from .io import output_lock
     from .judges import DEFAULT_CLIP, make_judge
@@ -419,11 +402,7 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                            "renders them itself)")
     user_images = None
     if images is not None:
-        folder = Path(images)
-        paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) if folder.is_dir() else []
-        if not paths:
-            raise UnguideError(f"--images {images}: no .png/.jpg images found: give a folder of pictures of the concept")
-        user_images = _resized(paths, bundle.image_size)
+        user_images = load_image_folder(images, bundle.image_size, "--images (pictures of the concept)")
     judge = make_judge(bench.suite.judge, clip_model=clip_model or DEFAULT_CLIP, device=bundle.device)
     out = Path(out) if out else Path(bench_dir) / "attack"
     results: dict = {}
@@ -460,9 +439,3 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
             print(f"unguide: note: {bench_dir} is busy; its report shows the attack on the benchmark's next run")
     return report
 
-
-def _resized(paths, size: int) -> torch.Tensor:
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

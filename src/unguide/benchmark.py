@@ -35,7 +35,7 @@ import torch
 
 from .erase import EraseConfig, attach_erasure, erase, read_run
 from .errors import UnguideError
-from .evaluate import class_judgements, load_folder
+from .evaluate import class_judgements, load_folder, load_image_folder
 from .generation import PlainGuide
 from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, guide_for_run
 from .io import output_lock, write_json
@@ -273,15 +273,7 @@ class Benchmark:
 
     def _reference_features(self, clip) -> torch.Tensor:
         if not hasattr(self, "_ref_feats"):
-            folder = Path(self.cfg.fid_reference)
-            paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-            if len(paths) < 2:
-                raise UnguideError(f"--fid-reference {folder}: FID needs at least 2 images (.png/.jpg), found {len(paths)}")
-            size = self.bundle.image_size
-            from PIL import Image
-
-            tmp = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths]
-            imgs = torch.from_numpy(np.stack(tmp)).permute(0, 3, 1, 2).float() / 255.0
+            imgs = load_image_folder(self.cfg.fid_reference, self.bundle.image_size, "--fid-reference (FID)", minimum=2)
             self._ref_feats = clip.features(imgs)
         return self._ref_feats
 

@@ -52,6 +52,20 @@ def load_images(paths: Sequence[str | Path]) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_image_folder(folder: str | Path, size: int, what: str, minimum: int = 1) -> torch.Tensor:
+    """Every picture in a folder the user gives (any names, any sizes), resized to size x size, as (N, 3, H, W) in
+    [0, 1]; ``what`` names the flag in the error."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if len(paths) < minimum:
+        raise UnguideError(f"{what} {folder}: needs at least {minimum} .png/.jpg images, found {len(paths)}")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
 def class_judgements(judge: ClassJudge, images: torch.Tensor, classes: Sequence[str], aliases: dict,
                      image_classes: Sequence[Optional[str]]) -> dict:
     """Per image: the judge's probability of its class (``p_correct``), whether its arg-max is that class

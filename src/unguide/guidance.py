@@ -314,7 +314,6 @@ class UnGuide:
         never touch the base model."""
         unet, adapter = bundle.unet, self.adapter
         w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device)
-        base_rows, lora_rows = torch.nonzero(w != 0).flatten(), torch.nonzero(w != 1).flatten()
         scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
 
         def branch(x, t, rows):
@@ -323,18 +322,26 @@ class UnGuide:
             s = scale[rows] if scale.ndim == 1 else scale
             return cfg_eps(unet, x[rows], t, cond[rows], uncond[rows], s)
 
-        def eps(x, t, i):
-            out = torch.zeros_like(x)
-            if len(base_rows):
-                with adapter.base():
-                    e = branch(x, t, base_rows)
-                wb = w[base_rows].view(-1, 1, 1, 1)
-                out[base_rows] = torch.where(wb == 1, e, wb * e)  # w = 1: the base prediction itself, bit for bit
-            if len(lora_rows):
-                out[lora_rows] = out[lora_rows] + (1 - w[lora_rows]).view(-1, 1, 1, 1) * branch(x, t, lora_rows)
-            return out
+        return lambda x, t, i: mix_by_weight(w, adapter, lambda rows: branch(x, t, rows), x)
 
-        return eps
+
+def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torch.Tensor:
+    """``w * predict(rows)`` with the adapter off plus ``(1 - w) * predict(rows)`` with it on, each branch evaluated
+    only for the rows that need it: rows with w = 1 never touch the adapter (their prediction is the base model's, bit
+    for bit), rows with w = 0 never touch the base model. ``adapter`` None: there is only the base model (w = 1)."""
+    from contextlib import nullcontext
+
+    out = torch.zeros_like(like)
+    base_rows, lora_rows = torch.nonzero(w != 0).flatten(), torch.nonzero(w != 1).flatten()
+    if len(base_rows):
+        with adapter.base() if adapter is not None else nullcontext():
+            e = predict(base_rows)
+        wb = w[base_rows].view(-1, 1, 1, 1).to(e.dtype)
+        out[base_rows] = torch.where(wb == 1, e, wb * e)
+    if len(lora_rows):
+        e = predict(lora_rows)
+        out[lora_rows] = out[lora_rows] + (1 - w[lora_rows]).view(-1, 1, 1, 1).to(e.dtype) * e
+    return out
 
 
 def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,

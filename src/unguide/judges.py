@@ -69,6 +69,14 @@ class ClipJudge(ClassJudge):
             raise UnguideError(f"could not load the CLIP judge {model!r} ({first}): pass --clip-model with a local CLIP "
                                "directory (model + tokenizer) or a hub id reachable from this machine") from None
         self.template, self.model_name = template, model
+        self._last: tuple = (None, None)  # (images, their embeddings): evaluation asks three questions of one set
+
+    def _embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        from .metrics.clip import image_embeddings
+
+        if self._last[0] is not images:
+            self._last = (images, image_embeddings(self.model, images))
+        return self._last[1]
 
     def label_set(self, classes: Sequence[str]) -> list[str]:
         return list(classes)
@@ -77,21 +85,20 @@ class ClipJudge(ClassJudge):
         from .metrics.clip import zero_shot_probs
 
         words = [(c, c) for c in classes] + [(c, a) for c in classes for a in (aliases or {}).get(c, ()) if a != c]
-        probs = zero_shot_probs(self.model, self.tokenizer, images, [w for _, w in words], template=self.template)
+        probs = zero_shot_probs(self.model, self.tokenizer, images, [w for _, w in words], template=self.template,
+                                image_emb=self._embeddings(images))
         out = torch.zeros(len(images), len(classes))
         for k, (c, _) in enumerate(words):
             out[:, list(classes).index(c)] += probs[:, k]
         return out
 
     def features(self, images):
-        from .metrics.clip import image_embeddings
-
-        return image_embeddings(self.model, images).cpu()
+        return self._embeddings(images).cpu()
 
     def clip_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         from .metrics.clip import clip_score
 
-        return clip_score(self.model, self.tokenizer, images, list(prompts))
+        return clip_score(self.model, self.tokenizer, images, list(prompts), image_emb=self._embeddings(images))
 
 
 class NudeNetJudge:

@@ -61,20 +61,22 @@ def text_embeddings(model, tokenizer, texts: list[str]) -> Tensor:
 
 @torch.no_grad()
 def zero_shot_probs(model, tokenizer, images: Tensor, labels: list[str], template: str = "a photo of the {}",
-                    batch_size: int = 32) -> Tensor:
-    """Zero-shot class probabilities ``[N, L]``: softmax over logit_scale.exp() * cos(image, template(label))."""
+                    batch_size: int = 32, image_emb: Tensor | None = None) -> Tensor:
+    """Zero-shot class probabilities ``[N, L]``: softmax over logit_scale.exp() * cos(image, template(label));
+    ``image_emb``: the images' embeddings when the caller already has them."""
     text = text_embeddings(model, tokenizer, [template.format(label) for label in labels])
-    img = image_embeddings(model, images, batch_size)
+    img = image_emb.to(text.device) if image_emb is not None else image_embeddings(model, images, batch_size)
     logits = model.logit_scale.exp().float() * img @ text.T
     return logits.softmax(dim=-1).cpu()
 
 
 @torch.no_grad()
-def clip_score(model, tokenizer, images: Tensor, prompts: list[str], batch_size: int = 32) -> Tensor:
+def clip_score(model, tokenizer, images: Tensor, prompts: list[str], batch_size: int = 32,
+               image_emb: Tensor | None = None) -> Tensor:
     """CLIP score per (image, prompt) pair: 100 * max(cos(image, prompt), 0) -> ``[N]``."""
     if len(prompts) != len(images):
         raise ValueError(f"need one prompt per image, got {len(prompts)} prompts for {len(images)} images")
-    img = image_embeddings(model, images, batch_size)
+    img = image_emb if image_emb is not None else image_embeddings(model, images, batch_size)
     text = torch.cat([text_embeddings(model, tokenizer, prompts[i:i + batch_size])
                       for i in range(0, len(prompts), batch_size)])
     return (100 * (img * text).sum(dim=-1).clamp(min=0)).cpu()
