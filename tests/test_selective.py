@@ -12,7 +12,8 @@ from unguide.adapters import make_adapter
 from unguide.suites import concept_rows as benchmark_rows
 from unguide.cli import main
 from unguide.concepts import ConceptSpec, load_preset, preset_names
-from unguide.erase import EraseConfig, attach_erasure, concept_prompts, erase, erasure_loss
+from unguide.erase import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase, erasure_loss
+from unguide.errors import UnguideError
 from unguide.generation import Item, PlainGuide, read_png_metadata, sample_images
 from unguide.guidance import EvalCounter, ScorerConfig, guide_for_run
 from unguide.sampling import make_scheduler
@@ -49,7 +50,8 @@ def test_anchor_term_is_zero_at_init_and_its_gradient_reaches_A(tiny_sd):
     bundle = load_model(str(tiny_sd))
     cfg = EraseConfig.from_recipe("selective", ddim_steps=8)
     adapter = make_adapter(bundle.unet, cfg.adapter_config(), init_seed=0)
-    prompts = concept_prompts(bundle, CAT)
+    erased, ref, empty = concept_prompts(bundle, CAT, cfg)
+    prompts = (erased[0], ref, empty)
     anchors = bundle.encode_prompts(ANCHORS[1:3])
     sched = make_scheduler(bundle, cfg.ddim_steps)
     z = torch.randn(1, *bundle.latent_shape(), generator=torch.Generator().manual_seed(0))
@@ -82,6 +84,33 @@ def test_selective_run_resumes_to_the_same_adapter(tiny_sd, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5] and all(len(r["anchors"]) == 2 for r in log)
+
+
+def test_selective_recipe_erases_the_trained_synonyms_too(tiny_sd, selective_run, tmp_path):
+    """Each iteration erases one concept prompt drawn from (seed, i); the reference recipe erases the target alone."""
+    bundle = load_model(str(tiny_sd))
+    erased, _, _ = concept_prompts(bundle, CAT, EraseConfig.from_recipe("selective"))
+    assert len(erased) == 2 and torch.equal(erased[1], bundle.encode_prompts(["a photo of the kitty"]))
+    assert len(concept_prompts(bundle, CAT, EraseConfig())[0]) == 1
+    log = [json.loads(line) for line in (selective_run / "train_log.jsonl").read_text().splitlines()]
+    cfg = EraseConfig.from_recipe("selective", iterations=4, ddim_steps=8, lr=1e-2)
+    assert [r["erased"] for r in log] == [_iteration_prompt(cfg, i, 2) for i in range(4)]
+    assert {_iteration_prompt(cfg, i, 2) for i in range(40)} == {0, 1}  # both prompts drawn
+    meta = json.loads((selective_run / "erasure.json").read_text())
+    assert meta["config"]["erase_synonyms"] is True
+
+
+def test_a_run_from_before_a_setting_existed_still_attaches(tiny_sd, tmp_path):
+    """A stored config without a newer setting reads as that setting's default (no 'other settings' error)."""
+    bundle = load_model(str(tiny_sd))
+    cfg = EraseConfig(iterations=2, ddim_steps=8)
+    first = erase(bundle, CAT, tmp_path / "r", cfg, progress=False)
+    meta = json.loads((tmp_path / "r" / "erasure.json").read_text())
+    del meta["config"]["erase_synonyms"]
+    (tmp_path / "r" / "erasure.json").write_text(json.dumps(meta))
+    assert erase(bundle, CAT, tmp_path / "r", cfg, progress=False)["losses"] == first["losses"]
+    with pytest.raises(UnguideError, match="other settings"):
+        erase(bundle, CAT, tmp_path / "r", EraseConfig(iterations=2, ddim_steps=8, erase_synonyms=True), progress=False)
 
 
 def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):

@@ -104,7 +104,7 @@ def _cmd_erase(args) -> int:
                                   lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
                                   a_init=args.a_init, anchor_weight=args.anchor_weight,
-                                  anchors_per_step=args.anchors_per_step,
+                                  anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
                                   anchors=read_anchor_file(args.anchors) if args.anchors else None)
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
     e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
     e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default 1)")
+    e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
+                   help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
+                   "(selective: on; reference: off, the target alone)")
     e.add_argument("--eta", type=float, default=None, help="negative guidance strength (default 2)")
     e.add_argument("--start-guidance", type=float, default=None, help="default 9")
     e.add_argument("--rank", type=int, default=None, help="default 1")

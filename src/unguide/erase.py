@@ -51,7 +51,7 @@ RECIPES: tuple[str, ...] = get_args(Recipe)
 # what each recipe changes from the reference protocol's defaults (the dataclass defaults below)
 RECIPE_SETTINGS = {
     "reference": {},
-    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1},
+    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1, "erase_synonyms": True},
 }
 # how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
 RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
@@ -82,6 +82,9 @@ class EraseConfig:
     anchor_weight: float = 0.0  # lambda of the anchor-preservation term (0: none, the reference)
     anchors_per_step: int = 1  # anchor prompts drawn per iteration
     anchors: Optional[list] = None  # anchor prompts; None: the concept's own
+    # False (reference): every iteration erases the target prompt; True: each iteration erases one prompt drawn from
+    # the target and the concept's trained synonyms, so the adapter learns the words the spec lists, not one phrase
+    erase_synonyms: bool = False
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
@@ -125,6 +128,13 @@ def _iteration_anchors(cfg: EraseConfig, i: int, n_anchors: int) -> list[int]:
     return sorted(rng.choice(n_anchors, size=min(cfg.anchors_per_step, n_anchors), replace=False).tolist())
 
 
+def _iteration_prompt(cfg: EraseConfig, i: int, n_prompts: int) -> int:
+    """Which of the concept's prompts (0: the target) iteration i erases: a pure function of (seed, i)."""
+    if not cfg.erase_synonyms or n_prompts == 1:
+        return 0
+    return int(np.random.default_rng([cfg.seed, i, 2]).integers(n_prompts))
+
+
 def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts,
                  anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The negative-guidance loss at one (k, t, z_T), plus ``anchor_weight`` x the anchor-preservation loss when
@@ -151,9 +161,13 @@ def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torc
     return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
 
 
-def concept_prompts(bundle, concept: ConceptSpec):
+def concept_prompts(bundle, concept: ConceptSpec, cfg: EraseConfig):
+    """Encoded (prompts to erase, reference, empty): the target first, then the trained synonyms if the recipe
+    erases them."""
     dtype = bundle.unet.dtype
-    return tuple(bundle.encode_prompts([p]).to(dtype) for p in (concept.target, concept.reference, ""))
+    erased = [concept.target, *(concept.synonym_prompts(heldout=False) if cfg.erase_synonyms else [])]
+    encoded = [bundle.encode_prompts([p]).to(dtype) for p in dict.fromkeys(erased)]
+    return encoded, *(bundle.encode_prompts([p]).to(dtype) for p in (concept.reference, ""))
 
 
 def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
@@ -189,7 +203,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     if meta_path.exists():
         done = json.loads(meta_path.read_text())
         if done.get("status") == "finished":
-            if done.get("base_fingerprint") != fingerprint or done.get("config") != asdict(cfg) \
+            if done.get("base_fingerprint") != fingerprint or not _same_config(done.get("config"), cfg) \
                     or done.get("concept") != concept.to_dict():
                 raise UnguideError(f"{out} already holds a finished run with other settings: choose another --out")
             return done
@@ -203,7 +217,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         state_path = out / CHECKPOINT_STATE
         if state_path.exists():
             state = json.loads(state_path.read_text())
-            if state.get("config") != asdict(cfg) or state.get("base_fingerprint") != fingerprint:
+            if not _same_config(state.get("config"), cfg) or state.get("base_fingerprint") != fingerprint:
                 raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
                                    "use another --out or delete that directory")
             if state.get("dtype", "float32") != dtype_name:
@@ -216,7 +230,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
         shape = bundle.latent_shape()
         device, dtype = bundle.device, unet.dtype
-        tgt, ref, empty = concept_prompts(bundle, concept)
+        erased, ref, empty = concept_prompts(bundle, concept, cfg)
         anchor_states = bundle.encode_prompts(anchors).to(dtype) if anchors else None
         sched = make_scheduler(bundle, cfg.ddim_steps)
         t0 = time.time()
@@ -228,14 +242,17 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
             if cfg.timestep_mapping == "aligned":
                 t = int(sched.timesteps[k])
             drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
-            loss, parts = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype), (tgt, ref, empty),
-                                       anchor_states[drawn] if drawn else None)
+            which = _iteration_prompt(cfg, i, len(erased))
+            loss, parts = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype),
+                                       (erased[which], ref, empty), anchor_states[drawn] if drawn else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(round(loss.item(), 6))
             bar.set_postfix(loss=f"{loss.item():.4f}")
             row = {"iteration": i + 1, "k": k, "t": t, "loss": losses[-1]}
+            if len(erased) > 1:
+                row["erased"] = which
             if drawn:
                 row.update(anchors=[anchors[j] for j in drawn], **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
             with open(out / LOG_FILE, "a") as f:
@@ -263,6 +280,13 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
     return meta
+
+
+def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
+    """Whether a stored run's settings are ``cfg``'s; a setting added after the run was made counts as its default,
+    so runs of earlier versions still resume and attach."""
+    defaults = asdict(EraseConfig())
+    return stored is not None and {**defaults, **stored} == asdict(cfg)
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
