@@ -170,12 +170,18 @@ class Benchmark:
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _images(self, name: str, method: str) -> tuple[list[dict], torch.Tensor, Path]:
         folder = self.out / "images" / ("base" if method == "base" else f"{name}/{method}")
-        rows, imgs = load_folder(folder)
+        rows, imgs = self._load(folder)
         if method == "base":  # the shared base folder holds every concept's prompts: keep this concept's
             wanted = {r["prompt"] for r in self.suite.cases[name].rows}
             idx = [i for i, r in enumerate(rows) if r["prompt"] in wanted]
             rows, imgs = [rows[i] for i in idx], imgs[idx]
         return rows, imgs, folder
+
+    def _load(self, folder: Path) -> tuple[list[dict], torch.Tensor]:
+        """A folder's images, the first ``samples`` per prompt: a folder may hold more from an earlier, larger run."""
+        rows, imgs = load_folder(folder)
+        idx = [i for i, r in enumerate(rows) if r.get("sample_index", 0) < self.cfg.samples]
+        return ([rows[i] for i in idx], imgs[idx]) if len(idx) < len(rows) else (rows, imgs)
 
     def evaluate(self) -> dict:
         judge = make_judge(self.suite.judge, clip_model=self.cfg.clip_model or DEFAULT_CLIP, device=self.bundle.device)
@@ -194,7 +200,7 @@ class Benchmark:
         from .metrics.erasure import table1_metrics
         from .metrics.preservation import fid_kid, pixel_error, ssim
 
-        base_rows, base_imgs = load_folder(self.out / "images" / "base")
+        base_rows, base_imgs = self._load(self.out / "images" / "base")
         base_key = {(r["prompt"], r["seed"]): i for i, r in enumerate(base_rows)}
         base_feats = judge.features(base_imgs)
         base_judged: dict = {}  # per class set: a fixed-label judge (toy) scores the base images once
