@@ -240,3 +240,14 @@ def test_a_calibration_that_does_not_separate_falls_back_to_the_adapter_alone():
     assert trusted.mode == "unguide" and trusted.note is None and trusted.rule.w_keep == 1.0
     for asked in ("empty", "calibrated", "0.5"):  # a gate the caller names is obeyed as given
         assert guide_for_run(object(), {"gate": stored}, gate=asked).mode == "unguide"
+
+
+def test_a_spec_can_keep_its_synonyms_out_of_the_erasure():
+    """The toy 'red' (synonym prompts that name one object) erases its target alone; a flag still overrides the spec."""
+    red, sun = load_preset("red"), load_preset("sun")
+    assert red.erase_synonyms is False and sun.erase_synonyms is None
+    assert EraseConfig.for_concept("selective", red).erase_synonyms is False
+    assert EraseConfig.for_concept("selective", red, erase_synonyms=True).erase_synonyms is True
+    assert EraseConfig.for_concept("selective", sun).erase_synonyms is True
+    assert EraseConfig.for_concept("selective", red).preset == "explicit"
+    assert EraseConfig.for_concept("reference", sun) == EraseConfig()

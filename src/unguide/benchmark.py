@@ -108,9 +108,11 @@ class Benchmark:
 
     def erase_config(self, method: str, concept: Optional[str] = None) -> EraseConfig:
         recipe, preset, _, _ = METHOD_RUNS[method]
-        preset = preset or (self.specs[concept].preset if concept else "object")
         lr = self.cfg.erase_lr if recipe == "reference" else None
-        return EraseConfig.from_recipe(recipe, preset=preset, iterations=self.cfg.erase_iterations, lr=lr)
+        if concept is None:
+            return EraseConfig.from_recipe(recipe, preset=preset or "object", iterations=self.cfg.erase_iterations, lr=lr)
+        return EraseConfig.for_concept(recipe, self.specs[concept], preset=preset, iterations=self.cfg.erase_iterations,
+                                       lr=lr)
 
     def ensure_run(self, concept: str, method: str) -> Path:
         """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""

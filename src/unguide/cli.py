@@ -100,7 +100,7 @@ def _cmd_erase(args) -> int:
     from .models import load_model
 
     concept = resolve_concept(args.concept, args.concept_file)
-    cfg = EraseConfig.from_recipe(args.recipe, preset=args.preset or concept.preset, iterations=args.iterations,
+    cfg = EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
                                   lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
                                   a_init=args.a_init, anchor_weight=args.anchor_weight,

@@ -11,6 +11,7 @@ A concept file is JSON::
       "preset": "object",                    # default layer preset: object | explicit | full
       "anchors": ["a photo of the moon", ""], # prompts the selective recipe keeps unchanged ("" = the empty prompt)
       "anchors_file": "anchors.txt",         # or: a text file of anchors, one a line, relative to this file
+      "erase_synonyms": false,               # optional: erase the target alone even in the selective recipe
       "notes": "free text"
     }
 
@@ -34,7 +35,7 @@ from .errors import UnguideError
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
            "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
-           "anchors": list, "anchors_file": str}
+           "anchors": list, "anchors_file": str, "erase_synonyms": bool}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ConceptSpec:
     synonym_template: str = "a photo of the {}"  # how a synonym word becomes a prompt
     model: Optional[str] = None  # the family the preset was written for: toyworld or sd
     anchors: list[str] = field(default_factory=list)  # prompts to preserve (selective recipe); "" allowed
+    erase_synonyms: Optional[bool] = None  # None: the recipe decides (selective erases the trained synonyms too)
 
     def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
         words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]

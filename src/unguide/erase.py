@@ -108,6 +108,17 @@ class EraseConfig:
         settings = {**RECIPE_SETTINGS[recipe], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(recipe=recipe, **settings)
 
+    @classmethod
+    def for_concept(cls, recipe: str, concept: ConceptSpec, **overrides) -> "EraseConfig":
+        """``from_recipe`` with what the concept's spec asks for where ``overrides`` leave it open (None): its layer
+        preset and, if the spec says, whether to erase its synonyms (an attribute whose synonym prompts name one
+        object, like the toy 'red', turns it off)."""
+        spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
+        for key, value in spec.items():
+            if overrides.get(key) is None:
+                overrides[key] = value
+        return cls.from_recipe(recipe, **overrides)
+
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(self.preset, self.rank, self.alpha, self.a_init)
 
