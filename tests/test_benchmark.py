@@ -38,7 +38,7 @@ def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     assert first_img.stat().st_mtime_ns == img_mtime
     assert "| average | unguide |" in capsys.readouterr().out
     # a smaller run over the same folder evaluates the first --samples images of every method, base included
-    assert main([*args[:4], "--samples", "1", *args[6:]]) == 0
+    assert main([*args[:3], "--samples", "1", *args[5:]]) == 0
     smaller = json.loads((out / "report.json").read_text())["per_concept"]["sun"]
     assert {m: r["n_images"] for m, r in smaller.items()} == {m: 1 + 1 + 2 + 9 for m in smaller}
 

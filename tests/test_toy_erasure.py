@@ -15,7 +15,8 @@ def test_erasure_loss_falls_on_the_embedded_model():
     spec = load_preset("sun")
     cfg = EraseConfig(seed=1, lr=1e-3)
     adapter = make_adapter(bundle.unet, cfg.adapter_config(), init_seed=cfg.seed)
-    prompts = concept_prompts(bundle, spec)
+    erased, ref, empty = concept_prompts(bundle, spec, cfg)
+    prompts = (erased[0], ref, empty)
     sched = make_scheduler(bundle, cfg.ddim_steps)
     probes = [(k, t, _iteration_sample(cfg, 10_000 + i, bundle.latent_shape())[2]) for i, (k, t) in
               enumerate([(3, 70), (10, 210), (20, 410), (30, 610)])]
