@@ -15,7 +15,9 @@ Two recipes (``EraseConfig.from_recipe``):
   states carry the concept, lr 1e-3, and an anchor term: at the same z_k and t, the adapted model must predict
   what the base model predicts for anchor prompts (``anchor_weight * MSE``). With a random A that the reference
   lr never moves, the adapter acts on every prompt alike; with a learnable A plus anchors it learns to leave
-  prompts unlike the target alone, including ones it never saw (docs/findings-toyworld.md).
+  prompts unlike the target alone, including ones it never saw (docs/findings-toyworld.md). Each iteration erases
+  one prompt drawn from the target and the spec's trained synonyms (``erase_synonyms``), so the adapter learns the
+  words the spec lists, not one phrase; a spec may turn this off (``EraseConfig.for_concept``).
 
 At the end of every run the gate is calibrated (:func:`unguide.guidance.calibrate_gate`) and stored with it.
 """
