@@ -106,11 +106,9 @@ class Benchmark:
     def run_dir(self, concept: str, method: str) -> Path:
         return self.out / "runs" / concept / METHOD_RUNS[method][2]
 
-    def erase_config(self, method: str, concept: Optional[str] = None) -> EraseConfig:
+    def erase_config(self, method: str, concept: str) -> EraseConfig:
         recipe, preset, _, _ = METHOD_RUNS[method]
         lr = self.cfg.erase_lr if recipe == "reference" else None
-        if concept is None:
-            return EraseConfig.from_recipe(recipe, preset=preset or "object", iterations=self.cfg.erase_iterations, lr=lr)
         return EraseConfig.for_concept(recipe, self.specs[concept], preset=preset, iterations=self.cfg.erase_iterations,
                                        lr=lr)
 
