@@ -17,6 +17,8 @@ from unguide.errors import UnguideError
 from unguide.generation import Item, PlainGuide, read_png_metadata, sample_images
 from unguide.guidance import EvalCounter, ScorerConfig, guide_for_run
 from unguide.sampling import make_scheduler
+from unguide.toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
+from unguide.toyworld.render import OBJECTS
 
 ANCHORS = ["", "a photo of the house", "a photo of the tree", "a photo of the river"]
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
@@ -207,6 +209,16 @@ def test_presets_ship_anchors_that_keep_evaluation_held_out():
         assert len(spec.anchors) >= 50 and "" in spec.anchors
         hits = [a for a in spec.anchors for w in words if re.search(rf"\b{re.escape(w)}\b", a)]
         assert not hits, (name, hits)
+    toy_words = set(OBJECTS) | {w for v in (*TRAIN_SYNONYMS.values(), *HELDOUT_SYNONYMS.values()) for s in v
+                                for w in s.split()}
+    for name in OBJECTS:
+        rows = benchmark_rows(load_preset(name))
+        kept = {r["class"] for r in rows if r["role"] == "anchor"}
+        held_out = {r["class"] for r in rows if r["role"] == "other"}
+        vocabulary = [a for a in load_preset(name).anchors if not any(w in a for w in toy_words)]
+        named = {w for a in load_preset(name).anchors for w in toy_words if re.search(rf"\b{re.escape(w)}\b", a)}
+        assert len(kept) == 4 and len(held_out) == 5 and named <= kept, (name, named - kept)
+        assert len(vocabulary) >= 50  # the generic vocabulary: no word in it is, or contains, a toy class or synonym
     sun = benchmark_rows(load_preset("sun"))
     assert [r["class"] for r in sun if r["role"] == "anchor"] == ["moon", "star", "heart", "house"]
     assert [r["class"] for r in sun if r["role"] == "other"] == ["tree", "fish", "flower", "boat", "umbrella"]
@@ -251,3 +263,12 @@ def test_a_spec_can_keep_its_synonyms_out_of_the_erasure():
     assert EraseConfig.for_concept("selective", sun).erase_synonyms is True
     assert EraseConfig.for_concept("selective", red).preset == "explicit"
     assert EraseConfig.for_concept("reference", sun) == EraseConfig()
+
+
+def test_a_spec_may_list_anchors_and_name_an_anchor_file(tmp_path):
+    (tmp_path / "vocab.txt").write_text('# shared words\na photo of the chair\n""\na photo of the lamp\n')
+    spec = tmp_path / "cat.json"
+    spec.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest",
+                                "anchors": ["a photo of the dog", ""], "anchors_file": "vocab.txt"}))
+    from unguide.concepts import load_concept_file
+    assert load_concept_file(spec).anchors == ["a photo of the dog", "", "a photo of the chair", "a photo of the lamp"]

@@ -10,7 +10,7 @@ A concept file is JSON::
       "other": ["a photo of the moon"],      # unrelated prompts that must keep their images
       "preset": "object",                    # default layer preset: object | explicit | full
       "anchors": ["a photo of the moon", ""], # prompts the selective recipe keeps unchanged ("" = the empty prompt)
-      "anchors_file": "anchors.txt",         # or: a text file of anchors, one a line, relative to this file
+      "anchors_file": "anchors.txt",         # and/or: a text file of anchors, one a line, relative to this file
       "erase_synonyms": false,               # optional: erase the target alone even in the selective recipe
       "notes": "free text"
     }
@@ -91,11 +91,10 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
     if preset not in LAYER_PRESETS:
         raise UnguideError(f"{_where(source)}: unknown preset {preset!r}: use one of {', '.join(LAYER_PRESETS)}")
     data = dict(data)
-    if "anchors_file" in data:
-        if "anchors" in data:
-            raise UnguideError(f"{_where(source)}: give 'anchors' or 'anchors_file', not both")
+    if "anchors_file" in data:  # the listed anchors first, then the file's (a list of a few plus a shared vocabulary)
         base = Path(source).parent if source != "<dict>" else Path(".")
-        data["anchors"] = read_anchor_file(base / data.pop("anchors_file"))
+        listed = data.get("anchors", [])
+        data["anchors"] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop("anchors_file"))))
     spec = ConceptSpec(**data)
     if not spec.name:
         spec.name = Path(source).stem if source != "<dict>" else spec.target
