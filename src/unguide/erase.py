@@ -13,7 +13,7 @@ Two recipes (``EraseConfig.from_recipe``):
 * ``reference``: the paper's protocol, unchanged (LoRA A ~ N(0, 1), lr 3e-5, no anchors).
 * ``selective``: A initialised uniform in +-1/sqrt(fan_in) (peft's default) so that it can learn *which* token
   states carry the concept, lr 1e-3, and an anchor term: at the same z_k and t, the adapted model must predict
-  what the base model predicts for anchor prompts (``anchor_weight * MSE``, two anchors drawn per iteration).
+  what the base model predicts for anchor prompts (``anchor_weight * MSE``, one anchor drawn per iteration).
   With a random A that the reference lr never moves, the adapter acts on every prompt alike; with a learnable A
   plus anchors it learns to leave prompts unlike the target alone, including ones it never saw
   (docs/findings-toyworld.md). Each iteration erases
@@ -54,7 +54,7 @@ RECIPES: tuple[str, ...] = get_args(Recipe)
 # what each recipe changes from the reference protocol's defaults (the dataclass defaults below)
 RECIPE_SETTINGS = {
     "reference": {},
-    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 2, "erase_synonyms": True},
+    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1, "erase_synonyms": True},
 }
 # how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
 RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
