@@ -272,3 +272,17 @@ def test_a_spec_may_list_anchors_and_name_an_anchor_file(tmp_path):
                                 "anchors": ["a photo of the dog", ""], "anchors_file": "vocab.txt"}))
     from unguide.concepts import load_concept_file
     assert load_concept_file(spec).anchors == ["a photo of the dog", "", "a photo of the chair", "a photo of the lamp"]
+
+
+def test_a_spec_sets_the_selective_anchor_weight_but_never_the_reference_recipe(tmp_path, capsys):
+    red, sun = load_preset("red"), load_preset("sun")
+    assert red.anchor_weight == 2.0 and sun.anchor_weight is None
+    assert EraseConfig.for_concept("selective", red).anchor_weight == 2.0
+    assert EraseConfig.for_concept("selective", red, anchor_weight=0.5).anchor_weight == 0.5  # a flag wins
+    assert EraseConfig.for_concept("selective", sun).anchor_weight == 1.0
+    assert EraseConfig.for_concept("reference", red).anchor_weight == 0.0  # the paper's protocol has no anchors
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"target": "a cat", "reference": "a sky", "anchor_weight": "high"}))
+    assert main(["erase", "--concept-file", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'anchor_weight' must be a number" in err[0] and not (tmp_path / "run").exists()

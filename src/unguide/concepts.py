@@ -12,6 +12,7 @@ A concept file is JSON::
       "anchors": ["a photo of the moon", ""], # prompts the selective recipe keeps unchanged ("" = the empty prompt)
       "anchors_file": "anchors.txt",         # and/or: a text file of anchors, one a line, relative to this file
       "erase_synonyms": false,               # optional: erase the target alone even in the selective recipe
+      "anchor_weight": 2.0,                  # optional: the selective recipe's anchor weight for this concept
       "notes": "free text"
     }
 
@@ -35,7 +36,8 @@ from .errors import UnguideError
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
            "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
-           "anchors": list, "anchors_file": str, "erase_synonyms": bool}
+           "anchors": list, "anchors_file": str, "erase_synonyms": bool,
+           "anchor_weight": (int, float)}
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ConceptSpec:
     model: Optional[str] = None  # the family the preset was written for: toyworld or sd
     anchors: list[str] = field(default_factory=list)  # prompts to preserve (selective recipe); "" allowed
     erase_synonyms: Optional[bool] = None  # None: the recipe decides (selective erases the trained synonyms too)
+    anchor_weight: Optional[float] = None  # None: the recipe's (selective: 1); the reference recipe never uses it
 
     def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
         words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]
@@ -79,8 +82,9 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
             raise UnguideError(f"{_where(source)}: missing field '{key}': add \"{key}\": \"a prompt\"")
     for key, value in data.items():
         kind = _FIELDS[key]
-        if not isinstance(value, kind):
-            raise UnguideError(f"{_where(source)}: field '{key}' must be a {kind.__name__}, got {type(value).__name__}")
+        if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
+            name = "number" if isinstance(kind, tuple) else kind.__name__
+            raise UnguideError(f"{_where(source)}: field '{key}' must be a {name}, got {type(value).__name__}")
         if key == "anchors" and not all(isinstance(v, str) for v in value):
             raise UnguideError(f"{_where(source)}: field 'anchors' must be a list of prompts (\"\" is the empty prompt)")
         if kind is list and key != "anchors" and not all(isinstance(v, str) and v.strip() for v in value):
