@@ -117,7 +117,7 @@ class EraseConfig:
         preset and, if the spec says, whether to erase its synonyms (an attribute whose synonym prompts name one
         object, like the toy 'red', turns it off) and, for recipes with anchors, its anchor weight."""
         spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
-        if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # the reference recipe stays the paper's: no anchors
+        if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # never the reference recipe: no anchors
             spec["anchor_weight"] = concept.anchor_weight
         for key, value in spec.items():
             if overrides.get(key) is None:
