@@ -11,7 +11,7 @@ from unguide import load_model
 from unguide.adapters import make_adapter
 from unguide.suites import concept_rows as benchmark_rows
 from unguide.cli import main
-from unguide.concepts import PRESET_DIR, ConceptSpec, load_preset, preset_names, read_anchor_file
+from unguide.concepts import PRESET_DIR, ConceptSpec, load_concept_file, load_preset, preset_names, read_anchor_file
 from unguide.erase import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase, erasure_loss
 from unguide.errors import UnguideError
 from unguide.generation import Item, PlainGuide, read_png_metadata, sample_images
@@ -212,10 +212,11 @@ def test_presets_ship_anchors_that_keep_evaluation_held_out():
     toy_words = set(OBJECTS) | {w for v in (*TRAIN_SYNONYMS.values(), *HELDOUT_SYNONYMS.values()) for s in v
                                 for w in s.split()}
     for name in OBJECTS:
-        rows = benchmark_rows(load_preset(name))
+        spec = load_preset(name)
+        rows = benchmark_rows(spec)
         kept = {r["class"] for r in rows if r["role"] == "anchor"}
         held_out = {r["class"] for r in rows if r["role"] == "other"}
-        named = {w for a in load_preset(name).anchors for w in toy_words if re.search(rf"\b{re.escape(w)}\b", a)}
+        named = {w for a in spec.anchors for w in toy_words if re.search(rf"\b{re.escape(w)}\b", a)}
         assert len(kept) == 4 and len(held_out) == 5 and named <= kept, (name, named - kept)
     vocabulary = read_anchor_file(PRESET_DIR / "anchors" / "toy_vocabulary.txt")
     assert len(vocabulary) >= 50 and not [a for a in vocabulary for w in toy_words if w in a]  # no toy word inside
@@ -270,7 +271,6 @@ def test_a_spec_may_list_anchors_and_name_an_anchor_file(tmp_path):
     spec = tmp_path / "cat.json"
     spec.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest",
                                 "anchors": ["a photo of the dog", ""], "anchors_file": "vocab.txt"}))
-    from unguide.concepts import load_concept_file
     assert load_concept_file(spec).anchors == ["a photo of the dog", "", "a photo of the chair", "a photo of the lamp"]
 
 

@@ -16,9 +16,9 @@ Two recipes (``EraseConfig.from_recipe``):
   what the base model predicts for anchor prompts (``anchor_weight * MSE``, one anchor drawn per iteration).
   With a random A that the reference lr never moves, the adapter acts on every prompt alike; with a learnable A
   plus anchors it learns to leave prompts unlike the target alone, including ones it never saw
-  (docs/findings-toyworld.md). Each iteration erases
-  one prompt drawn from the target and the spec's trained synonyms (``erase_synonyms``), so the adapter learns the
-  words the spec lists, not one phrase; a spec may turn this off (``EraseConfig.for_concept``).
+  (docs/findings-toyworld.md). Each iteration erases one prompt drawn from the target and the spec's trained
+  synonyms (``erase_synonyms``), so the adapter learns the words the spec lists, not one phrase; a spec may turn
+  this off (``EraseConfig.for_concept``).
 
 At the end of every run the gate is calibrated (:func:`unguide.guidance.calibrate_gate`) and stored with it.
 """
