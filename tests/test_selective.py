@@ -286,3 +286,38 @@ def test_a_spec_sets_the_selective_anchor_weight_but_never_the_reference_recipe(
     assert main(["erase", "--concept-file", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'anchor_weight' must be a number" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_a_vocabulary_is_trained_like_the_anchors_but_the_gate_is_calibrated_on_the_anchors(tiny_sd, tmp_path):
+    vocabulary = ["a photo of the chair", "a photo of the lamp", "a photo of the house"]  # a repeat is trained once
+    spec = ConceptSpec(**{**CAT.to_dict(), "vocabulary": vocabulary, "anchors_per_step": 2})
+    cfg = EraseConfig.for_concept("selective", spec, iterations=3, ddim_steps=8)
+    assert cfg.anchors_per_step == 2  # the spec's, where no flag is given; a flag wins
+    assert EraseConfig.for_concept("selective", spec, anchors_per_step=3).anchors_per_step == 3
+    assert EraseConfig.for_concept("reference", spec).anchors_per_step == 1
+    meta = erase(load_model(str(tiny_sd)), spec, tmp_path / "run", cfg, progress=False)
+    assert meta["anchors"] == ANCHORS + vocabulary[:2]
+    assert set(meta["gate"]["anchor_scores"]) == set(ANCHORS)  # the vocabulary is not calibrated on
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    drawn = [a for r in rows for a in r["anchors"]]
+    assert all(len(r["anchors"]) == 2 for r in rows) and set(drawn) <= set(meta["anchors"])
+    assert set(drawn) & set(vocabulary[:2])  # the vocabulary is trained on
+
+
+def test_a_spec_may_give_a_vocabulary_file_and_anchors_per_step(tmp_path, capsys):
+    (tmp_path / "words.txt").write_text("# everyday words\na photo of the chair\na photo of the lamp\n")
+    spec = tmp_path / "cat.json"
+    base = {"target": "a photo of the cat", "reference": "a photo of the forest", "anchors": [""]}
+    spec.write_text(json.dumps({**base, "vocabulary": ["a photo of the cup"], "vocabulary_file": "words.txt",
+                                "anchors_per_step": 2}))
+    loaded = load_concept_file(spec)
+    assert loaded.vocabulary == ["a photo of the cup", "a photo of the chair", "a photo of the lamp"]
+    assert loaded.anchors == [""] and loaded.anchors_per_step == 2
+    for bad, message in (({"anchors_per_step": 0}, "'anchors_per_step' must be >= 1"),
+                         ({"anchors_per_step": True}, "'anchors_per_step' must be a whole number"),
+                         ({"vocabulary": [3]}, "'vocabulary' must be a list of prompts"),
+                         ({"vocabulary_file": "missing.txt"}, "missing.txt not found")):
+        spec.write_text(json.dumps({**base, **bad}))
+        assert main(["erase", "--concept-file", str(spec), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists(), err

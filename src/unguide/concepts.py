@@ -11,6 +11,8 @@ A concept file is JSON::
       "preset": "object",                    # default layer preset: object | explicit | full
       "anchors": ["a photo of the moon", ""], # prompts the selective recipe keeps unchanged ("" = the empty prompt)
       "anchors_file": "anchors.txt",         # and/or: a text file of anchors, one a line, relative to this file
+      "vocabulary_file": "words.txt",        # optional: generic prompts trained as anchors, not calibrated on
+      "anchors_per_step": 2,                 # optional: anchors drawn per iteration (selective recipe)
       "erase_synonyms": false,               # optional: erase the target alone even in the selective recipe
       "anchor_weight": 2.0,                  # optional: the selective recipe's anchor weight for this concept
       "notes": "free text"
@@ -19,6 +21,11 @@ A concept file is JSON::
 Anchors are what the selective recipe trains the adapter to leave alone; they are never evaluation prompts
 (the benchmark measures preservation on classes that are not anchors). In an anchors file a line ``""``
 stands for the empty prompt and lines starting with ``#`` are comments.
+
+A *vocabulary* (``vocabulary`` and/or ``vocabulary_file``, same format) is trained exactly like the anchors but the
+gate is not calibrated on it: the gate's threshold sits between the highest anchor and the lowest concept prompt,
+and in a broad word list the highest is often a word near the concept, which would lift the threshold past the
+concept's own unseen words (measured on the toy model, docs/findings-toyworld.md).
 
 Toy-world presets also carry ``label`` (the toy classifier's class or colour) and
 ``heldout_synonyms`` (synonyms the embedded model never saw in training).
@@ -36,8 +43,8 @@ from .errors import UnguideError
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
            "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
-           "anchors": list, "anchors_file": str, "erase_synonyms": bool,
-           "anchor_weight": (int, float)}
+           "anchors": list, "anchors_file": str, "vocabulary": list, "vocabulary_file": str, "erase_synonyms": bool,
+           "anchor_weight": (int, float), "anchors_per_step": int}
 
 
 @dataclass
@@ -57,6 +64,8 @@ class ConceptSpec:
     anchors: list[str] = field(default_factory=list)  # prompts to preserve (selective recipe); "" allowed
     erase_synonyms: Optional[bool] = None  # None: the recipe decides (selective erases the trained synonyms too)
     anchor_weight: Optional[float] = None  # None: the recipe's (selective: 1); the reference recipe never uses it
+    vocabulary: list[str] = field(default_factory=list)  # trained like anchors, left out of the gate's calibration
+    anchors_per_step: Optional[int] = None  # None: the recipe's (selective: 1)
 
     def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
         words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]
@@ -83,22 +92,26 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
     for key, value in data.items():
         kind = _FIELDS[key]
         if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
-            name = "number" if isinstance(kind, tuple) else kind.__name__
+            name = "number" if isinstance(kind, tuple) else {int: "whole number"}.get(kind, kind.__name__)
             raise UnguideError(f"{_where(source)}: field '{key}' must be a {name}, got {type(value).__name__}")
-        if key == "anchors" and not all(isinstance(v, str) for v in value):
-            raise UnguideError(f"{_where(source)}: field 'anchors' must be a list of prompts (\"\" is the empty prompt)")
-        if kind is list and key != "anchors" and not all(isinstance(v, str) and v.strip() for v in value):
+        prompts = key in ("anchors", "vocabulary")  # lists where "" (the empty prompt) is allowed
+        if prompts and not all(isinstance(v, str) for v in value):
+            raise UnguideError(f"{_where(source)}: field '{key}' must be a list of prompts (\"\" is the empty prompt)")
+        if kind is list and not prompts and not all(isinstance(v, str) and v.strip() for v in value):
             raise UnguideError(f"{_where(source)}: field '{key}' must be a list of non-empty strings")
     if not data["target"].strip():
         raise UnguideError(f"{_where(source)}: 'target' is empty: give the prompt that carries the concept")
     preset = data.get("preset", "object")
     if preset not in LAYER_PRESETS:
         raise UnguideError(f"{_where(source)}: unknown preset {preset!r}: use one of {', '.join(LAYER_PRESETS)}")
+    if data.get("anchors_per_step", 1) < 1:
+        raise UnguideError(f"{_where(source)}: field 'anchors_per_step' must be >= 1, got {data['anchors_per_step']}")
     data = dict(data)
-    if "anchors_file" in data:  # the listed anchors first, then the file's (a list of a few plus a shared vocabulary)
-        base = Path(source).parent if source != "<dict>" else Path(".")
-        listed = data.get("anchors", [])
-        data["anchors"] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop("anchors_file"))))
+    base = Path(source).parent if source != "<dict>" else Path(".")
+    for key in ("anchors", "vocabulary"):  # the listed prompts first, then the file's
+        if f"{key}_file" in data:
+            listed = data.get(key, [])
+            data[key] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop(f"{key}_file"))))
     spec = ConceptSpec(**data)
     if not spec.name:
         spec.name = Path(source).stem if source != "<dict>" else spec.target

@@ -13,12 +13,13 @@ Two recipes (``EraseConfig.from_recipe``):
 * ``reference``: the paper's protocol, unchanged (LoRA A ~ N(0, 1), lr 3e-5, no anchors).
 * ``selective``: A initialised uniform in +-1/sqrt(fan_in) (peft's default) so that it can learn *which* token
   states carry the concept, lr 1e-3, and an anchor term: at the same z_k and t, the adapted model must predict
-  what the base model predicts for anchor prompts (``anchor_weight * MSE``, one anchor drawn per iteration).
-  With a random A that the reference lr never moves, the adapter acts on every prompt alike; with a learnable A
-  plus anchors it learns to leave prompts unlike the target alone, including ones it never saw
-  (docs/findings-toyworld.md). Each iteration erases one prompt drawn from the target and the spec's trained
-  synonyms (``erase_synonyms``), so the adapter learns the words the spec lists, not one phrase; a spec may turn
-  this off (``EraseConfig.for_concept``).
+  what the base model predicts for anchor prompts (``anchor_weight * MSE``, one anchor drawn per iteration unless
+  the spec asks for more). A spec's vocabulary is trained like its anchors; the gate is calibrated on the anchors
+  alone (``gate_anchors``). With a random A that the reference lr never moves, the adapter acts on every prompt
+  alike; with a learnable A plus anchors it learns to leave prompts unlike the target alone, including ones it
+  never saw (docs/findings-toyworld.md). Each iteration erases one prompt drawn from the target and the spec's
+  trained synonyms (``erase_synonyms``), so the adapter learns the words the spec lists, not one phrase; a spec
+  may turn this off (``EraseConfig.for_concept``).
 
 At the end of every run the gate is calibrated (:func:`unguide.guidance.calibrate_gate`) and stored with it.
 """
@@ -118,7 +119,7 @@ class EraseConfig:
         object, like the toy 'red', turns it off) and, for recipes with anchors, its anchor weight."""
         spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
         if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # never the reference recipe: no anchors
-            spec["anchor_weight"] = concept.anchor_weight
+            spec.update(anchor_weight=concept.anchor_weight, anchors_per_step=concept.anchors_per_step)
         for key, value in spec.items():
             if overrides.get(key) is None:
                 overrides[key] = value
@@ -186,14 +187,21 @@ def concept_prompts(bundle, concept: ConceptSpec, cfg: EraseConfig):
     return encoded, *(bundle.encode_prompts([p]).to(dtype) for p in (concept.reference, ""))
 
 
+def gate_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
+    """The anchors the gate is calibrated on: ``cfg.anchors`` (``--anchors``) or the concept's own."""
+    return list(cfg.anchors) if cfg.anchors is not None else list(concept.anchors)
+
+
 def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
-    """The anchor prompts a run trains with (none for the reference recipe)."""
+    """The prompts a run trains to keep: the gate's anchors, then the concept's vocabulary (none for the reference
+    recipe)."""
     if cfg.anchor_weight == 0:
         return []
-    anchors = list(cfg.anchors) if cfg.anchors is not None else list(concept.anchors)
-    if not anchors:
+    listed = gate_anchors(concept, cfg)
+    if not listed:
         raise UnguideError(f"concept {concept.name!r} has no anchors for the {cfg.recipe} recipe: add \"anchors\" to its "
                            "spec, pass --anchors FILE (one prompt a line), or use --recipe reference")
+    anchors = list(dict.fromkeys(listed + list(concept.vocabulary)))
     clash = sorted({concept.target, *concept.synonym_prompts()} & set(anchors))
     if clash:
         raise UnguideError(f"anchor(s) {clash} are the concept's own prompts: an adapter cannot both erase and keep them")
@@ -282,7 +290,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         unet.eval()
         train_seconds = round(time.time() - t0, 1)
         weights = adapter.save(out)
-        gate = calibrate_gate(bundle, adapter, concept, anchors or concept.anchors, progress=progress)
+        gate = calibrate_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
         gate.update(RECIPE_GATES[cfg.recipe])
     finally:
         unet.eval()
