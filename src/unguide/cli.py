@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--a-init", choices=A_INITS, default=None,
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
     e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
-    e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default 1)")
+    e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default: the spec's, else 1)")
     e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
                    help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
                    "(selective: on; reference: off, the target alone)")
