@@ -116,7 +116,8 @@ class EraseConfig:
     def for_concept(cls, recipe: str, concept: ConceptSpec, **overrides) -> "EraseConfig":
         """``from_recipe`` with what the concept's spec asks for where ``overrides`` leave it open (None): its layer
         preset and, if the spec says, whether to erase its synonyms (an attribute whose synonym prompts name one
-        object, like the toy 'red', turns it off) and, for recipes with anchors, its anchor weight."""
+        object, like the toy 'red', turns it off) and, for recipes with anchors, its anchor weight and anchors per
+        iteration."""
         spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
         if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # never the reference recipe: no anchors
             spec.update(anchor_weight=concept.anchor_weight, anchors_per_step=concept.anchors_per_step)
