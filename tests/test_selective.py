@@ -194,10 +194,13 @@ def test_recipe_and_gate_errors_are_one_line(tiny_sd, selective_run, tmp_path, c
 def test_anchor_file_overrides_the_concepts_anchors(tiny_sd, tmp_path):
     path = tmp_path / "anchors.txt"
     path.write_text('# comment\n""\na photo of the boat\n\na photo of the boat\n')
+    (tmp_path / "words.txt").write_text("a photo of the lamp\n")
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--anchors", str(path), "--iterations", "2",
-                 "--out", str(tmp_path / "run")]) == 0
+                 "--vocabulary", str(tmp_path / "words.txt"), "--out", str(tmp_path / "run")]) == 0
     meta = json.loads((tmp_path / "run" / "erasure.json").read_text())
-    assert meta["anchors"] == ["", "a photo of the boat"] and meta["config"]["recipe"] == "selective"
+    assert meta["anchors"] == ["", "a photo of the boat", "a photo of the lamp"]  # the anchors, then the vocabulary
+    assert meta["config"]["recipe"] == "selective"
+    assert set(meta["gate"]["anchor_scores"]) == {"", "a photo of the boat"}  # the vocabulary is not calibrated on
 
 
 def test_presets_ship_anchors_that_keep_evaluation_held_out():

@@ -100,6 +100,8 @@ def _cmd_erase(args) -> int:
     from .models import load_model
 
     concept = resolve_concept(args.concept, args.concept_file)
+    if args.vocabulary:
+        concept.vocabulary = read_anchor_file(args.vocabulary)
     cfg = EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
                                   lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--anchors", default=None,
                    help="text file of anchor prompts to preserve, one a line (\"\" = the empty prompt); "
                    "default: the concept's own anchors")
+    e.add_argument("--vocabulary", default=None,
+                   help="text file of generic prompts trained like anchors but not used to calibrate the gate "
+                   "(replaces the concept's vocabulary; docs/recipes.md)")
     e.add_argument("--iterations", type=int, default=None, help="default 200")
     e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
     e.add_argument("--a-init", choices=A_INITS, default=None,
