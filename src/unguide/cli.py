@@ -101,7 +101,7 @@ def _cmd_erase(args) -> int:
 
     concept = resolve_concept(args.concept, args.concept_file)
     if args.vocabulary:
-        concept.vocabulary = read_anchor_file(args.vocabulary)
+        concept.vocabulary = read_anchor_file(args.vocabulary, "vocabulary")
     cfg = EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
                                   lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,

@@ -111,7 +111,7 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
     for key in ("anchors", "vocabulary"):  # the listed prompts first, then the file's
         if f"{key}_file" in data:
             listed = data.get(key, [])
-            data[key] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop(f"{key}_file"))))
+            data[key] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop(f"{key}_file"), key.rstrip("s"))))
     spec = ConceptSpec(**data)
     if not spec.name:
         spec.name = Path(source).stem if source != "<dict>" else spec.target
@@ -131,19 +131,19 @@ def load_concept_file(path: str | Path) -> ConceptSpec:
     return concept_from_dict(data, str(path))
 
 
-def read_anchor_file(path: str | Path) -> list[str]:
-    """Anchor prompts, one a line; ``""`` is the empty prompt, ``#`` starts a comment line."""
+def read_anchor_file(path: str | Path, kind: str = "anchor") -> list[str]:
+    """Anchor (or vocabulary: ``kind``) prompts, one a line; ``""`` is the empty prompt, ``#`` starts a comment line."""
     path = Path(path)
     if not path.is_file():
-        raise UnguideError(f"anchor file {path} not found: pass a text file with one anchor prompt a line")
+        raise UnguideError(f"{kind} file {path} not found: pass a text file with one prompt a line")
     try:
         lines = path.read_bytes().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError:
-        raise UnguideError(f"anchor file {path} is not UTF-8 text: save it as UTF-8") from None
+        raise UnguideError(f"{kind} file {path} is not UTF-8 text: save it as UTF-8") from None
     anchors = ["" if line.strip() == '""' else line.strip() for line in lines
                if line.strip() and not line.lstrip().startswith("#")]
     if not anchors:
-        raise UnguideError(f"anchor file {path} holds no prompts: write one anchor prompt a line")
+        raise UnguideError(f"{kind} file {path} holds no prompts: write one prompt a line")
     return list(dict.fromkeys(anchors))
 
 
