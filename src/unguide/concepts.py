@@ -108,10 +108,10 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
         raise UnguideError(f"{_where(source)}: field 'anchors_per_step' must be >= 1, got {data['anchors_per_step']}")
     data = dict(data)
     base = Path(source).parent if source != "<dict>" else Path(".")
-    for key in ("anchors", "vocabulary"):  # the listed prompts first, then the file's
+    for key, kind in (("anchors", "anchor"), ("vocabulary", "vocabulary")):  # the listed prompts first, then the file's
         if f"{key}_file" in data:
             listed = data.get(key, [])
-            data[key] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop(f"{key}_file"), key.rstrip("s"))))
+            data[key] = list(dict.fromkeys(listed + read_anchor_file(base / data.pop(f"{key}_file"), kind)))
     spec = ConceptSpec(**data)
     if not spec.name:
         spec.name = Path(source).stem if source != "<dict>" else spec.target
