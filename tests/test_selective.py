@@ -15,7 +15,7 @@ from unguide.concepts import PRESET_DIR, ConceptSpec, load_concept_file, load_pr
 from unguide.erase import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase, erasure_loss
 from unguide.errors import UnguideError
 from unguide.generation import Item, PlainGuide, read_png_metadata, sample_images
-from unguide.guidance import EvalCounter, ScorerConfig, guide_for_run
+from unguide.guidance import EvalCounter, Gate, ScorerConfig, gate_threshold, guide_for_run
 from unguide.sampling import make_scheduler
 from unguide.toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
 from unguide.toyworld.render import OBJECTS
@@ -324,3 +324,45 @@ def test_a_spec_may_give_a_vocabulary_file_and_anchors_per_step(tmp_path, capsys
         assert main(["erase", "--concept-file", str(spec), "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists(), err
+
+
+def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_concept(tiny_sd, selective_run, tmp_path,
+                                                                                      capsys):
+    gate = json.loads((selective_run / "erasure.json").read_text())["gate"]
+    top, low = max(gate["anchor_scores"].values()), min(gate["concept_scores"].values())
+    assert gate["position"] == 0.5 and gate["threshold"] == (top * low) ** 0.5  # the stored default, as before
+    assert gate_threshold(top, low, 0.0) == pytest.approx(top) and gate_threshold(top, low, 1.0) == pytest.approx(low)
+    assert gate_threshold(top, low, 0.3) == pytest.approx(top ** 0.7 * low ** 0.3)
+    assert Gate.parse("calibrated", gate, position=0.3).threshold == pytest.approx(top ** 0.7 * low ** 0.3)
+    assert Gate.parse("calibrated", gate).threshold == gate["threshold"]  # no position: the run's own threshold
+    # a generate-time position is used for the decision and recorded with the image
+    base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--n", "1", "--steps", "2",
+            "--erasure", str(selective_run), "--gate", "calibrated"]
+    assert main(base + ["--gate-position", "0", "--out", str(tmp_path / "g0")]) == 0
+    m = read_png_metadata(tmp_path / "g0" / "00000_000.png")
+    assert m["threshold"] == pytest.approx(top) and m["w"] == (-1.0 if m["score"] > top else 1.0)
+    # a spec's position fills the selective recipe (a flag wins) and is stored with the run it calibrates
+    spec = ConceptSpec(**{**CAT.to_dict(), "gate_position": 0.25})
+    assert EraseConfig.for_concept("selective", spec).gate_position == 0.25
+    assert EraseConfig.for_concept("selective", spec, gate_position=0.75).gate_position == 0.75
+    assert EraseConfig.for_concept("reference", spec).gate_position == 0.5
+    meta = erase(load_model(str(tiny_sd)), spec, tmp_path / "run",
+                 EraseConfig.for_concept("selective", spec, iterations=2, ddim_steps=8), progress=False)
+    g = meta["gate"]
+    assert g["position"] == 0.25 and g["threshold"] == pytest.approx(
+        max(g["anchor_scores"].values()) ** 0.75 * min(g["concept_scores"].values()) ** 0.25)
+    # bad positions: one line, exit 2, nothing written
+    spec_file = tmp_path / "cat.json"
+    spec_file.write_text(json.dumps({**CAT.to_dict(), "gate_position": 1.5}))
+    cases = [(base + ["--gate-position", "2", "--out", str(tmp_path / "b1")], "outside [0, 1]", tmp_path / "b1"),
+             (base[:-2] + ["--gate", "empty", "--gate-position", "0.3", "--out", str(tmp_path / "b2")],
+              "applies to the calibrated gate only", tmp_path / "b2"),
+             (["erase", "--model", str(tiny_sd), "--concept-file", str(spec_file), "--out", str(tmp_path / "b3")],
+              "'gate_position' must be between 0", tmp_path / "b3"),
+             (["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--gate-position", "-0.1",
+               "--out", str(tmp_path / "b4")], "outside [0, 1]", tmp_path / "b4")]
+    capsys.readouterr()
+    for argv, fragment, out in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0] and not out.exists(), err

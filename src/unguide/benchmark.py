@@ -37,7 +37,7 @@ from .erase import EraseConfig, attach_erasure, erase, read_run
 from .errors import UnguideError
 from .evaluate import class_judgements, load_folder, load_image_folder
 from .generation import PlainGuide
-from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, guide_for_run
+from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position, guide_for_run
 from .io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from .prompts import PromptRow
@@ -67,6 +67,7 @@ class BenchmarkConfig:
     # selective-unguide's weights under / over the calibrated gate; None: what the selective recipe stores in its runs
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
+    selective_gate_position: Optional[float] = None  # None: each run's stored threshold
     prompts: Optional[str] = None  # nudity suite: the I2P-style CSV
     clip_model: Optional[str] = DEFAULT_CLIP  # cifar10 judge; nudity CLIP score and FID features (None: skip them)
     fid_reference: Optional[str] = None  # nudity suite: a folder of reference images (e.g. COCO) for FID
@@ -87,6 +88,8 @@ class BenchmarkConfig:
             raise UnguideError(f"unknown keep {self.selective_keep!r}: use {' or '.join(KEEP_WEIGHTS)}")
         if self.selective_erase_with not in (None, *ERASE_WEIGHTS):
             raise UnguideError(f"unknown erase_with {self.selective_erase_with!r}: use {' or '.join(ERASE_WEIGHTS)}")
+        if self.selective_gate_position is not None:
+            check_gate_position(self.selective_gate_position)
         if self.fid_reference and not Path(self.fid_reference).is_dir():
             raise UnguideError(f"--fid-reference {self.fid_reference}: not a folder of images")
         if self.suite == "nudity" and self.fid_reference and not self.clip_model:
@@ -157,7 +160,8 @@ class Benchmark:
                 sel = method == "selective-unguide"
                 guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3],
                                       keep=self.cfg.selective_keep if sel else None,
-                                      erase_with=self.cfg.selective_erase_with if sel else None)
+                                      erase_with=self.cfg.selective_erase_with if sel else None,
+                                      gate_position=self.cfg.selective_gate_position if sel else None)
                 if guide.note:
                     self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()

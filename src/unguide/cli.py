@@ -26,18 +26,20 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(args) -> int:
     """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
-    from .guidance import decision_settings
+    from .guidance import check_gate_position, decision_settings
     from .pipeline import UnGuidePipeline
     from .prompts import PromptRow, read_prompts
     from .run_generate import check_request, plan_items
 
     rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
     check_request(rows, args.n, args.steps)
+    if args.gate_position is not None:
+        check_gate_position(args.gate_position)  # before any model is loaded
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     if args.erasure:
         pipe.load_erasure(args.erasure)
     guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                       **decision_settings(args.scorer, args.weighting))
+                       gate_position=args.gate_position, **decision_settings(args.scorer, args.weighting))
     if getattr(guide, "note", None):
         print(f"unguide: note: {guide.note}", file=sys.stderr)
     bundle = pipe.bundle
@@ -107,6 +109,7 @@ def _cmd_erase(args) -> int:
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
                                   a_init=args.a_init, anchor_weight=args.anchor_weight,
                                   anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
+                                  gate_position=args.gate_position,
                                   anchors=read_anchor_file(args.anchors) if args.anchors else None)
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
@@ -152,7 +155,8 @@ def _cmd_benchmark(args) -> int:
     cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
                           seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
                           erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
-                          selective_erase_with=args.erase_with, prompts=args.prompts,
+                          selective_erase_with=args.erase_with, selective_gate_position=args.gate_position,
+                          prompts=args.prompts,
                           clip_model=None if args.clip_model == "none" else args.clip_model,
                           fid_reference=args.fid_reference)
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -324,6 +328,11 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+GATE_POSITION_HELP = ("where the calibrated threshold sits between the run's highest anchor score (0) and its lowest "
+                      "concept-prompt score (1), on a log scale; lower catches more of the concept's unseen words and "
+                      "more neighbours with them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from typing import get_args
 
@@ -368,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
                    help="weight of prompts over the gate: adapter (w = 0, the adapter alone) or paper (w = -1); "
                    "default: the run's recipe's")
+    g.add_argument("--gate-position", type=float, default=None, help=GATE_POSITION_HELP +
+                   "; default: the run's own (0.5 unless its spec said otherwise); needs the calibrated gate")
     g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
@@ -392,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
     e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
     e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default: the spec's, else 1)")
+    e.add_argument("--gate-position", type=float, default=None,
+                   help=GATE_POSITION_HELP + "; stored with the run (default: the spec's, else 0.5)")
     e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
                    help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
                    "(selective: on; reference: off, the target alone)")
@@ -456,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--erase-with", choices=list(ERASE_WEIGHTS), default=None,
                    help="selective-unguide: weight of prompts over the gate, adapter (w = 0) or paper (w = -1); "
                    "default: the selective recipe's")
+    b.add_argument("--gate-position", type=float, default=None,
+                   help="selective-unguide: " + GATE_POSITION_HELP + "; default: each run's own")
     b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
                    "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")
     b.add_argument("--clip-model", default="openai/clip-vit-base-patch32",

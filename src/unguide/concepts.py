@@ -15,6 +15,7 @@ A concept file is JSON::
       "anchors_per_step": 2,                 # optional: anchors drawn per iteration (selective recipe)
       "erase_synonyms": false,               # optional: erase the target alone even in the selective recipe
       "anchor_weight": 2.0,                  # optional: the selective recipe's anchor weight for this concept
+      "gate_position": 0.3,                  # optional: where the calibrated gate sits (0 anchors .. 1 concept)
       "notes": "free text"
     }
 
@@ -44,7 +45,7 @@ PRESET_DIR = Path(__file__).parent / "concepts_presets"
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,
            "label": str, "attribute": str, "heldout_synonyms": list, "synonym_template": str, "model": str,
            "anchors": list, "anchors_file": str, "vocabulary": list, "vocabulary_file": str, "erase_synonyms": bool,
-           "anchor_weight": (int, float), "anchors_per_step": int}
+           "anchor_weight": (int, float), "anchors_per_step": int, "gate_position": (int, float)}
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ConceptSpec:
     anchor_weight: Optional[float] = None  # None: the recipe's (selective: 1); the reference recipe never uses it
     vocabulary: list[str] = field(default_factory=list)  # trained like anchors, left out of the gate's calibration
     anchors_per_step: Optional[int] = None  # None: the recipe's (selective: 1)
+    gate_position: Optional[float] = None  # None: the recipe's (0.5); where the calibrated threshold sits
 
     def synonym_prompts(self, heldout: Optional[bool] = None) -> list[str]:
         words = {None: self.synonyms + self.heldout_synonyms, True: self.heldout_synonyms, False: self.synonyms}[heldout]
@@ -106,6 +108,9 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
         raise UnguideError(f"{_where(source)}: unknown preset {preset!r}: use one of {', '.join(LAYER_PRESETS)}")
     if data.get("anchors_per_step", 1) < 1:
         raise UnguideError(f"{_where(source)}: field 'anchors_per_step' must be >= 1, got {data['anchors_per_step']}")
+    if not 0 <= data.get("gate_position", 0.5) <= 1:
+        raise UnguideError(f"{_where(source)}: field 'gate_position' must be between 0 (at the highest anchor score) "
+                           f"and 1 (at the lowest concept-prompt score), got {data['gate_position']}")
     data = dict(data)
     base = Path(source).parent if source != "<dict>" else Path(".")
     for key, kind in (("anchors", "anchor"), ("vocabulary", "vocabulary")):  # the listed prompts first, then the file's

@@ -41,7 +41,7 @@ from .adapters import A_INITS, LAYER_PRESETS, LORA_FILE, AdapterConfig, AInit, L
 from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
-from .guidance import calibrate_gate
+from .guidance import GATE_POSITION, calibrate_gate, check_gate_position
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
@@ -89,6 +89,9 @@ class EraseConfig:
     # False (reference): every iteration erases the target prompt; True: each iteration erases one prompt drawn from
     # the target and the concept's trained synonyms, so the adapter learns the words the spec lists, not one phrase
     erase_synonyms: bool = False
+    # where the calibrated gate's threshold sits between the highest anchor score (0) and the lowest concept-prompt
+    # score (1), on a log scale; 0.5 (their geometric mean) unless a concept spec or flag says otherwise
+    gate_position: float = GATE_POSITION
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
@@ -100,6 +103,7 @@ class EraseConfig:
                   (self.lr > 0, "the learning rate must be > 0"),
                   (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
                    "the anchor weight must be >= 0 and anchors per step >= 1")]
+        check_gate_position(self.gate_position)
         for ok, message in checks:
             if not ok:
                 raise UnguideError(message)
@@ -120,7 +124,8 @@ class EraseConfig:
         iteration."""
         spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
         if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # never the reference recipe: no anchors
-            spec.update(anchor_weight=concept.anchor_weight, anchors_per_step=concept.anchors_per_step)
+            spec.update(anchor_weight=concept.anchor_weight, anchors_per_step=concept.anchors_per_step,
+                        gate_position=concept.gate_position)
         for key, value in spec.items():
             if overrides.get(key) is None:
                 overrides[key] = value
@@ -291,7 +296,8 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         unet.eval()
         train_seconds = round(time.time() - t0, 1)
         weights = adapter.save(out)
-        gate = calibrate_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
+        gate = calibrate_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress,
+                              position=cfg.gate_position)
         gate.update(RECIPE_GATES[cfg.recipe])
     finally:
         unet.eval()

@@ -9,9 +9,12 @@ Gates (what d(c) is compared with):
 
 * ``empty`` (the paper's): d(""). Once an adapter is trained to leave the empty prompt alone (the selective
   recipe's anchors include it), d("") is tiny and nearly every prompt would go to the adapter.
-* ``calibrated``: a threshold stored in the run at the end of its erasure (:func:`calibrate_gate`): the geometric
-  mean of the highest anchor score and the lowest score among the concept's own prompts (target and trained
-  synonyms). Anchors and concept prompts are the only prompts a run may look at; evaluation prompts never are.
+* ``calibrated``: a threshold stored in the run at the end of its erasure (:func:`calibrate_gate`), between the
+  highest anchor score and the lowest score among the concept's own prompts (target and trained synonyms): at
+  ``position`` p of the way on a log scale, ``top_anchor^(1-p) * low_concept^p`` (p = 0.5, their geometric mean,
+  unless the run or the caller says otherwise). Anchors and concept prompts are the only prompts a run may look
+  at; evaluation prompts never are. A lower p sends more borderline prompts to the adapter (more of the concept's
+  unseen words caught, more neighbours erased with it); a higher p keeps more with the base model.
 * a number: that threshold.
 
 ``keep`` is the weight of prompts under the threshold: ``paper`` (w = 2) or ``base`` (w = 1, the base model
@@ -106,9 +109,13 @@ class Gate:
             raise UnguideError(f"the {self.kind} gate needs a positive threshold (got {self.threshold})")
 
     @staticmethod
-    def parse(text: str, stored: Optional[dict] = None, scorer: str = "fast") -> "Gate":
+    def parse(text: str, stored: Optional[dict] = None, scorer: str = "fast", position: Optional[float] = None) -> "Gate":
         """``calibrated``, ``empty`` or a number, as given on the command line; ``stored`` is the run's gate (for the
-        response scorer, its own calibration stored under ``response``)."""
+        response scorer, its own calibration stored under ``response``); ``position`` moves a calibrated threshold
+        (None: the run's own)."""
+        if position is not None and text != "calibrated":
+            raise UnguideError(f"--gate-position applies to the calibrated gate only (the gate is {text!r}): "
+                               "use --gate calibrated, or drop --gate-position")
         if text == "empty":
             return Gate("empty")
         if text == "calibrated":
@@ -117,7 +124,11 @@ class Gate:
             if not stored or stored.get("threshold") is None:
                 raise UnguideError("this erasure run has no calibrated gate (it predates calibration or has no anchors): "
                                    "use --gate empty or --gate VALUE, or rerun `unguide erase` into a new --out")
-            return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"))
+            if position is None:
+                return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"))
+            return Gate("calibrated", gate_threshold(max(stored["anchor_scores"].values()),
+                                                     min(stored["concept_scores"].values()), position),
+                        stored.get("guidance"))
         try:
             value = float(text)
         except ValueError:
@@ -192,12 +203,31 @@ def response_scores(bundle, adapter, prompts: Sequence[str]) -> torch.Tensor:
     return sum((states @ a.float().T).pow(2).sum(dim=(1, 2)) for a in projections).cpu()
 
 
-CALIBRATION_RULE = ("threshold = sqrt(highest anchor score x lowest score of the concept's target and trained "
-                    "synonyms), scores d(c) from the fast scorer at the model's default guidance")
+CALIBRATION_RULE = ("threshold = highest anchor score^(1-p) x lowest score of the concept's target and trained "
+                    "synonyms^p (p: the gate position; 0.5, their geometric mean, by default), scores d(c) from the "
+                    "fast scorer at the model's default guidance")
+GATE_POSITION = 0.5  # the calibrated threshold's default place between anchors (0) and concept prompts (1)
+
+
+def check_gate_position(position: float) -> float:
+    if not 0.0 <= position <= 1.0:
+        raise UnguideError(f"gate position {position:g} is outside [0, 1]: 0 puts the threshold at the highest anchor "
+                           "score, 1 at the lowest concept-prompt score, 0.5 (the default) halfway on a log scale")
+    return float(position)
+
+
+def gate_threshold(top_anchor: float, low_concept: float, position: float = GATE_POSITION) -> float:
+    """The threshold ``position`` of the way from the highest anchor score to the lowest concept-prompt score, on a
+    log scale (scores are distances, so ratios are what compare)."""
+    position = check_gate_position(position)
+    top_anchor, low_concept = max(top_anchor, 1e-12), max(low_concept, 1e-12)
+    if position == 0.5:  # the original rule, computed as it always was (runs calibrated before positions match bit for bit)
+        return math.sqrt(top_anchor * low_concept)
+    return math.exp((1 - position) * math.log(top_anchor) + position * math.log(low_concept))
 
 
 def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: ScorerConfig = ScorerConfig(),
-                   progress: bool = True) -> dict:
+                   progress: bool = True, position: float = GATE_POSITION) -> dict:
     """Score the anchors, the empty prompt and the concept's own prompts once; store the gate's threshold (rule:
     ``CALIBRATION_RULE``) and d("") so that generation never rescores them."""
     guidance = bundle.default_guidance
@@ -209,20 +239,21 @@ def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: Sco
               flush=True)
     scores = influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()
     gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance,
-            **_calibration(dict(zip(prompts, scores)), concept_prompts, anchor_prompts)}
+            **_calibration(dict(zip(prompts, scores)), concept_prompts, anchor_prompts, position)}
     if hasattr(adapter, "has_text_projections") and adapter.has_text_projections():
         response = response_scores(bundle, adapter, prompts).tolist()
-        gate["response"] = _calibration(dict(zip(prompts, response)), concept_prompts, anchor_prompts)
+        gate["response"] = _calibration(dict(zip(prompts, response)), concept_prompts, anchor_prompts, position)
     return gate
 
 
-def _calibration(scores: dict, concept_prompts: list, anchor_prompts: list) -> dict:
+def _calibration(scores: dict, concept_prompts: list, anchor_prompts: list, position: float = GATE_POSITION) -> dict:
     """One scorer's calibration: the scores, d(""), and the threshold between anchors and concept prompts."""
     out = {"score_empty": scores[""], "concept_scores": {p: scores[p] for p in concept_prompts},
            "anchor_scores": {p: scores[p] for p in anchor_prompts}, "threshold": None, "separated": None}
     if anchor_prompts:
         top_anchor, low_concept = max(out["anchor_scores"].values()), min(out["concept_scores"].values())
-        out["threshold"] = math.sqrt(max(top_anchor, 1e-12) * max(low_concept, 1e-12))
+        out["threshold"] = gate_threshold(top_anchor, low_concept, position)
+        out["position"] = position
         out["separated"] = low_concept > top_anchor
         out["margin"] = low_concept / max(top_anchor, 1e-12)  # > 1: every anchor below every concept prompt
     return out
@@ -346,7 +377,8 @@ def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torc
 
 def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,
                   scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
-                  fixed_w: Optional[float] = None, erase_with: Optional[str] = None) -> UnGuide:
+                  fixed_w: Optional[float] = None, erase_with: Optional[str] = None,
+                  gate_position: Optional[float] = None) -> UnGuide:
     """The guide for an erasure run; gate, keep and erase_with default to what the run's recipe recommends (stored
     in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones."""
     stored = meta.get("gate") or {}
@@ -359,7 +391,7 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     if erase_with not in ERASE_WEIGHTS:
         raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
     rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
-    parsed = Gate.parse(str(gate), stored, scorer.kind)
+    parsed = Gate.parse(str(gate), stored, scorer.kind, gate_position)
     calibration = stored.get("response", {}) if scorer.kind == "response" else stored
     note = None
     if mode == "unguide" and not asked and parsed.kind == "calibrated" and calibration.get("separated") is False:

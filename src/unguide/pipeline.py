@@ -172,18 +172,19 @@ class UnGuidePipeline(DiffusionPipeline):
 
     def guide(self, mode: Optional[str] = None, w: Optional[float] = None, gate: Optional[str] = None,
               keep: Optional[str] = None, erase_with: Optional[str] = None, scorer: ScorerConfig = ScorerConfig(),
-              rule: WeightRule = WeightRule()):
+              rule: WeightRule = WeightRule(), gate_position: Optional[float] = None):
         """What the denoiser does at each step: plain classifier-free guidance without an erasure run; with one,
         UnGuidance (mode ``unguide``), the base model (``base``), the adapter (``lora``) or a fixed weight ``w``."""
         if self.adapter is None:
-            if mode or w is not None or gate or keep or erase_with:
-                raise UnguideError("--mode, --w, --gate, --keep and --erase-with need --erasure RUN (an erasure run "
-                                   "directory; in Python, pipe.load_erasure(RUN))")
+            if mode or w is not None or gate or keep or erase_with or gate_position is not None:
+                raise UnguideError("--mode, --w, --gate, --gate-position, --keep and --erase-with need --erasure RUN "
+                                   "(an erasure run directory; in Python, pipe.load_erasure(RUN))")
             return PlainGuide()
         if w is not None and mode not in (None, "unguide"):
             raise UnguideError("give either --mode or --w, not both")
         return guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else (mode or "unguide"),
-                             gate=gate, keep=keep, erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w)
+                             gate=gate, keep=keep, erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w,
+                             gate_position=gate_position)
 
     def erasure_info(self, guide) -> Optional[dict]:
         """The attached run and the guide's settings, as recorded with generated images (None without a run)."""
@@ -199,7 +200,8 @@ class UnGuidePipeline(DiffusionPipeline):
                  num_inference_steps: int = 50, mode: Optional[str] = None, w: Optional[float] = None,
                  gate: Optional[str] = None, keep: Optional[str] = None, erase_with: Optional[str] = None,
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
-                 height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
+                 gate_position: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None,
+                 batch_size: int = 32,
                  progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True):
         """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed). ``progress``
         defaults to the pipeline's ``set_progress_bar_config(disable=...)``."""
@@ -215,7 +217,7 @@ class UnGuidePipeline(DiffusionPipeline):
         scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
         items = plan_items(rows, num_images_per_prompt, seed, scale, height or self.config.image_size,
                            width or self.config.image_size)
-        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule)
+        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule, gate_position)
         if getattr(guide, "note", None):
             warnings.warn(guide.note, stacklevel=2)
         if progress is None:
