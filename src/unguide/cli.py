@@ -273,7 +273,7 @@ def _cmd_influence(args) -> int:
     else:
         named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
     guide = guide_for_run(adapter, meta, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                          **decision_settings(args.scorer, args.weighting))
+                          gate_position=args.gate_position, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
     rows = [{"prompt": p, "role": role, **info} for (role, p), info in zip(named, infos)]
@@ -513,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weighting", choices=WEIGHTINGS, default="binary")
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")
+    f.add_argument("--gate-position", type=float, default=None,
+                   help=GATE_POSITION_HELP + "; default: the run's own")
     f.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS), help="weight under the gate (default: the run's)")
     f.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
                    help="weight over the gate (default: the run's)")
