@@ -341,6 +341,7 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
     assert main(base + ["--gate-position", "0", "--out", str(tmp_path / "g0")]) == 0
     m = read_png_metadata(tmp_path / "g0" / "00000_000.png")
     assert m["threshold"] == pytest.approx(top) and m["w"] == (-1.0 if m["score"] > top else 1.0)
+    assert m["erasure"]["gate"]["position"] == 0.0  # the settings recorded with the image say where the gate sat
     # a spec's position fills the selective recipe (a flag wins) and is stored with the run it calibrates
     spec = ConceptSpec(**{**CAT.to_dict(), "gate_position": 0.25})
     assert EraseConfig.for_concept("selective", spec).gate_position == 0.25

@@ -101,6 +101,7 @@ class Gate:
     kind: GateKind = "empty"
     threshold: Optional[float] = None
     guidance: Optional[float] = None  # the CFG scale the threshold was calibrated at (scores must use the same)
+    position: Optional[float] = None  # calibrated: where the threshold sits between anchors (0) and concept (1)
 
     def __post_init__(self):
         if self.kind not in get_args(GateKind):
@@ -124,11 +125,12 @@ class Gate:
             if not stored or stored.get("threshold") is None:
                 raise UnguideError("this erasure run has no calibrated gate (it predates calibration or has no anchors): "
                                    "use --gate empty or --gate VALUE, or rerun `unguide erase` into a new --out")
-            if position is None:
-                return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"))
+            if position is None:  # the run's own (runs calibrated before positions existed used 0.5)
+                return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"),
+                            stored.get("position", GATE_POSITION))
             return Gate("calibrated", gate_threshold(max(stored["anchor_scores"].values()),
                                                      min(stored["concept_scores"].values()), position),
-                        stored.get("guidance"))
+                        stored.get("guidance"), position)
         try:
             value = float(text)
         except ValueError:
