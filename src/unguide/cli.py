@@ -119,8 +119,8 @@ def _cmd_erase(args) -> int:
           f"metadata: {Path(args.out) / 'erasure.json'}")
     gate = meta.get("gate") or {}
     if gate.get("threshold") is not None:
-        print(f"gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} "
-              f"(anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
+        print(f"gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
+              f"{gate.get('position', 0.5):g} (anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
               f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'}); "
               f"generation uses gate '{gate['default']}', keep '{gate['keep']}' unless told otherwise")
     print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
