@@ -200,9 +200,9 @@ class UnGuidePipeline(DiffusionPipeline):
                  num_inference_steps: int = 50, mode: Optional[str] = None, w: Optional[float] = None,
                  gate: Optional[str] = None, keep: Optional[str] = None, erase_with: Optional[str] = None,
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
-                 gate_position: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None,
-                 batch_size: int = 32,
-                 progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True):
+                 height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
+                 progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True,
+                 gate_position: Optional[float] = None):
         """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed). ``progress``
         defaults to the pipeline's ``set_progress_bar_config(disable=...)``."""
         if output_type not in OUTPUT_TYPES:
