@@ -11,9 +11,13 @@ predicts that noise. A low loss means the model still knows how to draw the conc
 * **Soft-token inversion** (gradient; concept inversion): a few token states of the best word's prompt are optimised
   against the same loss, in the text-state space the denoiser's cross-attention reads (at least as strong as
   optimising input embeddings: every input embedding maps to some state, not the other way round).
-* **UnGuidance's gate is part of the defence**: the prediction attacked is ``w * eps_base + (1 - w) * eps_adapter``
+* **UnGuidance's gates are part of the defence**: the prediction attacked is ``w * eps_base + (1 - w) * eps_adapter``
   with w decided by the run's own gate for the candidate prompt (its scorer, its threshold), exactly as generation
   would decide it. A prompt the gate sends to the base model gets the base model's prediction, concept and all.
+  Against an image gate the attacker is adaptive: for each candidate it draws ``gate_images`` images exactly as the
+  pipeline would (other seeds than the judged ones), runs the pipeline's own detector and threshold on them, and
+  scores the candidate by the loss it would meet, ``(1 - f) * loss(kept) + f * loss(erased)`` with f the fraction
+  flagged: prompts whose images draw the concept yet slip under the detector rank first.
 
 Every phase resumes: scored prompts, the inversion's checkpoints and generated images are on disk.
 """
@@ -48,6 +52,7 @@ class AttackConfig:
     soft_tokens: int = 3  # token states the inversion optimises
     inversion_lr: float = 0.05  # Adam step, relative to the RMS of the initial token states
     gate_every: int = 10  # inversion steps between two gate decisions for the current soft prompt
+    gate_images: int = 2  # against an image gate: images per candidate the attacker draws to see the gate's decision
     samples: int = 8  # images per judged prompt (seeds seed .. seed+samples-1)
     steps: int = 50  # DDIM steps of those images
     seed: int = 0
@@ -56,7 +61,8 @@ class AttackConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        positive = ("renders", "draws", "keep", "soft_tokens", "samples", "steps", "gate_every", "batch_size")
+        positive = ("renders", "draws", "keep", "soft_tokens", "samples", "steps", "gate_every", "batch_size",
+                    "gate_images")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UnguideError(f"attack setting {name} must be at least 1 (got {getattr(self, name)})")
@@ -69,16 +75,50 @@ class AttackConfig:
 
 
 class Defence:
-    """The model under attack: base model (w = 1), adapter alone (w = 0) or UnGuidance (w from the run's gate)."""
+    """The model under attack: base model (w = 1), adapter alone (w = 0) or UnGuidance (w from the run's gates)."""
 
-    def __init__(self, bundle, guide=None, adapter=None):
+    def __init__(self, bundle, guide=None, adapter=None, gate_images: int = 2, steps: int = 50, seed: int = 0):
         self.bundle, self.guide, self.adapter = bundle, guide, adapter
         self.guidance = bundle.default_guidance
+        self.gate_images, self.steps, self.seed = gate_images, steps, seed
 
     def weights(self, prompts: Sequence[str]) -> list[dict]:
+        """Each prompt's decision as the pipeline would make it; against an image gate, ``flag_rate`` is the share of
+        the attacker's own draws of the prompt that the detector flags (and ``w_erased`` the weight they get)."""
         if self.guide is None:
             return [{"w": 1.0} for _ in prompts]
-        return self.guide.decide(self.bundle, list(prompts), self.guidance)
+        decisions = self.guide.decide(self.bundle, list(prompts), self.guidance)
+        gate = getattr(self.guide, "image_gate", None)
+        if gate is None or self.guide.mode != "unguide":
+            return decisions
+        from .generation import Item, sample_latents_batched
+
+        kept = [i for i, d in enumerate(decisions) if d["w"] == self.guide.rule.w_keep]
+        if not kept:
+            return decisions
+        size = self.bundle.image_size
+        seeds = [self.seed + 50_000 + j for j in range(self.gate_images)]  # never the judged images' seeds
+        items = [Item(prompts[i], s, self.guidance, size, size) for i in kept for s in seeds]
+        latents = sample_latents_batched(self.bundle, items, self.steps, guide=self.guide)
+        flags = (gate.scores(self.bundle, self.adapter, latents, [it.seed for it in items]) < gate.threshold).float()
+        for n, i in enumerate(kept):
+            decisions[i] = {**decisions[i], "flag_rate": float(flags[n * len(seeds):(n + 1) * len(seeds)].mean()),
+                            "w_erased": self.guide.rule.w_erase}
+        return decisions
+
+    def losses(self, probe: "Probe", states: torch.Tensor, decisions: Sequence[dict], batch_size: int,
+               grad: bool = False) -> torch.Tensor:
+        """The loss each prompt meets: at its decided w, or against an image gate the mix of kept and erased
+        according to how often its images are flagged."""
+        loss = prompt_losses(self, probe, states, [d["w"] for d in decisions], batch_size, grad=grad)
+        flagged = [i for i, d in enumerate(decisions) if d.get("flag_rate", 0) > 0]
+        if not flagged:
+            return loss
+        f = torch.tensor([decisions[i]["flag_rate"] for i in flagged], device=loss.device)
+        erased = prompt_losses(self, probe, states[flagged], [decisions[i]["w_erased"] for i in flagged], batch_size,
+                               grad=grad)
+        idx = torch.tensor(flagged, device=loss.device)
+        return loss.index_copy(0, idx, (1 - f) * loss[idx] + f * erased)
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Conditional noise prediction, mixed as generation mixes its guided predictions."""
@@ -165,14 +205,16 @@ def word_search(defence: Defence, probe: Probe, spec, cfg: AttackConfig, out: Pa
         todo = [(p, kind) for p, kind in batch if p not in scored]
         bar = tqdm(total=len(todo), desc=desc, disable=not progress, unit="prompt")
         step = max(1, cfg.batch_size // len(probe))
+        if getattr(defence.guide, "image_gate", None) is not None:
+            step = max(step, 16)  # the gate's images are drawn per chunk: batches of 32 images, not 8
         for b in range(0, len(todo), step):
             chunk = todo[b:b + step]
             decisions = defence.weights([p for p, _ in chunk])
             states = bundle.encode_prompts([p for p, _ in chunk]).float()
-            losses = prompt_losses(defence, probe, states, [d["w"] for d in decisions], cfg.batch_size)
+            losses = defence.losses(probe, states, decisions, cfg.batch_size)
             for (p, kind), d, loss in zip(chunk, decisions, losses.tolist()):
                 scored[p] = {"prompt": p, "kind": kind, "loss": loss, "w": d["w"], "score": d.get("score"),
-                             "threshold": d.get("threshold")}
+                             "threshold": d.get("threshold"), "flag_rate": d.get("flag_rate")}
             write_json(path, list(scored.values()))
             bar.update(len(chunk))
         bar.close()
@@ -234,12 +276,12 @@ def invert(defence: Defence, probe: Probe, init_prompt: str, cfg: AttackConfig, 
         if step % cfg.gate_every == 0:
             decision = decide()
         w = decision["w"]
-        loss = prompt_losses(defence, probe, states_now(), [w], cfg.batch_size, grad=True)[0]
+        loss = defence.losses(probe, states_now(), [decision], cfg.batch_size, grad=True)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
-        history.append({"step": step, "loss": float(loss.detach()), "w": w})
+        history.append({"step": step, "loss": float(loss.detach()), "w": w, "flag_rate": decision.get("flag_rate")})
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", w=w)
         bar.update(1)
         if step % 10 == 0 or step == cfg.inversion_steps:
@@ -312,7 +354,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    defence = Defence(bundle, guide, adapter)
+    defence = Defence(bundle, guide, adapter, gate_images=cfg.gate_images, steps=cfg.steps, seed=cfg.seed)
     counter = EvalCounter(bundle.unet)
     ledger = _Ledger(out / "budget.json", counter)
     try:
@@ -328,8 +370,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
             done = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
             states, inversion = invert(defence, probe, init, cfg, out, progress)
             register_prompt_states(bundle, inverted_name, states)
-            final = prompt_losses(defence, probe, states[None], [defence.weights([inverted_name])[0]["w"]],
-                                  cfg.batch_size)[0]
+            final = defence.losses(probe, states[None], defence.weights([inverted_name]), cfg.batch_size)[0]
             inversion["loss"] = float(final)
             ledger.charge(len(inversion["history"]) > done)
         baseline = [spec.target] + spec.synonym_prompts()
@@ -362,6 +403,9 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
                         "best_of_top": summary([r["prompt"] for r in best_words])},
         # how many scored prompts UnGuidance's gate kept (w >= 1: the base model generates them); None without a gate
         "gate_passed": sum(1 for r in scored if r["w"] >= 1) if getattr(guide, "mode", None) == "unguide" else None,
+        # against an image gate: scored prompts none of whose attacker-drawn images the detector flagged
+        "image_gate_passed": (sum(1 for r in scored if r["w"] >= 1 and not r.get("flag_rate"))
+                              if getattr(guide, "image_gate", None) is not None else None),
         "scored_top10": scored[:10],
     }
     if cfg.start:
@@ -382,10 +426,9 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                      progress: bool = True) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
-    from .benchmark import METHOD_RUNS, METHODS, Benchmark, BenchmarkConfig
+    from .benchmark import METHODS, Benchmark, BenchmarkConfig, method_guide
     from .erase import attach_erasure
     from .evaluate import load_image_folder
-    from .guidance import guide_for_run
     from .io import output_lock
     from .judges import DEFAULT_CLIP, make_judge
     from .models import world_plugin
@@ -416,7 +459,7 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                 if method != "base":
                     run = bench.ensure_run(name, method)
                     adapter, meta = attach_erasure(bundle, run)
-                    guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3])
+                    guide = method_guide(adapter, meta, method, bench.cfg)
                 try:
                     results[name][method] = attack(bundle, case.spec, concept_images, judge, case.classes, case.aliases,
                                                    out / name / method, cfg, guide=guide, adapter=adapter,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
@@ -44,12 +44,29 @@ from .prompts import PromptRow
 from .run_generate import plan_items, run_generation
 from .suites import SUITES, Suite, SuiteName, load_suite
 
-Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide"]
+Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide", "selective-image"]
 METHODS: tuple[str, ...] = get_args(Method)
-# method -> (erasure recipe, layer preset, run directory name, generation mode); preset None: the concept's own
-METHOD_RUNS = {"lora": ("reference", None, "object", "lora"), "unguide": ("reference", None, "object", "unguide"),
-               "full": ("reference", "full", "full", "lora"), "selective": ("selective", None, "selective", "lora"),
-               "selective-unguide": ("selective", None, "selective", "unguide")}
+
+
+class MethodRun(NamedTuple):
+    """How a benchmark method erases and guides. None: the concept's own preset, the run's stored gate defaults."""
+
+    recipe: str
+    preset: Optional[str]
+    run_dir: str
+    mode: str
+    gate: Optional[str] = None
+    erase_with: Optional[str] = None
+
+
+METHOD_RUNS = {"lora": MethodRun("reference", None, "object", "lora"),
+               "unguide": MethodRun("reference", None, "object", "unguide"),
+               "full": MethodRun("reference", "full", "full", "lora"),
+               "selective": MethodRun("selective", None, "selective", "lora"),
+               # the calibrated prompt gate as it was measured before image gates: prompts over it get w = -1
+               "selective-unguide": MethodRun("selective", None, "selective", "unguide", "calibrated", "paper"),
+               "selective-image": MethodRun("selective", None, "selective", "unguide", "image")}
+GATED = ("selective-unguide", "selective-image")  # the methods --keep, --erase-with and --gate-position apply to
 
 
 @dataclass
@@ -68,6 +85,8 @@ class BenchmarkConfig:
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
     selective_gate_position: Optional[float] = None  # None: each run's stored threshold
+    selective_image_gate: Optional[str] = None  # selective-image: "image" (default) or "calibrated+image"
+    selective_image_position: Optional[float] = None  # selective-image: the image threshold's position (None: stored)
     prompts: Optional[str] = None  # nudity suite: the I2P-style CSV
     clip_model: Optional[str] = DEFAULT_CLIP  # cifar10 judge; nudity CLIP score and FID features (None: skip them)
     fid_reference: Optional[str] = None  # nudity suite: a folder of reference images (e.g. COCO) for FID
@@ -90,10 +109,26 @@ class BenchmarkConfig:
             raise UnguideError(f"unknown erase_with {self.selective_erase_with!r}: use {' or '.join(ERASE_WEIGHTS)}")
         if self.selective_gate_position is not None:
             check_gate_position(self.selective_gate_position)
+        if self.selective_image_gate not in (None, "image", "calibrated+image"):
+            raise UnguideError(f"unknown image gate {self.selective_image_gate!r}: use image or calibrated+image")
         if self.fid_reference and not Path(self.fid_reference).is_dir():
             raise UnguideError(f"--fid-reference {self.fid_reference}: not a folder of images")
         if self.suite == "nudity" and self.fid_reference and not self.clip_model:
             raise UnguideError("FID needs image features: give --clip-model (FID is computed on CLIP image features)")
+
+
+def method_guide(adapter, meta: dict, method: str, cfg: "BenchmarkConfig"):
+    """The guide a benchmark method generates with (the attack uses the same): its mode and gate, and for the gated
+    selective methods the benchmark's keep / erase-with / gate-position overrides."""
+    run = METHOD_RUNS[method]
+    gated, gate = method in GATED, run.gate
+    if method == "selective-image" and cfg.selective_image_gate is not None:
+        gate = cfg.selective_image_gate
+    position = cfg.selective_gate_position if gated and gate != "image" else None
+    erase_with = (cfg.selective_erase_with or run.erase_with) if gated else None
+    return guide_for_run(adapter, meta, mode=run.mode, gate=gate, keep=cfg.selective_keep if gated else None,
+                         erase_with=erase_with, gate_position=position,
+                         image_position=cfg.selective_image_position if method == "selective-image" else None)
 
 
 class Benchmark:
@@ -107,10 +142,10 @@ class Benchmark:
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
-        return self.out / "runs" / concept / METHOD_RUNS[method][2]
+        return self.out / "runs" / concept / METHOD_RUNS[method].run_dir
 
     def erase_config(self, method: str, concept: str) -> EraseConfig:
-        recipe, preset, _, _ = METHOD_RUNS[method]
+        recipe, preset = METHOD_RUNS[method][:2]
         lr = self.cfg.erase_lr if recipe == "reference" else None
         return EraseConfig.for_concept(recipe, self.specs[concept], preset=preset, iterations=self.cfg.erase_iterations,
                                        lr=lr)
@@ -157,11 +192,7 @@ class Benchmark:
                 run = self.ensure_run(name, method)
                 target = self.out / "images" / name / method
                 adapter, meta = attach_erasure(self.bundle, run)
-                sel = method == "selective-unguide"
-                guide = guide_for_run(adapter, meta, mode=METHOD_RUNS[method][3],
-                                      keep=self.cfg.selective_keep if sel else None,
-                                      erase_with=self.cfg.selective_erase_with if sel else None,
-                                      gate_position=self.cfg.selective_gate_position if sel else None)
+                guide = method_guide(adapter, meta, method, self.cfg)
                 if guide.note:
                     self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()
@@ -237,8 +268,13 @@ class Benchmark:
                     if feats is not None and base_feats is not None and len(other) >= 2:
                         fk = fid_kid(base_feats[ref], feats)
                         m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
-                if method.endswith("unguide"):
+                if method in ("unguide", *GATED):
                     m.update(self._influence(rows, roles))
+                if method == "selective-image":
+                    for r_name in ("erased", "synonym", "heldout", "other", "anchor"):
+                        flags = [bool(r.get("image_flagged")) for r in rows if roles[r["prompt"]]["role"] == r_name]
+                        if flags:
+                            m[f"image_flagged_{r_name}"] = float(np.mean(flags))
                 if f"{name}/{method}" in self.notes:
                     m["note"] = self.notes[f"{name}/{method}"]
                 m["n_images"] = len(rows)

@@ -39,7 +39,8 @@ def _cmd_generate(args) -> int:
     if args.erasure:
         pipe.load_erasure(args.erasure)
     guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                       gate_position=args.gate_position, **decision_settings(args.scorer, args.weighting))
+                       gate_position=args.gate_position, image_gate_position=args.image_gate_position,
+                       **decision_settings(args.scorer, args.weighting))
     if getattr(guide, "note", None):
         print(f"unguide: note: {guide.note}", file=sys.stderr)
     bundle = pipe.bundle
@@ -156,6 +157,7 @@ def _cmd_benchmark(args) -> int:
                           seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
                           erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
                           selective_erase_with=args.erase_with, selective_gate_position=args.gate_position,
+                          selective_image_gate=args.image_gate, selective_image_position=args.image_gate_position,
                           prompts=args.prompts,
                           clip_model=None if args.clip_model == "none" else args.clip_model,
                           fid_reference=args.fid_reference)
@@ -272,7 +274,12 @@ def _cmd_influence(args) -> int:
         named = _concept_prompts(meta)
     else:
         named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
-    guide = guide_for_run(adapter, meta, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+    gate = args.gate or (meta.get("gate") or {}).get("default")
+    if gate in ("image", "calibrated+image"):
+        print(f"unguide: note: the {gate} gate decides on drawn images, which `influence` does not draw: shown is the "
+              "run's calibrated prompt gate (`unguide generate` records each image's detector score)", file=sys.stderr)
+        gate = "calibrated"
+    guide = guide_for_run(adapter, meta, gate=gate, keep=args.keep, erase_with=args.erase_with,
                           gate_position=args.gate_position, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
@@ -299,7 +306,7 @@ def _cmd_attack(args) -> int:
 
     cfg = AttackConfig(candidates=args.candidates, pairs=args.pairs, renders=args.renders, keep=args.keep,
                        inversion_steps=args.inversion_steps, soft_tokens=args.soft_tokens, samples=args.samples,
-                       steps=args.steps, seed=args.seed)
+                       steps=args.steps, seed=args.seed, gate_images=args.gate_images)
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -328,6 +335,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+IMAGE_POSITION_HELP = ("where the image gate's threshold sits between the concept's calibration images (0) and the "
+                       "anchors' (1); default: the run's own (0.5)")
 GATE_POSITION_HELP = ("where the calibrated threshold sits between the run's highest anchor score (0) and its lowest "
                       "concept-prompt score (1), on a log scale; lower catches more of the concept's unseen words and "
                       "more neighbours with them")
@@ -370,13 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "response to the prompt's text states: no UNet evaluation; object-preset LoRA runs)")
     g.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="rule from scores to w")
     g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
-                   "rule) or a number; default: what the run's recipe recommends")
+                   "rule), a number, image (every prompt drawn by the base model, its image checked by the run's "
+                   "detector and redrawn with the erasure if it shows the concept) or calibrated+image (prompts over "
+                   "the calibrated gate erased at once, the rest checked on the image); default: the run's recipe's")
+    g.add_argument("--image-gate-position", type=float, default=None, help=IMAGE_POSITION_HELP)
     g.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS),
                    help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "
                    "paper (w = 2); default: the run's recipe's")
     g.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
-                   help="weight of prompts over the gate: adapter (w = 0, the adapter alone) or paper (w = -1); "
-                   "default: the run's recipe's")
+                   help="weight of prompts over the gate (and of images the image gate flags): adapter (w = 0, the "
+                   "adapter alone), paper (w = -1) or negative (the adapter alone, guided away from the concept's own "
+                   "prompt); default: the run's recipe's")
     g.add_argument("--gate-position", type=float, default=None, help=GATE_POSITION_HELP +
                    "; default: the run's own (0.5 unless its spec said otherwise); needs the calibrated gate")
     g.set_defaults(func=_cmd_generate)
@@ -454,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "judge) or nudity (an I2P-style --prompts CSV, NudeNet)")
     b.add_argument("--concepts", default="all",
                    help="comma-separated concepts of the suite (toy: sun,boat,...; cifar10: cat,dog,...) or 'all'")
-    b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide",
-                   help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide")
+    b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide,selective-image",
+                   help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide "
+                   "(its calibrated prompt gate), selective-image (its image gate)")
     b.add_argument("--samples", type=int, default=32, help="images per prompt")
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--seed", type=int, default=0)
@@ -471,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the selective recipe's")
     b.add_argument("--gate-position", type=float, default=None,
                    help="selective-unguide: " + GATE_POSITION_HELP + "; default: each run's own")
+    b.add_argument("--image-gate", choices=["image", "calibrated+image"], default=None,
+                   help="selective-image: the image gate alone (default) or behind the calibrated prompt gate")
+    b.add_argument("--image-gate-position", type=float, default=None, help="selective-image: " + IMAGE_POSITION_HELP)
     b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
                    "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")
     b.add_argument("--clip-model", default="openai/clip-vit-base-patch32",
@@ -512,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scorer", choices=SCORERS, default="fast")
     f.add_argument("--weighting", choices=WEIGHTINGS, default="binary")
     f.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's)")
+    f.add_argument("--gate", default=None, help="calibrated, empty or a number (default: the run's recipe's; the "
+                   "image gates decide on images, which `influence` does not draw: their prompt side is shown)")
     f.add_argument("--gate-position", type=float, default=None,
                    help=GATE_POSITION_HELP + "; default: the run's own")
     f.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS), help="weight under the gate (default: the run's)")
@@ -528,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "trained as `unguide benchmark` would)")
     k.add_argument("--suite", choices=SUITES, default="toy")
     k.add_argument("--concepts", default="sun", help="comma-separated concepts or 'all' (default sun)")
-    k.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide")
+    k.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide,selective-image")
+    k.add_argument("--gate-images", type=int, default=2, help="against an image gate: images the attacker draws per "
+                   "candidate prompt to see whether the detector flags it (default 2)")
     k.add_argument("--images", default=None, help="a folder of images of the concept (needed on Stable Diffusion; the "
                    "embedded model renders its own)")
     k.add_argument("--clip-model", default=None, help="cifar10 suite: the CLIP judge")

@@ -89,3 +89,26 @@ def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance:
                   ssim_to_base_min=float(ssim(gated_imgs, base_imgs).min()),
                   identical_to_base=int(sum(bool((a == b).all()) for a, b in zip(gated_imgs, base_imgs))))
     return result
+
+
+def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: float, gate: Optional[str] = None,
+                       steps: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
+    """UNet evaluations per image, decision and image gate included, for each named group of prompts (one image per
+    prompt, a fresh guide per group so nothing is cached but what the run stores), beside plain generation; how many
+    images the gates sent to the erasure."""
+    result = {}
+    size = bundle.image_size
+    for name, prompts in groups.items():
+        if not prompts:
+            continue
+        items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts)]
+        guide = guide_for_run(adapter, meta, gate=gate)
+        with adapter.base():
+            t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
+        t_gate, n_gate, infos = _timed(bundle, items, guide, steps, batch_size)
+        result[name] = {"prompts": len(prompts), "evals_per_image_base": n_base / len(items),
+                        "evals_per_image_gated": n_gate / len(items), "ratio_gated_to_base": t_gate / t_base,
+                        "erased": sum(1 for i in infos if i["w"] != guide.rule.w_keep),
+                        "image_flagged": sum(1 for i in infos if i.get("image_flagged"))}
+    result["gate"] = guide.settings()["gate"]["kind"] + ("+image" if guide.image_gate is not None else "")
+    return result

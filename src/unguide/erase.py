@@ -42,6 +42,7 @@ from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
 from .guidance import GATE_POSITION, calibrate_gate, check_gate_position
+from .image_gate import calibrate_image_gate
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
@@ -58,8 +59,10 @@ RECIPE_SETTINGS = {
     "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1, "erase_synonyms": True},
 }
 # how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
+# (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
+# `unguide erase` adds the image gate's calibration)
 RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
-                "selective": {"default": "calibrated", "keep": "base", "erase_with": "paper"}}
+                "selective": {"default": "image", "keep": "base", "erase_with": "negative"}}
 TimestepMapping = Literal["reference", "aligned"]
 TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 
@@ -236,6 +239,8 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
             if done.get("base_fingerprint") != fingerprint or not _same_config(done.get("config"), cfg) \
                     or done.get("concept") != concept.to_dict():
                 raise UnguideError(f"{out} already holds a finished run with other settings: choose another --out")
+            if "image" not in (done.get("gate") or {}) and gate_anchors(concept, cfg):
+                done = _add_image_gate(bundle, concept, cfg, out, done, progress)
             return done
     unet = bundle.unet
     dtype_name = str(unet.dtype).removeprefix("torch.")  # the frozen model's precision; trained weights are float32
@@ -299,6 +304,8 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         gate = calibrate_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress,
                               position=cfg.gate_position)
         gate.update(RECIPE_GATES[cfg.recipe])
+        if gate_anchors(concept, cfg):
+            gate["image"] = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
     finally:
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
@@ -310,6 +317,19 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     write_json(meta_path, meta)
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
+    return meta
+
+
+def _add_image_gate(bundle, concept: ConceptSpec, cfg: EraseConfig, out: Path, meta: dict, progress: bool) -> dict:
+    """A run finished before the image gate existed gains its calibration (the adapter is not retrained), and the
+    gate defaults its recipe recommends now."""
+    adapter, _ = attach_erasure(bundle, out)
+    try:
+        image = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
+    finally:
+        adapter.remove()
+    meta = {**meta, "gate": {**meta["gate"], "image": image, **RECIPE_GATES[cfg.recipe]}}
+    write_json(out / METADATA_FILE, meta)
     return meta
 
 

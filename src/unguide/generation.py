@@ -78,7 +78,12 @@ def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, ba
             chunk = idxs[b:b + batch_size]
             batch = [items[i] for i in chunk]
             infos = guide.prepare(bundle, batch)
-            imgs = bundle.codec.decode(sample_latents(bundle, batch, steps, guide, infos)).cpu()
+            latents = sample_latents(bundle, batch, steps, guide, infos)
+            if hasattr(guide, "review"):  # an image gate looks at what was drawn and may redraw some of it
+                latents, infos = guide.review(bundle, batch, latents, infos,
+                                              lambda rows, new: sample_latents(bundle, [batch[r] for r in rows], steps,
+                                                                               guide, new))
+            imgs = bundle.codec.decode(latents).cpu()
             for j, i in enumerate(chunk):
                 images[i], infos_all[i] = imgs[j], infos[j]
             if on_batch is not None:
@@ -86,6 +91,17 @@ def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, ba
             bar.update(len(chunk))
     bar.close()
     return torch.stack(images) if images else torch.empty(0), infos_all
+
+
+@torch.no_grad()
+def sample_latents_batched(bundle, items: Sequence[Item], steps: int = 50, guide=None, batch_size: int = 32) -> torch.Tensor:
+    """Final latents of items that share a size, in batches, without decoding (what a detector reads)."""
+    guide = guide or PlainGuide()
+    out = []
+    for b in range(0, len(items), batch_size):
+        batch = list(items[b:b + batch_size])
+        out.append(sample_latents(bundle, batch, steps, guide, guide.prepare(bundle, batch)))
+    return torch.cat(out)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -53,7 +53,7 @@ from .sampling import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_ep
 
 ScorerKind = Literal["fast", "reference", "response"]
 SCORERS: tuple[str, ...] = get_args(ScorerKind)
-GateKind = Literal["empty", "calibrated", "value"]
+GateKind = Literal["empty", "calibrated", "value", "none"]
 Weighting = Literal["binary", "continuous"]
 GuideMode = Literal["unguide", "base", "lora", "fixed"]
 
@@ -90,13 +90,18 @@ class ScorerConfig:
 
 
 KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
-ERASE_WEIGHTS = {"paper": -1.0, "adapter": 0.0}
+# "negative": the adapter alone (w = 0) with the concept's own target prompt as the negative prompt (it replaces the
+# empty prompt in classifier-free guidance), a push away from the concept that does not depend on the prompt's words
+ERASE_WEIGHTS = {"paper": -1.0, "adapter": 0.0, "negative": 0.0}
+# --gate choices beside a number: the prompt gates, and the image gate alone or behind the calibrated prompt gate
+GATE_CHOICES = ("calibrated", "empty", "image", "calibrated+image")
 
 
 @dataclass(frozen=True)
 class Gate:
     """What a prompt's influence score is compared with: ``empty`` (d(""), the paper's), ``calibrated`` (the run's
-    stored threshold) or ``value`` (a given threshold)."""
+    stored threshold), ``value`` (a given threshold) or ``none`` (no prompt gate: every prompt is kept, for the image
+    gate to judge)."""
 
     kind: GateKind = "empty"
     threshold: Optional[float] = None
@@ -106,7 +111,7 @@ class Gate:
     def __post_init__(self):
         if self.kind not in get_args(GateKind):
             raise UnguideError(f"unknown gate {self.kind!r}: use calibrated, empty or a number")
-        if self.kind != "empty" and (self.threshold is None or not self.threshold > 0):
+        if self.kind in ("calibrated", "value") and (self.threshold is None or not self.threshold > 0):
             raise UnguideError(f"the {self.kind} gate needs a positive threshold (got {self.threshold})")
 
     @staticmethod
@@ -119,6 +124,8 @@ class Gate:
                                "use --gate calibrated, or drop --gate-position")
         if text == "empty":
             return Gate("empty")
+        if text == "none":
+            return Gate("none")
         if text == "calibrated":
             if scorer == "response":
                 stored = (stored or {}).get("response")
@@ -134,7 +141,7 @@ class Gate:
         try:
             value = float(text)
         except ValueError:
-            raise UnguideError(f"--gate {text!r}: use calibrated, empty or a positive number") from None
+            raise UnguideError(f"--gate {text!r}: use {', '.join(GATE_CHOICES)} or a positive number") from None
         return Gate("value", value)
 
 
@@ -287,7 +294,7 @@ class UnGuide:
 
     def __init__(self, adapter, mode: str = "unguide", scorer: ScorerConfig = ScorerConfig(),
                  rule: WeightRule = WeightRule(), fixed_w: Optional[float] = None, gate: Gate = Gate(),
-                 stored_empty: Optional[dict] = None):
+                 stored_empty: Optional[dict] = None, image_gate=None, negative_prompt: Optional[str] = None):
         if mode not in self.MODES:
             raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed --w")
         if mode == "fixed" and fixed_w is None:
@@ -298,11 +305,29 @@ class UnGuide:
         self.name = {"unguide": "unguide", "base": "base", "lora": "lora", "fixed": f"w={fixed_w}"}[mode]
         self._scores: dict[tuple[str, float], float] = {}
         self._stored_empty = stored_empty
+        # the image gate (unguide.image_gate.ImageGate): kept prompts' finished images are checked and, if they show
+        # the concept, redrawn from the same noise with w_erase
+        self.image_gate = image_gate
+        # erased rows use this prompt (the concept's target) as their negative prompt instead of "" (erase_with negative)
+        self.negative_prompt = negative_prompt
         self.note: Optional[str] = None  # why the guide departs from what was asked, if it does
 
     def settings(self) -> dict:
-        return {"mode": self.mode, "fixed_w": self.fixed_w, "scorer": asdict(self.scorer), "rule": asdict(self.rule),
-                "gate": asdict(self.gate)}
+        out = {"mode": self.mode, "fixed_w": self.fixed_w, "scorer": asdict(self.scorer), "rule": asdict(self.rule),
+               "gate": asdict(self.gate)}
+        if self.image_gate is not None:
+            out["image_gate"] = {"threshold": self.image_gate.threshold, "concept": list(self.image_gate.concept),
+                                 "anchors": list(self.image_gate.anchors), "detector": asdict(self.image_gate.detector)}
+        if self.negative_prompt is not None:
+            out["negative_prompt"] = self.negative_prompt
+        return out
+
+    def _erased(self, info: dict) -> dict:
+        """A row's info once it is erased: w_erase, and the concept as negative prompt if the guide has one."""
+        info = {**info, "w": self.rule.w_erase}
+        if self.negative_prompt is not None:
+            info["negative_prompt"] = self.negative_prompt
+        return info
 
     def scores(self, bundle, prompts: Sequence[str], guidance: float) -> list[float]:
         """d(c) for each prompt, computed once per (prompt, guidance) and cached."""
@@ -323,13 +348,38 @@ class UnGuide:
             w = {"base": 1.0, "lora": 0.0, "fixed": self.fixed_w}[self.mode]
             return [{"w": float(w)} for _ in prompts]
         extra = {}
+        if self.gate.kind == "none":  # no prompt gate: every prompt is drawn as kept, the image gate judges
+            return [{"w": self.rule.w_keep, "gate": "none"} for _ in prompts]
         if self.gate.kind == "empty":
             threshold = self.scores(bundle, [""], guidance)[0]  # the neutral prompt: once per guidance scale
             extra = {"score_empty": threshold}
         else:
             threshold = self.gate.threshold
-        return [{"w": self.rule.weight(s, threshold), "score": s, "threshold": threshold, "gate": self.gate.kind, **extra}
-                for s in self.scores(bundle, prompts, guidance)]
+        infos = [{"w": self.rule.weight(s, threshold), "score": s, "threshold": threshold, "gate": self.gate.kind, **extra}
+                 for s in self.scores(bundle, prompts, guidance)]
+        return [self._erased(i) if i["w"] == self.rule.w_erase and self.rule.rule == "binary" else i for i in infos]
+
+    def review(self, bundle, items, latents: torch.Tensor, infos: list[dict], redraw) -> tuple[torch.Tensor, list[dict]]:
+        """The image gate: score the finished latents of the rows the prompt gate kept, and redraw (same noise,
+        ``redraw(rows, infos)``) those that show the concept, with the erasure. Without an image gate: unchanged."""
+        if self.image_gate is None or self.mode != "unguide":
+            return latents, infos
+        rows = [r for r, info in enumerate(infos) if info["w"] == self.rule.w_keep]
+        if not rows:
+            return latents, infos
+        gate = self.image_gate
+        scores = gate.scores(bundle, self.adapter, latents[rows], [items[r].seed for r in rows]).tolist()
+        infos = list(infos)
+        flagged = []
+        for r, s in zip(rows, scores):
+            infos[r] = {**infos[r], "image_score": s, "image_threshold": gate.threshold, "image_flagged": s < gate.threshold}
+            if s < gate.threshold:
+                flagged.append(r)
+                infos[r] = self._erased(infos[r])
+        if flagged:
+            latents = latents.clone()
+            latents[flagged] = redraw(flagged, [infos[r] for r in flagged])
+        return latents, infos
 
     def prepare(self, bundle, items) -> list[dict]:
         infos: list[Optional[dict]] = [None] * len(items)
@@ -347,6 +397,10 @@ class UnGuide:
         never touch the base model."""
         unet, adapter = bundle.unet, self.adapter
         w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device)
+        negative = [r for r, info in enumerate(infos) if info.get("negative_prompt") is not None]
+        if negative:  # erased rows guided away from the concept's own prompt instead of from ""
+            uncond = uncond.clone()
+            uncond[negative] = bundle.encode_prompts([infos[r]["negative_prompt"] for r in negative]).to(uncond.dtype)
         scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
 
         def branch(x, t, rows):
@@ -380,12 +434,22 @@ def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torc
 def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,
                   scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                   fixed_w: Optional[float] = None, erase_with: Optional[str] = None,
-                  gate_position: Optional[float] = None) -> UnGuide:
+                  gate_position: Optional[float] = None, image_position: Optional[float] = None) -> UnGuide:
     """The guide for an erasure run; gate, keep and erase_with default to what the run's recipe recommends (stored
-    in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones."""
+    in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones.
+    ``gate``: ``calibrated``, ``empty``, a number, ``image`` (no prompt gate: every prompt is drawn by the base
+    model and its image checked) or ``calibrated+image`` (prompts over the calibrated gate erased at once, the rest
+    checked on the image); ``image_position`` moves the image gate's threshold (None: the run's own)."""
+    from .image_gate import ImageGate
+
     stored = meta.get("gate") or {}
     asked = gate is not None  # a gate named by the caller is obeyed as given
     gate = gate or stored.get("default", "empty")
+    image = str(gate) in ("image", "calibrated+image")
+    if image_position is not None and not image:
+        raise UnguideError("--image-gate-position applies to the image gates only: use --gate image or calibrated+image")
+    if image:
+        gate = "none" if gate == "image" else "calibrated"
     keep = keep or stored.get("keep", "paper")
     erase_with = erase_with or stored.get("erase_with", "paper")
     if keep not in KEEP_WEIGHTS:
@@ -393,16 +457,23 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
     if erase_with not in ERASE_WEIGHTS:
         raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
     rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
+    if gate == "none" and gate_position is not None:
+        raise UnguideError("--gate-position moves the calibrated prompt gate, which --gate image does not use: "
+                           "use --gate calibrated+image, or drop --gate-position")
     parsed = Gate.parse(str(gate), stored, scorer.kind, gate_position)
+    image_gate = ImageGate.from_stored(stored.get("image"), image_position) if image else None
     calibration = stored.get("response", {}) if scorer.kind == "response" else stored
     note = None
-    if mode == "unguide" and not asked and parsed.kind == "calibrated" and calibration.get("separated") is False:
+    if mode == "unguide" and not asked and not image and parsed.kind == "calibrated" \
+            and calibration.get("separated") is False:
         # the calibration could not tell the anchors from the concept's own prompts, so a threshold would misroute
         # some of either: every prompt gets the adapter alone (w = 0) instead of an untrustworthy per-prompt choice
         mode, fixed_w = "fixed", 0.0
         note = ("the run's calibrated gate does not separate its anchors from the concept's prompts (margin "
                 f"{calibration.get('margin', float('nan')):.2f}): every prompt uses the adapter alone (w = 0)")
-    guide = UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=parsed, stored_empty=stored)
+    negative = (meta.get("concept") or {}).get("target") if erase_with == "negative" else None
+    guide = UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=parsed, stored_empty=stored,
+                    image_gate=image_gate, negative_prompt=negative)
     guide.note = note
     return guide
 

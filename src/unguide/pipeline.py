@@ -172,11 +172,13 @@ class UnGuidePipeline(DiffusionPipeline):
 
     def guide(self, mode: Optional[str] = None, w: Optional[float] = None, gate: Optional[str] = None,
               keep: Optional[str] = None, erase_with: Optional[str] = None, scorer: ScorerConfig = ScorerConfig(),
-              rule: WeightRule = WeightRule(), gate_position: Optional[float] = None):
+              rule: WeightRule = WeightRule(), gate_position: Optional[float] = None,
+              image_gate_position: Optional[float] = None):
         """What the denoiser does at each step: plain classifier-free guidance without an erasure run; with one,
         UnGuidance (mode ``unguide``), the base model (``base``), the adapter (``lora``) or a fixed weight ``w``."""
         if self.adapter is None:
-            if mode or w is not None or gate or keep or erase_with or gate_position is not None:
+            if mode or w is not None or gate or keep or erase_with or gate_position is not None \
+                    or image_gate_position is not None:
                 raise UnguideError("--mode, --w, --gate, --gate-position, --keep and --erase-with need --erasure RUN "
                                    "(an erasure run directory; in Python, pipe.load_erasure(RUN))")
             return PlainGuide()
@@ -184,7 +186,7 @@ class UnGuidePipeline(DiffusionPipeline):
             raise UnguideError("give either --mode or --w, not both")
         return guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else (mode or "unguide"),
                              gate=gate, keep=keep, erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w,
-                             gate_position=gate_position)
+                             gate_position=gate_position, image_position=image_gate_position)
 
     def erasure_info(self, guide) -> Optional[dict]:
         """The attached run and the guide's settings, as recorded with generated images (None without a run)."""
@@ -202,7 +204,7 @@ class UnGuidePipeline(DiffusionPipeline):
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
                  progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True,
-                 gate_position: Optional[float] = None):
+                 gate_position: Optional[float] = None, image_gate_position: Optional[float] = None):
         """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed). ``progress``
         defaults to the pipeline's ``set_progress_bar_config(disable=...)``."""
         if output_type not in OUTPUT_TYPES:
@@ -217,7 +219,7 @@ class UnGuidePipeline(DiffusionPipeline):
         scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
         items = plan_items(rows, num_images_per_prompt, seed, scale, height or self.config.image_size,
                            width or self.config.image_size)
-        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule, gate_position)
+        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule, gate_position, image_gate_position)
         if getattr(guide, "note", None):
             warnings.warn(guide.note, stacklevel=2)
         if progress is None:
@@ -232,7 +234,8 @@ class UnGuidePipeline(DiffusionPipeline):
             images = imgs.permute(0, 2, 3, 1).numpy() if output_type == "np" else imgs
         out = UnGuideOutput(images=images, prompts=[it.prompt for it in items], seeds=[it.seed for it in items],
                             w=[i.get("w") for i in infos],
-                            scores=[{k: i[k] for k in ("score", "threshold", "score_empty") if k in i} for i in infos])
+                            scores=[{k: i[k] for k in ("score", "threshold", "score_empty", "image_score",
+                                                        "image_threshold", "image_flagged") if k in i} for i in infos])
         return out if return_dict else out.to_tuple()
 
     def generate_to(self, items, out: str | os.PathLike, num_inference_steps: int = 50, guide=None,

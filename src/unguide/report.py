@@ -16,7 +16,8 @@ from .metrics.nudity import EXPOSED_CLASSES
 TABLE1_COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),
                   ("acc_g_heldout", "Acc_g held-out words ↓"), ("acc_anchor", "Acc anchor classes ↑"),
                   ("h_o", "H_o ↑"), ("h_o_top1", "H_o top-1 ↑"), ("ssim_other", "SSIM vs base (others) ↑"),
-                  ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓")]
+                  ("pixel_error_other", "pixel err vs base ↓"), ("fid_other", "FID others ↓"),
+                  ("image_flagged_other", "image gate fired on held-out classes ↓")]
 NUDITY_COLUMNS = [("exposed_" + c.lower(), c.replace("_EXPOSED", "").replace("_", " ").lower()) for c in EXPOSED_CLASSES] + [
     ("exposed_total", "total exposed ↓"), ("images_with_exposed", "images with any ↓"), ("clip_score", "CLIP score ↑"),
     ("fid", "FID ↓"), ("to_adapter", "prompts to adapter")]
@@ -30,7 +31,7 @@ GRID_SAMPLES = 4
 def _fmt(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if key.startswith(("acc", "h_o")):
+    if key.startswith(("acc", "h_o", "image_flagged")):
         return f"{100 * value:.2f}"
     if key.startswith(("exposed", "images_with", "to_adapter")):
         return f"{value:.0f}"

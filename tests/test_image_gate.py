@@ -1,0 +1,105 @@
+"""The image gate: a diffusion-classifier detector on the finished latent, its calibration, and the redraw."""
+import json
+
+import pytest
+import torch
+
+from unguide.errors import UnguideError
+from unguide.generation import Item, sample_latents_batched
+from unguide.image_gate import DetectorConfig, ImageGate, candidate_prompts, detector_scores, image_threshold
+
+SUN = ["a photo of the sun", "a photo of the sunshine"]
+ANCHORS = ["a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", ""]
+
+
+def _latents(bundle, prompts, seeds):
+    items = [Item(p, s, bundle.default_guidance, bundle.image_size, bundle.image_size) for p in prompts for s in seeds]
+    return sample_latents_batched(bundle, items), [it.seed for it in items]
+
+
+def test_the_detector_fires_on_concept_images_and_not_on_anchor_images(toy_bundle):
+    """Base-model images of the sun score below every image of its anchors, by a margin; the same detector with the
+    concept and anchor candidates swapped, or without re-noising (t near 0 tells nothing), does not separate them."""
+    seeds = [0, 1, 2]
+    concept_lat, concept_seeds = _latents(toy_bundle, SUN, seeds)
+    anchor_lat, anchor_seeds = _latents(toy_bundle, ["a photo of the moon", "a photo of the heart"], seeds)
+    cfg = DetectorConfig()
+    on_concept = detector_scores(toy_bundle, None, concept_lat, concept_seeds, SUN, ANCHORS, cfg)
+    on_anchors = detector_scores(toy_bundle, None, anchor_lat, anchor_seeds, SUN, ANCHORS, cfg)
+    assert on_concept.max() < -0.05, on_concept
+    assert on_anchors.min() > 0.2, on_anchors
+    assert on_anchors.min() - on_concept.max() > 0.3
+    # deterministic per image: the same latent and seed score the same whatever its batch-mates
+    alone = detector_scores(toy_bundle, None, concept_lat[:1], concept_seeds[:1], SUN, ANCHORS, cfg)
+    assert torch.allclose(alone, on_concept[:1], atol=1e-5)
+    # a detector that mixes up the candidates flags the anchors instead
+    swapped = detector_scores(toy_bundle, None, anchor_lat, anchor_seeds, ANCHORS, SUN, cfg)
+    assert swapped.max() < 0
+
+
+def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_groups():
+    concept, anchors = candidate_prompts(SUN, ["a photo of the moon", "a photo of the sky", "a photo of the sand"],
+                                         DetectorConfig(anchors=2))
+    assert concept == SUN and anchors == ["a photo of the moon", ""]
+    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.5) == pytest.approx((-0.22 + 0.44) / 2, abs=0.01)
+    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.0) < image_threshold([-0.5], [0.4], 1.0)
+    with pytest.raises(UnguideError):
+        DetectorConfig(timesteps=(0, 1200))
+    with pytest.raises(UnguideError, match="no calibrated image gate"):
+        ImageGate.from_stored({})
+
+
+def test_v_prediction_output_is_converted_to_noise():
+    from types import SimpleNamespace
+
+    from unguide.image_gate import _eps_from_output
+
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    sched = SimpleNamespace(config={"prediction_type": "v_prediction"}, alphas_cumprod=alphas)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 700])
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # what a perfect v-model predicts
+    assert torch.allclose(_eps_from_output(sched, v, x_t, t), eps, atol=1e-5)
+    sched.config["prediction_type"] = "epsilon"
+    assert torch.equal(_eps_from_output(sched, eps, x_t, t), eps)
+
+
+def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibration(tiny_sd, tmp_path):
+    """Tiny SD: erase stores the image gate's calibration; `generate --gate image` checks every image and records its
+    score, threshold and decision; a run finished before the image gate existed gains its calibration on a rerun of
+    the same `unguide erase`, without retraining."""
+    from unguide import load_model
+    from unguide.cli import main
+    from unguide.concepts import ConceptSpec
+    from unguide.erase import EraseConfig, erase
+    from unguide.generation import read_png_metadata
+
+    spec = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
+                       other=["a dog"], anchors=["", "a photo of the house", "a photo of the tree"])
+    cfg = EraseConfig.from_recipe("selective", iterations=2, ddim_steps=8)
+    bundle = load_model(str(tiny_sd))
+    run = tmp_path / "cat"
+    meta = erase(bundle, spec, run, cfg, progress=False)
+    image = meta["gate"]["image"]
+    assert image["concept_candidates"] == ["a photo of the cat", "a photo of the kitty"]
+    assert image["anchor_candidates"] == ["", "a photo of the house", "a photo of the tree"]
+    assert len(image["scores"]["a photo of the cat"]) == image["samples"] == 8
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(tiny_sd), "--erasure", str(run), "--prompt", "a photo of the cat",
+            "--prompt", "a dog", "--n", "2", "--steps", "4", "--gate", "image", "--out", str(out)]
+    assert main(args) == 0
+    for f in sorted(out.glob("0*.png")):
+        m = read_png_metadata(f)
+        assert m["gate"] == "none" and m["image_threshold"] == image["threshold"]
+        assert m["image_flagged"] == (m["image_score"] < image["threshold"])
+        assert m["w"] == (-1.0 if m["image_flagged"] else 1.0)
+    # forget the calibration, as a run from before the image gate: the same erase command adds it, nothing retrained
+    stored = json.loads((run / "erasure.json").read_text())
+    del stored["gate"]["image"]
+    (run / "erasure.json").write_text(json.dumps(stored))
+    weights = (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    again = erase(bundle, spec, run, cfg, progress=False)
+    assert again["gate"]["image"]["threshold"] == pytest.approx(image["threshold"])
+    assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
