@@ -99,3 +99,56 @@ def test_attack_without_images_on_stable_diffusion_is_one_line(tiny_sd, tmp_path
                  "--concepts", "cat", "--methods", "base"]) == 2
     err = capsys.readouterr().err
     assert "--images" in err and err.count("\n") == 1
+
+
+def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_path):
+    """Against an image gate the attacker draws each candidate's images as the pipeline would and runs the pipeline's
+    detector: the sun's own prompts are flagged, a detector that never fires flags nothing, and a candidate's loss is
+    the mix of the kept and erased losses by how often it is flagged."""
+    import torch
+
+    from unguide.adapters import AdapterConfig, make_adapter
+    from unguide.attack import Defence, Probe
+    from unguide.guidance import Gate, UnGuide, WeightRule
+    from unguide.image_gate import ImageGate
+
+    plugin, spec = toy_plugin(), load_preset("sun")
+    concept = (spec.target, *spec.synonym_prompts(heldout=False))
+    anchors = ("a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", "")
+    adapter = make_adapter(toy_bundle.unet, AdapterConfig("object", 1, 8.0, "uniform"), init_seed=0)
+    try:
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)  # an adapter that changes every prediction
+        rule = WeightRule(w_keep=1.0, w_erase=0.0)
+        guide = UnGuide(adapter, gate=Gate("none"), rule=rule, image_gate=ImageGate(concept, anchors, 0.0))
+        cfg = AttackConfig(candidates=4, pairs=0, renders=2, draws=1, inversion_steps=0, keep=1, samples=2, steps=20,
+                           gate_images=2)
+        r = attack(toy_bundle, spec, plugin.concept_images(spec, 2), plugin.ToyJudge(), list(plugin.OBJECTS), {},
+                   tmp_path / "g", cfg, guide=guide, adapter=adapter, label="image", progress=False)
+        scored = {s["prompt"]: s for s in json.loads((tmp_path / "g" / "search.json").read_text())}
+        assert scored[spec.target]["flag_rate"] == 1.0
+        assert r["image_gate_passed"] == sum(1 for s in scored.values() if not s["flag_rate"]) >= 2
+        # the judged images went through the same gate: the target's were flagged and redrawn by the adapter
+        rows = [json.loads(line) for line in (tmp_path / "g" / "images" / "index.jsonl").read_text().splitlines()]
+        target_rows = [row for row in rows if row["prompt"] == spec.target]
+        assert target_rows and all(row["image_flagged"] and row["w"] == 0.0 for row in target_rows)
+        never = Defence(toy_bundle, UnGuide(adapter, gate=Gate("none"), rule=rule,
+                                            image_gate=ImageGate(concept, anchors, -1e9)), adapter, 2, 20)
+        assert never.weights([spec.target])[0]["flag_rate"] == 0.0
+        defence = Defence(toy_bundle, guide, adapter, 2, 20)
+        probe = Probe.build(toy_bundle, plugin.concept_images(spec, 2), cfg)
+        states = toy_bundle.encode_prompts([spec.target]).float()
+        kept = defence.losses(probe, states, [{"w": 1.0}], 64)[0]
+        erased = defence.losses(probe, states, [{"w": 0.0}], 64)[0]
+        mixed = defence.losses(probe, states, [{"w": 1.0, "flag_rate": 0.25, "w_erased": 0.0}], 64)[0]
+        assert abs(float(kept - erased)) > 1e-4
+        assert torch.allclose(mixed, 0.75 * kept + 0.25 * erased, atol=1e-6)
+        # with the last resort: half the redraws are flagged again and drawn from the reference prompt instead
+        last = Defence(toy_bundle, UnGuide(adapter, gate=Gate("none"), rule=rule, image_gate=guide.image_gate,
+                                           substitute_prompt=spec.reference), adapter, 2, 20)
+        ref = defence.losses(probe, toy_bundle.encode_prompts([spec.reference]).float(), [{"w": 1.0}], 64)[0]
+        both = last.losses(probe, states, [{"w": 1.0, "flag_rate": 0.5, "w_erased": 0.0, "substitute_rate": 0.5}], 64)[0]
+        assert torch.allclose(both, 0.5 * kept + 0.5 * (0.5 * erased + 0.5 * ref), atol=1e-6)
+    finally:
+        adapter.remove()

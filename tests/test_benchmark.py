@@ -9,7 +9,7 @@ def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     avg = report["average"]
-    assert set(avg) == {"base", "lora", "unguide", "full", "selective", "selective-unguide"}
+    assert set(avg) == {"base", "lora", "unguide", "full", "selective", "selective-unguide", "selective-image"}
     # Acc_s counts the 5 held-out classes, the 4 anchor classes have their own column, for every method
     assert all(m["n_images"] == 2 * (1 + 1 + 2 + 9) for m in report["per_concept"]["sun"].values())
     assert all(0 <= m["acc_anchor"] <= 1 for m in avg.values())
@@ -18,6 +18,17 @@ def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     assert {v["gate"] for v in gated.values()} == {"calibrated"}
     assert {v["threshold"] for v in gated.values()} == {stored["threshold"]}
     assert report["per_concept"]["sun"]["unguide"]["influence"]["a photo of the sun"]["gate"] == "empty"
+    # the image gate: no prompt gate, every image checked; its rate of firing per role is reported
+    image = report["per_concept"]["sun"]["selective-image"]
+    assert {v["gate"] for v in image["influence"].values()} == {"none"}
+    assert {"image_flagged_erased", "image_flagged_other", "image_flagged_anchor"} <= set(image)
+    rows = [json.loads(line) for line in (out / "images" / "sun" / "selective-image" / "index.jsonl").read_text().splitlines()]
+    assert all(r["image_threshold"] == stored["image"]["threshold"] for r in rows)
+    # the selective recipe's default redraw: the adapter (w = 0), or the reference prompt where that still shows a sun
+    assert all(r["w"] == (0.0 if r["image_flagged"] and not r.get("substitute_prompt") else 1.0) for r in rows)
+    assert all(r.get("substitute_prompt") in (None, "a photo of the sky") for r in rows)
+    other = [r for r in rows if r["role"] == "other"]
+    assert image["image_flagged_other"] == sum(r["image_flagged"] for r in other) / len(other)
     for method, m in avg.items():
         assert 0 <= m["acc_e"] <= 1 and 0 <= m["acc_s"] <= 1 and 0 <= m["h_o"] <= 1
         if method != "base":

@@ -28,7 +28,7 @@ def test_bfloat16_erase_then_generate_end_to_end(tiny_sd, tmp_path):
             "--erasure", str(run), "--gate", "empty"]
     assert main(args + ["--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
     png = read_png_metadata(tmp_path / "bf16" / "00000_001.png")
-    assert png["dtype"] == "bfloat16" and png["w"] in (-1.0, 1.0)  # the selective recipe keeps with w = 1
+    assert png["dtype"] == "bfloat16" and png["w"] in (0.0, 1.0)  # the selective recipe: keep w = 1, erase w = 0
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
     assert main(args + ["--out", str(tmp_path / "fp32")]) == 0  # a run erased in bfloat16 attaches in float32 too
     assert "dtype" not in read_png_metadata(tmp_path / "fp32" / "00000_000.png")

@@ -47,6 +47,13 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
         DetectorConfig(timesteps=(0, 1200))
     with pytest.raises(UnguideError, match="no calibrated image gate"):
         ImageGate.from_stored({})
+    stored = {"threshold": 0.1, "detector": {"timesteps": [400, 600], "draws": 1, "anchors": 9, "seed": 0,
+                                             "batch_size": 64},
+              "concept_candidates": ["c"], "anchor_candidates": [""], "scores": {"c": [-0.5, -0.3], "": [0.4, 0.6]}}
+    assert ImageGate.from_stored(stored).threshold == 0.1  # the run's own
+    assert ImageGate.from_stored(stored, 0.5).threshold == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], 0.5))
+    with pytest.raises(UnguideError, match="outside"):
+        ImageGate.from_stored(stored, 1.5)
 
 
 def test_v_prediction_output_is_converted_to_noise():
@@ -94,7 +101,12 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
         m = read_png_metadata(f)
         assert m["gate"] == "none" and m["image_threshold"] == image["threshold"]
         assert m["image_flagged"] == (m["image_score"] < image["threshold"])
-        assert m["w"] == (-1.0 if m["image_flagged"] else 1.0)
+        if m["image_flagged"]:  # redrawn by the adapter, looked at again; still the concept: the reference prompt
+            substituted = m["image_score_redrawn"] < image["threshold"]
+            assert m.get("substitute_prompt") == ("a photo of the forest" if substituted else None)
+            assert m["w"] == (1.0 if substituted else 0.0)
+        else:
+            assert m["w"] == 1.0 and "image_score_redrawn" not in m
     # forget the calibration, as a run from before the image gate: the same erase command adds it, nothing retrained
     stored = json.loads((run / "erasure.json").read_text())
     del stored["gate"]["image"]

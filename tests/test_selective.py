@@ -121,21 +121,20 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
     assert meta["config"]["a_init"] == "uniform" and meta["anchors"] == ANCHORS
     assert set(gate["anchor_scores"]) == set(ANCHORS) and set(gate["concept_scores"]) == {CAT.target, "a photo of the kitty"}
     expected = (max(gate["anchor_scores"].values()) * min(gate["concept_scores"].values())) ** 0.5
-    assert gate["threshold"] == pytest.approx(expected) and gate["default"] == "calibrated" and gate["keep"] == "base"
+    assert gate["threshold"] == pytest.approx(expected) and gate["default"] == "image" and gate["keep"] == "base"
+    assert gate["erase_with"] == "adapter"
     base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--prompt", "a dog", "--n", "1",
             "--steps", "3", "--erasure", str(selective_run)]
     assert main(base + ["--gate", "calibrated", "--out", str(tmp_path / "calibrated")]) == 0
     m = read_png_metadata(tmp_path / "calibrated" / "00000_000.png")
     assert m["gate"] == "calibrated" and m["threshold"] == gate["threshold"]
-    assert m["w"] == (-1.0 if m["score"] > gate["threshold"] else 1.0)
-    assert main(base + ["--out", str(tmp_path / "default")]) == 0  # the default: calibrated unless it cannot separate
+    assert m["w"] == (0.0 if m["score"] > gate["threshold"] else 1.0)  # the recipe's erase_with: the adapter alone
+    assert main(base + ["--out", str(tmp_path / "default")]) == 0  # the default: the image gate, redraw by the adapter
     m = read_png_metadata(tmp_path / "default" / "00000_000.png")
-    if gate["separated"]:
-        assert m["gate"] == "calibrated" and m["threshold"] == gate["threshold"] and not m["erasure"]["note"]
-    else:
-        assert m["w"] == 0.0 and "does not separate" in m["erasure"]["note"]
+    assert m["gate"] == "none" and m["image_threshold"] == gate["image"]["threshold"] and not m["erasure"]["note"]
+    assert m["w"] == (0.0 if m["image_flagged"] and not m.get("substitute_prompt") else 1.0)
     assert main(base + ["--gate", "1e9", "--out", str(tmp_path / "keep")]) == 0
-    assert main(base + ["--gate", "1e-9", "--keep", "paper", "--out", str(tmp_path / "erase")]) == 0
+    assert main(base + ["--gate", "1e-9", "--keep", "paper", "--erase-with", "paper", "--out", str(tmp_path / "erase")]) == 0
     for name in ("00000_000.png", "00001_000.png"):
         assert read_png_metadata(tmp_path / "keep" / name)["w"] == 1.0
         assert read_png_metadata(tmp_path / "erase" / name)["w"] == -1.0
@@ -155,14 +154,14 @@ def test_keep_base_is_the_base_image_and_costs_what_plain_generation_costs(tiny_
     with adapter.base():
         plain, _ = sample_images(bundle, items, steps=4, guide=PlainGuide(), progress=False)
     kept = [i for i, info in enumerate(infos) if info["w"] == 1.0]
-    erased = [i for i, info in enumerate(infos) if info["w"] == -1.0]
+    erased = [i for i, info in enumerate(infos) if info["w"] == 0.0]  # the recipe's erase_with: the adapter alone
     assert len(kept) == 1 and len(erased) == 1
     assert torch.equal(imgs[kept[0]], plain[kept[0]])  # exactly the base model's image
     assert not torch.equal(imgs[erased[0]], plain[erased[0]])
     # cost, counted by the forward hook, one image of one prompt: the scorer plus plain CFG for a kept prompt
     scorer_evals = ScorerConfig().evals_per_prompt()
     for gate, keep, per_step in (("1e9", "base", 2), ("empty", "paper", 4)):
-        guide = guide_for_run(adapter, meta, gate=gate, keep=keep)  # fresh guide: nothing cached but the run's d("")
+        guide = guide_for_run(adapter, meta, gate=gate, keep=keep, erase_with="paper")  # fresh: only the run's d("") cached
         counter = EvalCounter(bundle.unet)
         sample_images(bundle, [Item("a photo of the cat", 0, 7.5, 16, 16)], steps=4, guide=guide, progress=False)
         counter.close()
@@ -340,7 +339,7 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
             "--erasure", str(selective_run), "--gate", "calibrated"]
     assert main(base + ["--gate-position", "0", "--out", str(tmp_path / "g0")]) == 0
     m = read_png_metadata(tmp_path / "g0" / "00000_000.png")
-    assert m["threshold"] == pytest.approx(top) and m["w"] == (-1.0 if m["score"] > top else 1.0)
+    assert m["threshold"] == pytest.approx(top) and m["w"] == (0.0 if m["score"] > top else 1.0)
     assert m["erasure"]["gate"]["position"] == 0.0  # the settings recorded with the image say where the gate sat
     # a spec's position fills the selective recipe (a flag wins) and is stored with the run it calibrates
     spec = ConceptSpec(**{**CAT.to_dict(), "gate_position": 0.25})

@@ -75,7 +75,9 @@ def test_cifar10_suite_end_to_end(cifar_run):
     report = json.loads((out / "report.json").read_text())
     assert report["suite"] == "cifar10"
     assert set(report["per_concept"]) == {"sd-cat", "sd-dog"}
-    assert set(report["average"]) == {"base", "lora", "unguide", "full", "selective", "selective-unguide"}
+    assert set(report["average"]) == {"base", "lora", "unguide", "full", "selective", "selective-unguide",
+                                      "selective-image"}
+    assert "image_flagged_other" in report["per_concept"]["sd-cat"]["selective-image"]  # the image gate ran on SD
     cat = report["per_concept"]["sd-cat"]
     # target, 3 synonyms and the 9 other CIFAR-10 classes (all held out: the SD anchors are everyday objects)
     assert all(m["n_images"] == 2 * 13 for m in cat.values())

@@ -16,8 +16,10 @@ predicts that noise. A low loss means the model still knows how to draw the conc
   would decide it. A prompt the gate sends to the base model gets the base model's prediction, concept and all.
   Against an image gate the attacker is adaptive: for each candidate it draws ``gate_images`` images exactly as the
   pipeline would (other seeds than the judged ones), runs the pipeline's own detector and threshold on them, and
-  scores the candidate by the loss it would meet, ``(1 - f) * loss(kept) + f * loss(erased)`` with f the fraction
-  flagged: prompts whose images draw the concept yet slip under the detector rank first.
+  scores the candidate by the loss it would meet, ``(1 - f) * loss(kept) + f * ((1 - g) * loss(erased) + g *
+  loss(substituted))`` with f the fraction flagged and g the fraction of the redraws flagged again (those are drawn
+  from the concept's reference prompt): prompts whose images draw the concept yet slip under the detector rank
+  first.
 
 Every phase resumes: scored prompts, the inversion's checkpoints and generated images are on disk.
 """
@@ -91,7 +93,7 @@ class Defence:
         gate = getattr(self.guide, "image_gate", None)
         if gate is None or self.guide.mode != "unguide":
             return decisions
-        from .generation import Item, sample_latents_batched
+        from .generation import Item, sample_latents, sample_latents_batched
 
         kept = [i for i, d in enumerate(decisions) if d["w"] == self.guide.rule.w_keep]
         if not kept:
@@ -100,23 +102,40 @@ class Defence:
         seeds = [self.seed + 50_000 + j for j in range(self.gate_images)]  # never the judged images' seeds
         items = [Item(prompts[i], s, self.guidance, size, size) for i in kept for s in seeds]
         latents = sample_latents_batched(self.bundle, items, self.steps, guide=self.guide)
-        flags = (gate.scores(self.bundle, self.adapter, latents, [it.seed for it in items]) < gate.threshold).float()
+        flags = (gate.scores(self.bundle, self.adapter, latents, [it.seed for it in items]) < gate.threshold).tolist()
+        # the images the gate flags are redrawn by the erasure and looked at again, as the pipeline does
+        flagged = [k for k, f in enumerate(flags) if f]
+        again = {}
+        for b in range(0, len(flagged), 32):
+            chunk = flagged[b:b + 32]
+            infos = [self.guide._erased(decisions[kept[k // len(seeds)]]) for k in chunk]
+            redrawn = sample_latents(self.bundle, [items[k] for k in chunk], self.steps, self.guide, infos)
+            scores = gate.scores(self.bundle, self.adapter, redrawn, [items[k].seed for k in chunk]).tolist()
+            again.update({k: s < gate.threshold for k, s in zip(chunk, scores)})
         for n, i in enumerate(kept):
-            decisions[i] = {**decisions[i], "flag_rate": float(flags[n * len(seeds):(n + 1) * len(seeds)].mean()),
-                            "w_erased": self.guide.rule.w_erase}
+            mine = list(range(n * len(seeds), (n + 1) * len(seeds)))
+            hit = [k for k in mine if flags[k]]
+            decisions[i] = {**decisions[i], "flag_rate": len(hit) / len(mine), "w_erased": self.guide.rule.w_erase}
+            if self.guide.substitute_prompt is not None and hit:
+                decisions[i]["substitute_rate"] = sum(again[k] for k in hit) / len(hit)
         return decisions
 
     def losses(self, probe: "Probe", states: torch.Tensor, decisions: Sequence[dict], batch_size: int,
                grad: bool = False) -> torch.Tensor:
-        """The loss each prompt meets: at its decided w, or against an image gate the mix of kept and erased
-        according to how often its images are flagged."""
+        """The loss each prompt meets: at its decided w, or against an image gate the mix of kept, erased and
+        substituted according to how often its images are flagged (first look, and second look at the redraw)."""
         loss = prompt_losses(self, probe, states, [d["w"] for d in decisions], batch_size, grad=grad)
         flagged = [i for i, d in enumerate(decisions) if d.get("flag_rate", 0) > 0]
         if not flagged:
             return loss
         f = torch.tensor([decisions[i]["flag_rate"] for i in flagged], device=loss.device)
+        g = torch.tensor([decisions[i].get("substitute_rate", 0.0) for i in flagged], device=loss.device)
         erased = prompt_losses(self, probe, states[flagged], [decisions[i]["w_erased"] for i in flagged], batch_size,
                                grad=grad)
+        if bool((g > 0).any()):  # the reference prompt's loss: what the attacker's tokens cannot change
+            ref = self.bundle.encode_prompts([self.guide.substitute_prompt]).float()
+            substituted = prompt_losses(self, probe, ref, [1.0], batch_size)[0]
+            erased = (1 - g) * erased + g * substituted
         idx = torch.tensor(flagged, device=loss.device)
         return loss.index_copy(0, idx, (1 - f) * loss[idx] + f * erased)
 
@@ -214,7 +233,8 @@ def word_search(defence: Defence, probe: Probe, spec, cfg: AttackConfig, out: Pa
             losses = defence.losses(probe, states, decisions, cfg.batch_size)
             for (p, kind), d, loss in zip(chunk, decisions, losses.tolist()):
                 scored[p] = {"prompt": p, "kind": kind, "loss": loss, "w": d["w"], "score": d.get("score"),
-                             "threshold": d.get("threshold"), "flag_rate": d.get("flag_rate")}
+                             "threshold": d.get("threshold"), "flag_rate": d.get("flag_rate"),
+                             "substitute_rate": d.get("substitute_rate")}
             write_json(path, list(scored.values()))
             bar.update(len(chunk))
         bar.close()
@@ -281,7 +301,8 @@ def invert(defence: Defence, probe: Probe, init_prompt: str, cfg: AttackConfig, 
         loss.backward()
         opt.step()
         step += 1
-        history.append({"step": step, "loss": float(loss.detach()), "w": w, "flag_rate": decision.get("flag_rate")})
+        history.append({"step": step, "loss": float(loss.detach()), "w": w, "flag_rate": decision.get("flag_rate"),
+                        "substitute_rate": decision.get("substitute_rate")})
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", w=w)
         bar.update(1)
         if step % 10 == 0 or step == cfg.inversion_steps:

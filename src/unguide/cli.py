@@ -120,10 +120,19 @@ def _cmd_erase(args) -> int:
           f"metadata: {Path(args.out) / 'erasure.json'}")
     gate = meta.get("gate") or {}
     if gate.get("threshold") is not None:
-        print(f"gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
+        print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
               f"{gate.get('position', 0.5):g} (anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
-              f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'}); "
-              f"generation uses gate '{gate['default']}', keep '{gate['keep']}' unless told otherwise")
+              f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'})")
+    image = gate.get("image")
+    if image:
+        concept = [s for p in image["concept_candidates"] for s in image["scores"][p]]
+        anchors = [s for p, v in image["scores"].items() if p not in image["concept_candidates"] for s in v]
+        print(f"image gate calibrated on {len(concept) + len(anchors)} base images: threshold {image['threshold']:.3f} at "
+              f"position {image['position']:g} (concept images up to {max(concept):.3f}, anchor images from "
+              f"{min(anchors):.3f}{'' if image['separated'] else ': they OVERLAP'})")
+    if gate.get("default"):
+        print(f"generation uses gate '{gate['default']}', keep '{gate['keep']}', erase with '{gate['erase_with']}' unless "
+              "told otherwise")
     print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
     return 0
 
@@ -188,7 +197,7 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_benchmark_scorer(args) -> int:
     from .concepts import load_preset
-    from .cost import run_gate_cost, scorer_benchmark
+    from .cost import gate_cost_by_group, run_gate_cost, scorer_benchmark
     from .erase import attach_erasure
     from .io import write_json
     from .models import load_model, world_plugin
@@ -206,7 +215,11 @@ def _cmd_benchmark_scorer(args) -> int:
     result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
                               timing_prompts=args.timing_prompts)
     result["erasure"] = str(args.erasure)
-    result["run_gate"] = run_gate_cost(bundle, adapter, meta, prompts, guidance, steps=args.steps)
+    image_gate = "image" in (meta.get("gate") or {})
+    stored_default = (meta.get("gate") or {}).get("default")
+    # the prompt gate's own figures (for a run whose default is an image gate: its calibrated prompt gate)
+    prompt_gate = "calibrated" if stored_default in ("image", "calibrated+image") else None
+    result["run_gate"] = run_gate_cost(bundle, adapter, meta, prompts, guidance, steps=args.steps, gate=prompt_gate)
     if args.out:
         write_json(args.out, result)
     print(f"{len(prompts)} prompts; fast vs reference decisions agree on {100 * result['agreement']:.1f}%")
@@ -227,7 +240,37 @@ def _cmd_benchmark_scorer(args) -> int:
                  f"{g['evals_per_image_base']:.0f}), wall clock x{g['ratio_gated_to_base']:.2f}, same-seed SSIM to base "
                  f">= {g['ssim_to_base_min']:.4f} ({g['identical_to_base']} of {g['kept']} images identical)")
     print(line)
+    if image_gate:
+        groups = _cost_groups(meta, prompts)
+        result["image_gate"] = {gate: gate_cost_by_group(bundle, adapter, meta, groups, guidance, gate=gate, steps=args.steps)
+                                for gate in ("image", "calibrated+image")}
+        if args.out:
+            write_json(args.out, result)
+        for gate, cost in result["image_gate"].items():
+            for name in groups:
+                c = cost[name]
+                print(f"  gate {gate}, {name} ({c['prompts']} prompts, one image each): {c['evals_per_image_gated']:.0f} UNet "
+                      f"evals per image, detector and redraws included (plain generation {c['evals_per_image_base']:.0f}); "
+                      f"{c['erased']} erased, {c['image_flagged']} of them flagged by the image gate; wall clock "
+                      f"x{c['ratio_gated_to_base']:.2f}")
     return 0
+
+
+def _cost_groups(meta: dict, prompts: list[str]) -> dict:
+    """The cost report's prompt groups: those that carry the concept (its target, synonyms or label) and those that
+    name none of the concept's words nor any class its anchors name (the held-out kind)."""
+    import re
+
+    concept = meta["concept"]
+    words = {w.lower() for w in [concept.get("label") or "", *concept.get("synonyms", []),
+                                 *concept.get("heldout_synonyms", [])] if w}
+    anchor_words = {a.split()[-1].lower() for a in meta.get("anchors") or [] if a.startswith("a photo of the ")}
+
+    def has(p: str, vocab: set) -> bool:
+        return any(re.search(rf"\b{re.escape(w)}\b", p.lower()) for w in vocab)
+
+    return {"concept prompts": [p for p in prompts if has(p, words)],
+            "held-out prompts": [p for p in prompts if not has(p, words) and not has(p, anchor_words)]}
 
 
 def _concept_prompts(meta: dict) -> list[tuple[str, str]]:

@@ -64,12 +64,12 @@ def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, s
 
 
 def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance: float, steps: int = 50,
-                  batch_size: int = 32, seed: int = 0) -> dict:
+                  batch_size: int = 32, seed: int = 0, gate: Optional[str] = None) -> dict:
     """The run's own gate (its recipe's defaults) on prompts it keeps, one image each, side by side with plain
     generation: UNet evaluations per image (decision included), wall clock, and same-seed SSIM to the base image."""
     from .metrics.preservation import ssim
 
-    guide = guide_for_run(adapter, meta)
+    guide = guide_for_run(adapter, meta, gate=gate)
     decisions = guide.decide(bundle, list(prompts), guidance)
     kept = [p for p, d in zip(prompts, decisions) if d["w"] == guide.rule.w_keep]
     result = {"gate": guide.settings()["gate"], "keep_w": guide.rule.w_keep, "prompts": len(prompts), "kept": len(kept),
@@ -81,7 +81,7 @@ def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance:
     with adapter.base():
         t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
         base_imgs, _ = sample_images(bundle, items, steps=steps, guide=PlainGuide(), batch_size=batch_size, progress=False)
-    fresh = guide_for_run(adapter, meta)  # nothing cached but what the run stores
+    fresh = guide_for_run(adapter, meta, gate=gate)  # nothing cached but what the run stores
     t_gate, n_gate, _ = _timed(bundle, items, fresh, steps, batch_size)
     gated_imgs, _ = sample_images(bundle, items, steps=steps, guide=fresh, batch_size=batch_size, progress=False)
     result.update(evals_per_image_base=n_base / len(items), evals_per_image_gated=n_gate / len(items),

@@ -62,7 +62,7 @@ RECIPE_SETTINGS = {
 # (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
 # `unguide erase` adds the image gate's calibration)
 RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
-                "selective": {"default": "image", "keep": "base", "erase_with": "negative"}}
+                "selective": {"default": "image", "keep": "base", "erase_with": "adapter"}}
 TimestepMapping = Literal["reference", "aligned"]
 TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 

@@ -294,7 +294,8 @@ class UnGuide:
 
     def __init__(self, adapter, mode: str = "unguide", scorer: ScorerConfig = ScorerConfig(),
                  rule: WeightRule = WeightRule(), fixed_w: Optional[float] = None, gate: Gate = Gate(),
-                 stored_empty: Optional[dict] = None, image_gate=None, negative_prompt: Optional[str] = None):
+                 stored_empty: Optional[dict] = None, image_gate=None, negative_prompt: Optional[str] = None,
+                 substitute_prompt: Optional[str] = None):
         if mode not in self.MODES:
             raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed --w")
         if mode == "fixed" and fixed_w is None:
@@ -310,6 +311,9 @@ class UnGuide:
         self.image_gate = image_gate
         # erased rows use this prompt (the concept's target) as their negative prompt instead of "" (erase_with negative)
         self.negative_prompt = negative_prompt
+        # the image gate's last resort: a redrawn image that still shows the concept is drawn again by the base model
+        # from this prompt (the concept's reference, e.g. "a photo of the sky"), so the prompt's words no longer count
+        self.substitute_prompt = substitute_prompt
         self.note: Optional[str] = None  # why the guide departs from what was asked, if it does
 
     def settings(self) -> dict:
@@ -320,6 +324,8 @@ class UnGuide:
                                  "anchors": list(self.image_gate.anchors), "detector": asdict(self.image_gate.detector)}
         if self.negative_prompt is not None:
             out["negative_prompt"] = self.negative_prompt
+        if self.substitute_prompt is not None:
+            out["substitute_prompt"] = self.substitute_prompt
         return out
 
     def _erased(self, info: dict) -> dict:
@@ -361,7 +367,10 @@ class UnGuide:
 
     def review(self, bundle, items, latents: torch.Tensor, infos: list[dict], redraw) -> tuple[torch.Tensor, list[dict]]:
         """The image gate: score the finished latents of the rows the prompt gate kept, and redraw (same noise,
-        ``redraw(rows, infos)``) those that show the concept, with the erasure. Without an image gate: unchanged."""
+        ``redraw(rows, infos)``) those that show the concept, with the erasure; then look again at what was redrawn,
+        and draw the concept's reference prompt instead where the erasure still drew the concept (an attacker who
+        beats the adapter, e.g. by inversion, meets the base model drawing the reference). Without an image gate:
+        unchanged."""
         if self.image_gate is None or self.mode != "unguide":
             return latents, infos
         rows = [r for r, info in enumerate(infos) if info["w"] == self.rule.w_keep]
@@ -379,7 +388,21 @@ class UnGuide:
         if flagged:
             latents = latents.clone()
             latents[flagged] = redraw(flagged, [infos[r] for r in flagged])
+            if self.substitute_prompt is not None:
+                again = gate.scores(bundle, self.adapter, latents[flagged], [items[r].seed for r in flagged]).tolist()
+                still = []
+                for r, s in zip(flagged, again):
+                    infos[r] = {**infos[r], "image_score_redrawn": s}
+                    if s < gate.threshold:
+                        still.append(r)
+                        infos[r] = self.substituted(infos[r])
+                if still:
+                    latents[still] = redraw(still, [infos[r] for r in still])
         return latents, infos
+
+    def substituted(self, info: dict) -> dict:
+        """A row's info once its prompt is replaced by the substitute: the base model draws the reference prompt."""
+        return {**info, "w": 1.0, "substitute_prompt": self.substitute_prompt, "negative_prompt": None}
 
     def prepare(self, bundle, items) -> list[dict]:
         infos: list[Optional[dict]] = [None] * len(items)
@@ -401,6 +424,10 @@ class UnGuide:
         if negative:  # erased rows guided away from the concept's own prompt instead of from ""
             uncond = uncond.clone()
             uncond[negative] = bundle.encode_prompts([infos[r]["negative_prompt"] for r in negative]).to(uncond.dtype)
+        substitute = [r for r, info in enumerate(infos) if info.get("substitute_prompt") is not None]
+        if substitute:  # the image gate's last resort: these rows draw the concept's reference prompt
+            cond = cond.clone()
+            cond[substitute] = bundle.encode_prompts([infos[r]["substitute_prompt"] for r in substitute]).to(cond.dtype)
         scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
 
         def branch(x, t, rows):
@@ -471,9 +498,11 @@ def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str
         mode, fixed_w = "fixed", 0.0
         note = ("the run's calibrated gate does not separate its anchors from the concept's prompts (margin "
                 f"{calibration.get('margin', float('nan')):.2f}): every prompt uses the adapter alone (w = 0)")
-    negative = (meta.get("concept") or {}).get("target") if erase_with == "negative" else None
+    concept = meta.get("concept") or {}
+    negative = concept.get("target") if erase_with == "negative" else None
+    substitute = concept.get("reference") if image else None
     guide = UnGuide(adapter, mode=mode, scorer=scorer, rule=rule, fixed_w=fixed_w, gate=parsed, stored_empty=stored,
-                    image_gate=image_gate, negative_prompt=negative)
+                    image_gate=image_gate, negative_prompt=negative, substitute_prompt=substitute)
     guide.note = note
     return guide
 

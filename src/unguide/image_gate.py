@@ -183,6 +183,10 @@ class ImageGate:
         det["timesteps"] = tuple(det["timesteps"])
         threshold = float(stored["threshold"])
         if position is not None:
+            if not 0.0 <= position <= 1.0:
+                raise UnguideError(f"image gate position {position:g} is outside [0, 1]: 0 puts the threshold at the "
+                                   "concept's calibration images, 1 at the anchors' (the run's own: "
+                                   f"{stored.get('position', IMAGE_GATE_POSITION):g})")
             concept = [s for p in stored["concept_candidates"] for s in stored["scores"][p]]
             anchors = [s for p, v in stored["scores"].items() if p not in stored["concept_candidates"] for s in v]
             threshold = image_threshold(concept, anchors, position)

@@ -197,7 +197,7 @@ class ModelBundle:
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long()
-            h.update(t[idx].numpy().tobytes())
+            h.update(t[idx].cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def keep_fingerprint(self) -> None:
