@@ -2,7 +2,11 @@
 # One-call GPU job (the device tool): the toy benchmark of issue 23 at 32 seeds on every class, erasures included.
 # Carry: .whl (diffusers 0.42.1 and importlib_metadata wheels for Python 3.12) and .devcache (token states of every
 # prompt, `python scripts/device_text_cache.py build .devcache`: the text encoder is too large to travel).
-# Writes $OUT/bench.tgz (runs, report.json/md, grids) and $OUT/log.txt.
+# Writes $OUT/bench.tgz (runs, report.json/md, grids).
+# Measured 2026-12-04 on the lent H200: the ten erasures in parallel took 3 min 27 s (173-177 s each); the toy model
+# is too small to keep the GPU busy (kernel-launch bound), and the 10-class benchmark at 32 seeds had not finished
+# 5.5 min later, so that call ran out of its limit. Use it for the erasures and generate on the CPU, or give the
+# benchmark a call of its own with fewer seeds (SAMPLES=8).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TQDM_MININTERVAL=30

@@ -108,7 +108,7 @@ class Defence:
         again = {}
         for b in range(0, len(flagged), 32):
             chunk = flagged[b:b + 32]
-            infos = [self.guide._erased(decisions[kept[k // len(seeds)]]) for k in chunk]
+            infos = [self.guide.erased_info(decisions[kept[k // len(seeds)]]) for k in chunk]
             redrawn = sample_latents(self.bundle, [items[k] for k in chunk], self.steps, self.guide, infos)
             scores = gate.scores(self.bundle, self.adapter, redrawn, [items[k].seed for k in chunk]).tolist()
             again.update({k: s < gate.threshold for k, s in zip(chunk, scores)})

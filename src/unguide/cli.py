@@ -197,7 +197,7 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_benchmark_scorer(args) -> int:
     from .concepts import load_preset
-    from .cost import gate_cost_by_group, run_gate_cost, scorer_benchmark
+    from .cost import run_gate_cost, scorer_benchmark
     from .erase import attach_erasure
     from .io import write_json
     from .models import load_model, world_plugin
@@ -212,10 +212,14 @@ def _cmd_benchmark_scorer(args) -> int:
     else:
         raise UnguideError("give --prompts FILE: the default prompt set exists for the embedded model's concepts only")
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
+    image_gate = "image" in (meta.get("gate") or {})
+    if args.gates_only:
+        if not image_gate:
+            raise UnguideError(f"{args.erasure} has no image gate: drop --gates-only, or rerun `unguide erase` on it")
+        return _print_image_gate_cost(bundle, adapter, meta, prompts, guidance, args, {"erasure": str(args.erasure)})
     result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
                               timing_prompts=args.timing_prompts)
     result["erasure"] = str(args.erasure)
-    image_gate = "image" in (meta.get("gate") or {})
     stored_default = (meta.get("gate") or {}).get("default")
     # the prompt gate's own figures (for a run whose default is an image gate: its calibrated prompt gate)
     prompt_gate = "calibrated" if stored_default in ("image", "calibrated+image") else None
@@ -241,18 +245,28 @@ def _cmd_benchmark_scorer(args) -> int:
                  f">= {g['ssim_to_base_min']:.4f} ({g['identical_to_base']} of {g['kept']} images identical)")
     print(line)
     if image_gate:
-        groups = _cost_groups(meta, prompts)
-        result["image_gate"] = {gate: gate_cost_by_group(bundle, adapter, meta, groups, guidance, gate=gate, steps=args.steps)
-                                for gate in ("image", "calibrated+image")}
-        if args.out:
-            write_json(args.out, result)
-        for gate, cost in result["image_gate"].items():
-            for name in groups:
-                c = cost[name]
-                print(f"  gate {gate}, {name} ({c['prompts']} prompts, one image each): {c['evals_per_image_gated']:.0f} UNet "
-                      f"evals per image, detector and redraws included (plain generation {c['evals_per_image_base']:.0f}); "
-                      f"{c['erased']} erased, {c['image_flagged']} of them flagged by the image gate; wall clock "
-                      f"x{c['ratio_gated_to_base']:.2f}")
+        return _print_image_gate_cost(bundle, adapter, meta, prompts, guidance, args, result)
+    return 0
+
+
+def _print_image_gate_cost(bundle, adapter, meta: dict, prompts: list[str], guidance: float, args, result: dict) -> int:
+    """benchmark-scorer's image-gate part: UNet evaluations per image for held-out and concept prompts, both gates."""
+    from .cost import gate_cost_by_group
+    from .io import write_json
+
+    groups = _cost_groups(meta, prompts)
+    result["image_gate"] = {gate: gate_cost_by_group(bundle, adapter, meta, groups, guidance, gate=gate, steps=args.steps)
+                            for gate in ("image", "calibrated+image")}
+    if args.out:
+        write_json(args.out, result)
+    for gate, cost in result["image_gate"].items():
+        for name in groups:
+            c = cost[name]
+            print(f"  gate {gate}, {name} ({c['prompts']} prompts, one image each): {c['evals_per_image_gated']:.0f} UNet "
+                  f"evals per image, detector and redraws included (plain generation {c['evals_per_image_base']:.0f}); "
+                  f"{c['erased']} erased, {c['image_flagged']} flagged by the image gate, {c['substituted']} drawn "
+                  f"from the reference prompt; wall clock "
+                  f"x{c['ratio_gated_to_base']:.2f}")
     return 0
 
 
@@ -560,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--reference-draws", type=int, default=30)
     s.add_argument("--timing-prompts", type=int, default=32, help="images generated side by side for the timing")
+    s.add_argument("--gates-only", action="store_true",
+                   help="skip the fast-vs-reference scorer comparison: only the run's gates' costs per prompt group")
     s.add_argument("--out", default=None, help="write the full result as JSON")
     s.set_defaults(func=_cmd_benchmark_scorer)
 

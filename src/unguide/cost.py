@@ -108,7 +108,8 @@ def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: floa
         t_gate, n_gate, infos = _timed(bundle, items, guide, steps, batch_size)
         result[name] = {"prompts": len(prompts), "evals_per_image_base": n_base / len(items),
                         "evals_per_image_gated": n_gate / len(items), "ratio_gated_to_base": t_gate / t_base,
-                        "erased": sum(1 for i in infos if i["w"] != guide.rule.w_keep),
-                        "image_flagged": sum(1 for i in infos if i.get("image_flagged"))}
+                        "erased": sum(1 for i in infos if i["w"] != guide.rule.w_keep or i.get("image_flagged")),
+                        "image_flagged": sum(1 for i in infos if i.get("image_flagged")),
+                        "substituted": sum(1 for i in infos if i.get("substitute_prompt"))}
     result["gate"] = guide.settings()["gate"]["kind"] + ("+image" if guide.image_gate is not None else "")
     return result

@@ -328,7 +328,7 @@ class UnGuide:
             out["substitute_prompt"] = self.substitute_prompt
         return out
 
-    def _erased(self, info: dict) -> dict:
+    def erased_info(self, info: dict) -> dict:
         """A row's info once it is erased: w_erase, and the concept as negative prompt if the guide has one."""
         info = {**info, "w": self.rule.w_erase}
         if self.negative_prompt is not None:
@@ -363,7 +363,7 @@ class UnGuide:
             threshold = self.gate.threshold
         infos = [{"w": self.rule.weight(s, threshold), "score": s, "threshold": threshold, "gate": self.gate.kind, **extra}
                  for s in self.scores(bundle, prompts, guidance)]
-        return [self._erased(i) if i["w"] == self.rule.w_erase and self.rule.rule == "binary" else i for i in infos]
+        return [self.erased_info(i) if i["w"] == self.rule.w_erase and self.rule.rule == "binary" else i for i in infos]
 
     def review(self, bundle, items, latents: torch.Tensor, infos: list[dict], redraw) -> tuple[torch.Tensor, list[dict]]:
         """The image gate: score the finished latents of the rows the prompt gate kept, and redraw (same noise,
@@ -384,7 +384,7 @@ class UnGuide:
             infos[r] = {**infos[r], "image_score": s, "image_threshold": gate.threshold, "image_flagged": s < gate.threshold}
             if s < gate.threshold:
                 flagged.append(r)
-                infos[r] = self._erased(infos[r])
+                infos[r] = self.erased_info(infos[r])
         if flagged:
             latents = latents.clone()
             latents[flagged] = redraw(flagged, [infos[r] for r in flagged])
@@ -395,12 +395,12 @@ class UnGuide:
                     infos[r] = {**infos[r], "image_score_redrawn": s}
                     if s < gate.threshold:
                         still.append(r)
-                        infos[r] = self.substituted(infos[r])
+                        infos[r] = self.substituted_info(infos[r])
                 if still:
                     latents[still] = redraw(still, [infos[r] for r in still])
         return latents, infos
 
-    def substituted(self, info: dict) -> dict:
+    def substituted_info(self, info: dict) -> dict:
         """A row's info once its prompt is replaced by the substitute: the base model draws the reference prompt."""
         return {**info, "w": 1.0, "substitute_prompt": self.substitute_prompt, "negative_prompt": None}
 
