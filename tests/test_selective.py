@@ -58,7 +58,9 @@ def test_anchor_term_is_zero_at_init_and_its_gradient_reaches_A(tiny_sd):
     sched = make_scheduler(bundle, cfg.ddim_steps)
     z = torch.randn(1, *bundle.latent_shape(), generator=torch.Generator().manual_seed(0))
     _, parts = erasure_loss(bundle.unet, adapter, sched, cfg, 3, 700, z, prompts, anchors)
-    assert parts["anchor"] == 0.0  # B = 0: the adapted model is the base model, bit for bit
+    # B = 0: the adapted model is the base model; the base side runs 4 rows and the adapted side 3, and on this
+    # machine (2026-12-04) CPU kernels summed them in another order (1.3e-14), so equal to float rounding, not bit for bit
+    assert abs(parts["anchor"]) < 1e-10
     with torch.no_grad():  # as after some erasure steps: B no longer zero
         for name, p in adapter.named_parameters().items():
             if "lora_B" in name:
@@ -149,12 +151,12 @@ def test_keep_base_is_the_base_image_and_costs_what_plain_generation_costs(tiny_
     s_cat, s_dog = probe.scores(bundle, prompts, 7.5)
     assert s_cat != s_dog
     between = str((s_cat * s_dog) ** 0.5)  # one prompt above the gate, one below
-    guide = guide_for_run(adapter, meta, gate=between, keep="base")
+    guide = guide_for_run(adapter, meta, gate=between, keep="base", erase_with="paper")  # both rows in the base batch
     imgs, infos = sample_images(bundle, items, steps=4, guide=guide, progress=False)
     with adapter.base():
         plain, _ = sample_images(bundle, items, steps=4, guide=PlainGuide(), progress=False)
     kept = [i for i, info in enumerate(infos) if info["w"] == 1.0]
-    erased = [i for i, info in enumerate(infos) if info["w"] == 0.0]  # the recipe's erase_with: the adapter alone
+    erased = [i for i, info in enumerate(infos) if info["w"] == -1.0]
     assert len(kept) == 1 and len(erased) == 1
     assert torch.equal(imgs[kept[0]], plain[kept[0]])  # exactly the base model's image
     assert not torch.equal(imgs[erased[0]], plain[erased[0]])
