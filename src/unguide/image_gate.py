@@ -24,6 +24,7 @@ noise with the erasure.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -81,8 +82,6 @@ def detector_scores(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
                     anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig()) -> torch.Tensor:
     """The score of each finished latent (lower: more like the concept); the base model judges (adapter off).
     The (t, eps) draws of an image depend on its seed alone, so its score never depends on its batch-mates."""
-    from contextlib import nullcontext
-
     unet, sched = bundle.unet, bundle.scheduler
     prompts = list(concept) + list(anchors)
     states = bundle.encode_prompts(prompts).to(unet.dtype)
@@ -144,7 +143,7 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
     if progress:
         print(f"calibrating the image gate on {len(items)} base images of {len(cand_concept)} concept prompts and "
               f"{len(calib_anchors)} anchors ...", flush=True)
-    with adapter.base() if adapter is not None else _null():
+    with adapter.base() if adapter is not None else nullcontext():
         latents = sample_latents_batched(bundle, items, batch_size=batch_size)
     scores = detector_scores(bundle, adapter, latents, [it.seed for it in items], cand_concept, cand_anchors, cfg).tolist()
     per_prompt: dict[str, list] = {}
@@ -157,12 +156,6 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
             "position": position, "scores": per_prompt,
             "threshold": image_threshold(concept_scores, anchor_scores, position),
             "separated": max(concept_scores) < min(anchor_scores)}
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 @dataclass(frozen=True)
