@@ -42,7 +42,7 @@ from .concepts import ConceptSpec
 from .errors import UnguideError
 from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
 from .guidance import GATE_POSITION, calibrate_gate, check_gate_position
-from .image_gate import calibrate_image_gate
+from .image_gate import DetectorConfig, calibrate_image_gate
 from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
@@ -239,7 +239,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
             if done.get("base_fingerprint") != fingerprint or not _same_config(done.get("config"), cfg) \
                     or done.get("concept") != concept.to_dict():
                 raise UnguideError(f"{out} already holds a finished run with other settings: choose another --out")
-            if "image" not in (done.get("gate") or {}) and gate_anchors(concept, cfg):
+            if gate_anchors(concept, cfg) and not _image_gate_current((done.get("gate") or {}).get("image")):
                 done = _add_image_gate(bundle, concept, cfg, out, done, progress)
             return done
     unet = bundle.unet
@@ -320,9 +320,16 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     return meta
 
 
+def _image_gate_current(stored: Optional[dict]) -> bool:
+    """Whether a run's image gate was calibrated with today's detector (a calibration is only valid for its detector)."""
+    if not stored or "detector" not in stored:
+        return False
+    return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
+
+
 def _add_image_gate(bundle, concept: ConceptSpec, cfg: EraseConfig, out: Path, meta: dict, progress: bool) -> dict:
-    """A run finished before the image gate existed gains its calibration (the adapter is not retrained), and the
-    gate defaults its recipe recommends now."""
+    """A run finished before the image gate existed, or calibrated with an older detector, gains today's calibration
+    (the adapter is not retrained), and the gate defaults its recipe recommends now."""
     adapter, _ = attach_erasure(bundle, out)
     try:
         image = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)

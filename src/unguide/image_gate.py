@@ -37,10 +37,11 @@ from .sampling import unet_eps
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """The diffusion classifier's settings. Defaults: two mid-range timesteps, one noise draw each (2 UNet evals per
-    candidate prompt and image), candidates = the concept's prompts and the run's first ``anchors`` anchors."""
+    """The diffusion classifier's settings. Defaults: four timesteps spread over the schedule, one noise draw each (4
+    UNet evals per candidate prompt and image; chosen on fresh words over (400, 600), docs/findings-toyworld.md),
+    candidates = the concept's prompts and the run's first ``anchors`` anchors."""
 
-    timesteps: tuple = (400, 600)
+    timesteps: tuple = (200, 400, 600, 800)
     draws: int = 1  # noise draws per timestep
     anchors: int = 9  # anchor prompts used as candidates (the run's first ones; "" always among them)
     seed: int = 0
