@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 
 def toy_prompts() -> list[str]:
-    from unguide.concepts import load_preset
+    from unguide.erasure.concepts import load_preset
     from unguide.toyworld.plugin import OBJECTS
 
     prompts = [""]
@@ -56,7 +56,8 @@ def run(cache: Path, argv: list[str]) -> int:
     from safetensors import safe_open
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    import unguide.models as models
+    import unguide.models.loading as models
+    import unguide.toyworld.model as toy_model
 
     with safe_open(str(cache / "states.safetensors"), "pt") as f:
         prompts = json.loads(f.metadata()["prompts"])
@@ -79,7 +80,7 @@ def run(cache: Path, argv: list[str]) -> int:
             self._text_cache[p] = table[p].to(self.device)
         return original(self, batch)
 
-    models.load_toy_text_encoder = load_toy_text_encoder
+    toy_model.load_text_encoder = load_toy_text_encoder
     models.ModelBundle.encode_prompts = encode_prompts
     from unguide.cli import main
 

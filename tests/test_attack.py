@@ -1,15 +1,15 @@
 """The attack harness: it must find prompts that bring a concept back (tests that a broken search fails)."""
 import json
 
-from unguide.attack import AttackConfig, attack, vocabulary_words
+from unguide.attack.harness import AttackConfig, attack, vocabulary_words
 from unguide.cli import main
-from unguide.concepts import load_preset
-from unguide.models import toy_plugin
+from unguide.erasure.concepts import load_preset
+from unguide.toyworld import plugin as toy_world
 
 
 def test_inversion_from_an_unrelated_prompt_raises_the_concept(toy_bundle, tmp_path):
     """Base model, start "a photo of the boat", a tiny budget: the inverted soft prompt draws the sun far more often."""
-    plugin, spec = toy_plugin(), load_preset("sun")
+    plugin, spec = toy_world, load_preset("sun")
     cfg = AttackConfig(candidates=0, pairs=0, renders=4, draws=1, samples=4, steps=10, inversion_steps=20,
                        start="a photo of the boat")
     r = attack(toy_bundle, spec, plugin.concept_images(spec, 4), plugin.ToyJudge(), list(plugin.OBJECTS), {},
@@ -26,7 +26,7 @@ def test_inversion_from_an_unrelated_prompt_raises_the_concept(toy_bundle, tmp_p
 
 def test_word_search_ranks_the_concept_words_first_on_the_base_model(toy_bundle, tmp_path):
     """Scored by the denoising loss on sun renders, the sun's own prompts beat random vocabulary words."""
-    plugin, spec = toy_plugin(), load_preset("sun")
+    plugin, spec = toy_world, load_preset("sun")
     cfg = AttackConfig(candidates=12, pairs=0, renders=4, draws=2, inversion_steps=0, keep=1, samples=2, steps=8)
     r = attack(toy_bundle, spec, plugin.concept_images(spec, 4), plugin.ToyJudge(), list(plugin.OBJECTS), {},
                tmp_path / "w", cfg, progress=False)
@@ -56,7 +56,7 @@ def test_attack_command_reports_every_method(tmp_path):
     assert ug["budget"]["unet_evals"] > base["budget"]["unet_evals"] > 0  # the gate's scoring is part of the cost
     md = (tmp_path / "bench" / "attack" / "report.md").read_text()
     assert "| sun | unguide |" in md and (tmp_path / "bench" / "attack" / "grids" / "sun.png").exists()
-    from unguide.report import attack_summary  # what the benchmark report shows once its directory was attacked
+    from unguide.evaluation.report import attack_summary  # what the benchmark report shows once its directory was attacked
 
     summary = attack_summary(tmp_path / "bench")
     row = next(line for line in summary.splitlines() if line.startswith("| unguide |"))
@@ -64,7 +64,7 @@ def test_attack_command_reports_every_method(tmp_path):
 
 
 def test_a_finished_attack_rerun_costs_nothing_more(toy_bundle, tmp_path):
-    plugin, spec = toy_plugin(), load_preset("moon")
+    plugin, spec = toy_world, load_preset("moon")
     cfg = AttackConfig(candidates=3, pairs=0, renders=2, draws=1, inversion_steps=2, keep=1, samples=1, steps=4)
     args = (toy_bundle, spec, plugin.concept_images(spec, 2), plugin.ToyJudge(), list(plugin.OBJECTS), {})
     first = attack(*args, tmp_path / "m", cfg, progress=False)
@@ -107,12 +107,12 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
     the mix of the kept and erased losses by how often it is flagged."""
     import torch
 
-    from unguide.adapters import AdapterConfig, make_adapter
-    from unguide.attack import Defence, Probe
-    from unguide.guidance import Gate, UnGuide, WeightRule
-    from unguide.image_gate import ImageGate
+    from unguide.erasure.adapters import AdapterConfig, make_adapter
+    from unguide.attack.harness import Defence, Probe
+    from unguide.guidance.unguidance import Gate, UnGuide, WeightRule
+    from unguide.guidance.image_gate import ImageGate
 
-    plugin, spec = toy_plugin(), load_preset("sun")
+    plugin, spec = toy_world, load_preset("sun")
     concept = (spec.target, *spec.synonym_prompts(heldout=False))
     anchors = ("a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", "")
     adapter = make_adapter(toy_bundle.unet, AdapterConfig("object", 1, 8.0, "uniform"), init_seed=0)

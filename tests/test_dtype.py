@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from unguide import UnGuidePipeline, UnguideError, load_model
-from unguide.adapters import AdapterConfig, make_adapter
+from unguide.erasure.adapters import AdapterConfig, make_adapter
 from unguide.cli import main
-from unguide.generation import read_png_metadata
-from unguide.sampling import unet_eps
+from unguide.sampling.images import read_png_metadata
+from unguide.sampling.ddim import unet_eps
 
 
 def test_bfloat16_erase_then_generate_end_to_end(tiny_sd, tmp_path):
@@ -47,8 +47,8 @@ def test_load_model_casts_after_fingerprinting(tiny_sd, toy_bundle):
 
 
 def test_pipeline_to_dtype_keeps_runs_attachable(tiny_sd, tmp_path):
-    from unguide.concepts import ConceptSpec
-    from unguide.erase import EraseConfig, erase
+    from unguide.erasure.concepts import ConceptSpec
+    from unguide.erasure.training import EraseConfig, erase
 
     run = tmp_path / "run"
     erase(load_model(str(tiny_sd)), ConceptSpec(target="a cat", reference="a tree", name="cat"), run,
@@ -82,8 +82,8 @@ def test_trained_weights_stay_float32_in_a_bfloat16_model(tiny_sd, preset):
 
 
 def test_resuming_in_another_dtype_is_refused(tiny_sd, tmp_path, capsys):
-    from unguide.concepts import ConceptSpec
-    from unguide.erase import EraseConfig, erase
+    from unguide.erasure.concepts import ConceptSpec
+    from unguide.erasure.training import EraseConfig, erase
 
     spec, cfg = ConceptSpec(target="a cat", reference="a tree", name="cat"), EraseConfig(iterations=3, ddim_steps=4)
     assert erase(load_model(str(tiny_sd)), spec, tmp_path, cfg, progress=False, stop_after=1)["status"] == "interrupted"

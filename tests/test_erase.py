@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 
 from unguide import load_model
 from unguide.cli import main
-from unguide.concepts import ConceptSpec, load_preset
-from unguide.erase import EraseConfig, attach_erasure, erase
+from unguide.erasure.concepts import ConceptSpec, load_preset
+from unguide.erasure.training import EraseConfig, attach_erasure, erase
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat")
 

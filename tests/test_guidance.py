@@ -10,10 +10,10 @@ from PIL import Image
 
 from unguide import load_model
 from unguide.cli import main
-from unguide.concepts import ConceptSpec
-from unguide.erase import EraseConfig, attach_erasure, erase
-from unguide.generation import Item, PlainGuide, sample_images
-from unguide.guidance import ScorerConfig, UnGuide, WeightRule
+from unguide.erasure.concepts import ConceptSpec
+from unguide.erasure.training import EraseConfig, attach_erasure, erase
+from unguide.sampling.images import Item, PlainGuide, sample_images
+from unguide.guidance.unguidance import ScorerConfig, UnGuide, WeightRule
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                   other=["a dog", "a photo of the car"])
@@ -51,7 +51,7 @@ def test_w1_is_base_and_w0_is_adapter_alone(tiny_sd, sd_run, tmp_path):
 
 
 def test_unguide_mode_records_scores_and_is_deterministic(tiny_sd, sd_run, tmp_path):
-    from unguide.generation import read_png_metadata
+    from unguide.sampling.images import read_png_metadata
 
     assert _gen(tiny_sd, tmp_path / "a", "--erasure", str(sd_run)) == 0
     assert _gen(tiny_sd, tmp_path / "b", "--erasure", str(sd_run)) == 0
@@ -129,7 +129,7 @@ def test_bad_prompt_files(tmp_path, capsys, content, fragment):
 
 
 def test_i2p_rows_set_seed_guidance_and_size(tiny_sd, tmp_path):
-    from unguide.generation import read_png_metadata
+    from unguide.sampling.images import read_png_metadata
 
     path = tmp_path / "i2p.csv"
     path.write_text("prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,categories\n"
@@ -158,7 +158,7 @@ def test_pipeline_api(tiny_sd, sd_run):
 def test_influence_command_reports_what_generation_decides(tiny_sd, sd_run, tmp_path, capsys):
     import json
 
-    from unguide.generation import read_png_metadata
+    from unguide.sampling.images import read_png_metadata
 
     out = tmp_path / "influence.json"
     assert main(["influence", "--model", str(tiny_sd), "--erasure", str(sd_run), "--prompt", "a photo of the cat",

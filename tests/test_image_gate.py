@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from unguide.errors import UnguideError
-from unguide.generation import Item, sample_latents_batched
-from unguide.image_gate import DetectorConfig, ImageGate, candidate_prompts, detector_scores, image_threshold
+from unguide.sampling.images import Item, sample_latents_batched
+from unguide.guidance.image_gate import DetectorConfig, ImageGate, candidate_prompts, detector_scores, image_threshold
 
 SUN = ["a photo of the sun", "a photo of the sunshine"]
 ANCHORS = ["a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", ""]
@@ -59,7 +59,7 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
 def test_v_prediction_output_is_converted_to_noise():
     from types import SimpleNamespace
 
-    from unguide.image_gate import _eps_from_output
+    from unguide.guidance.image_gate import _eps_from_output
 
     alphas = torch.linspace(0.99, 0.01, 1000)
     sched = SimpleNamespace(config={"prediction_type": "v_prediction"}, alphas_cumprod=alphas)
@@ -79,9 +79,9 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     the same `unguide erase`, without retraining."""
     from unguide import load_model
     from unguide.cli import main
-    from unguide.concepts import ConceptSpec
-    from unguide.erase import EraseConfig, erase
-    from unguide.generation import read_png_metadata
+    from unguide.erasure.concepts import ConceptSpec
+    from unguide.erasure.training import EraseConfig, erase
+    from unguide.sampling.images import read_png_metadata
 
     spec = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                        other=["a dog"], anchors=["", "a photo of the house", "a photo of the tree"])

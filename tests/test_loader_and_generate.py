@@ -5,7 +5,7 @@ from PIL import Image
 
 from unguide import load_model
 from unguide.cli import main
-from unguide.generation import Item, read_png_metadata, sample_images
+from unguide.sampling.images import Item, read_png_metadata, sample_images
 from unguide.toyworld.classifier import ToyClassifier
 from unguide.toyworld.render import OBJECTS
 

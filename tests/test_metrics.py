@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from unguide.metrics import (DEFAULT_THRESHOLD, EXPOSED_CLASSES, clip_score, correct_label_probability, detect_exposed,
+from unguide.evaluation.metrics import (DEFAULT_THRESHOLD, EXPOSED_CLASSES, clip_score, correct_label_probability, detect_exposed,
                              erasure_table, fid_kid, harmonic_overall, load_clip, pixel_error, ssim, summarise, top1,
                              zero_shot_probs)
-from unguide.metrics.preservation import C1
+from unguide.evaluation.metrics.preservation import C1
 
 torch.set_num_threads(1)
 

@@ -7,9 +7,9 @@ import torch
 
 from unguide import UnGuidePipeline, UnguideError, load_model
 from unguide.cli import main
-from unguide.concepts import ConceptSpec
-from unguide.erase import EraseConfig, erase
-from unguide.generation import read_png_metadata
+from unguide.erasure.concepts import ConceptSpec
+from unguide.erasure.training import EraseConfig, erase
+from unguide.sampling.images import read_png_metadata
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                   other=["a dog"])
@@ -104,9 +104,9 @@ def test_call_options_and_errors(tiny_sd):
     sliced = pipe(PROMPTS, num_inference_steps=2, output_type="np")
     assert pipe.vae.use_slicing and np.allclose(sliced.images, arr.images, atol=1e-5)
     for call, fragment in [(lambda: pipe("a dog", mode="lora"), "need --erasure"),
-                           (lambda: pipe("a dog", num_inference_steps=0), "--steps must be at least 1"),
+                           (lambda: pipe("a dog", num_inference_steps=0), "number of inference steps must be at least 1"),
                            (lambda: pipe("  "), "empty --prompt"),
-                           (lambda: pipe("a dog", output_type="latent"), "unknown output_type"),
+                           (lambda: pipe("a dog", output_type="latents"), "unknown output_type"),
                            (lambda: UnGuidePipeline.from_pretrained(str(tiny_sd), variant="fp16"), "torch_dtype"),
                            (lambda: pipe.enable_model_cpu_offload(), "one device")]:
         with pytest.raises(UnguideError, match=fragment):

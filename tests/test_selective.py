@@ -8,15 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from unguide import load_model
-from unguide.adapters import make_adapter
-from unguide.suites import concept_rows as benchmark_rows
+from unguide.erasure.adapters import make_adapter
+from unguide.evaluation.suites import concept_rows as benchmark_rows
 from unguide.cli import main
-from unguide.concepts import PRESET_DIR, ConceptSpec, load_concept_file, load_preset, preset_names, read_anchor_file
-from unguide.erase import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase, erasure_loss
+from unguide.erasure.concepts import PRESET_DIR, ConceptSpec, load_concept_file, load_preset, preset_names, read_anchor_file
+from unguide.erasure.training import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase, erasure_loss
 from unguide.errors import UnguideError
-from unguide.generation import Item, PlainGuide, read_png_metadata, sample_images
-from unguide.guidance import EvalCounter, Gate, ScorerConfig, gate_threshold, guide_for_run
-from unguide.sampling import make_scheduler
+from unguide.sampling.images import Item, PlainGuide, read_png_metadata, sample_images
+from unguide.guidance.unguidance import EvalCounter, Gate, ScorerConfig, gate_threshold, guide_for_run
+from unguide.sampling.ddim import make_scheduler
 from unguide.toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
 from unguide.toyworld.render import OBJECTS
 

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from unguide.errors import UnguideError
-from unguide.models import encode_text, load_toy_text_encoder
+from unguide.models.loading import encode_text
+from unguide.toyworld.model import load_text_encoder
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_toy_text_encoder()
+    return load_text_encoder()
 
 
 def test_causal_states_are_prefix_states_and_padding_is_zero(minilm):

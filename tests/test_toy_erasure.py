@@ -2,10 +2,10 @@
 import torch
 
 from unguide import load_model
-from unguide.adapters import make_adapter
-from unguide.concepts import load_preset
-from unguide.erase import EraseConfig, _iteration_sample, concept_prompts, erasure_loss
-from unguide.sampling import make_scheduler
+from unguide.erasure.adapters import make_adapter
+from unguide.erasure.concepts import load_preset
+from unguide.erasure.training import EraseConfig, _iteration_sample, concept_prompts, erasure_loss
+from unguide.sampling.ddim import make_scheduler
 
 
 def test_erasure_loss_falls_on_the_embedded_model():

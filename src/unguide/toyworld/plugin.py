@@ -1,7 +1,8 @@
 """The toy world as a plug-in: its judge, its benchmark suite and its prompt sets.
 
-The library reaches this module only through the model registry (:func:`unguide.models.toy_plugin`), so the core
-(evaluation, benchmark, cost) works the same on Stable Diffusion and never imports the toy world itself.
+The library reaches this module only through the world registry (:mod:`unguide.models.worlds`, which finds it by the
+``unguide.worlds`` entry point), so the core (evaluation, benchmark, cost) works the same on Stable Diffusion and never
+imports the toy world itself.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..judges import ClassJudge
+from ..evaluation.judges import ClassJudge
 from .captions import HELDOUT_SYNONYMS, SCENE_WORDS, TRAIN_SYNONYMS
 from .classifier import ToyClassifier
 from .render import CLASSES, COLOUR_NAMES, OBJECTS
+
+from .model import MARKER, NAME, default_model_dir, load_bundle  # noqa: F401  (the plug-in's model side)
 
 CONCEPTS = OBJECTS  # the toy suite's concepts: one preset per class, same names
 ALIASES = {o: list(TRAIN_SYNONYMS[o] + HELDOUT_SYNONYMS[o]) for o in OBJECTS}
@@ -45,7 +48,7 @@ class ToyJudge(ClassJudge):
 
     def attributes(self, prompts, images) -> dict:
         """Per prompt that names a colour ("a red boat"): the colour and how often the classifier sees it drawn."""
-        from ..prompts import word_in
+        from ..generation.prompts import word_in
 
         colours = self.classifier.predict(images)["colour"].argmax(-1)
         hits: dict[str, list[float]] = {}
@@ -58,10 +61,13 @@ class ToyJudge(ClassJudge):
         return {p: {"colour": asked[p], "colour_rate": sum(h) / len(h)} for p, h in hits.items()}
 
 
+
+JUDGES = {"toy": ToyJudge}
+
 def suite(concepts: Sequence[str]):
     """The toy benchmark: the 10 object presets; 4 anchor classes each, 5 held out (docs/protocol.md)."""
-    from ..concepts import load_preset
-    from ..suites import Suite, case_from_spec
+    from ..erasure.concepts import load_preset
+    from ..evaluation.suites import Suite, case_from_spec
 
     cases = {name: case_from_spec(name, load_preset(name), classes=list(OBJECTS)) for name in concepts}
     every = [case_from_spec(o, load_preset(o), classes=list(OBJECTS)) for o in OBJECTS]

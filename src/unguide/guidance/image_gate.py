@@ -1,6 +1,6 @@
 """The image gate: decide on what is drawn, not on the prompt's words.
 
-A prompt gate (:mod:`unguide.guidance`) reads the prompt; an attacker's words, or a concept's unseen words, can sit
+A prompt gate (:mod:`unguide.guidance.unguidance`) reads the prompt; an attacker's words, or a concept's unseen words, can sit
 under it and the base model then draws the concept. The image gate looks at the finished latent instead. Its detector
 is the base model's own conditional denoiser used as a zero-shot classifier (diffusion classifier, Li et al. 2023,
 arXiv 2303.16203): the latent x0 is re-noised at a few fixed timesteps, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, and the
@@ -19,7 +19,7 @@ the anchors (never on evaluation prompts) and stored in the run beside the promp
 concept images' scores and ``low_anchor`` a low quantile of the anchor images' (quantiles, not extremes, so one
 badly drawn calibration image does not move the gate).
 
-What a flagged image becomes is the guide's business (:class:`unguide.guidance.UnGuide`): it is redrawn from the same
+What a flagged image becomes is the guide's business (:class:`unguide.guidance.unguidance.UnGuide`): it is redrawn from the same
 noise with the erasure.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import UnguideError
-from .sampling import unet_eps
+from ..errors import UnguideError
+from ..sampling.ddim import unet_eps
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
     """Draw ``samples`` base images of each concept prompt and each anchor candidate (seeds from ``seed``, apart
     from the usual evaluation seeds), score them, and store the detector's candidates, scores and threshold. Cost:
     (concept prompts + anchor candidates) x samples images, 13 x 8 = 104 for a toy preset."""
-    from .generation import Item, sample_latents_batched
+    from ..sampling.images import Item, sample_latents_batched
 
     concept_prompts = list(dict.fromkeys([concept.target, *concept.synonym_prompts(heldout=False)]))
     cand_concept, cand_anchors = candidate_prompts(concept_prompts, anchors, cfg)

@@ -8,13 +8,52 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UnguideError
+from ..errors import UnguideError, check_number
 
 DEFAULT_RECIPE = "selective"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (the problem and the fix) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Where each numeric flag's values may lie (inclusive); an int flag not named here counts something (>= 1), a float
+# flag not named here only has to be finite. Checked as the flag is parsed, so NaN or "--steps 0" never reaches a job.
+INT_LOW = {"--seed": 0, "--threads": 0, "--inversion-steps": 0, "--pairs": 0}
+FLOAT_RANGE = {"--guidance": (0, None), "--start-guidance": (0, None), "--eta": (0, None), "--anchor-weight": (0, None),
+               "--gate-position": (0, 1), "--image-gate-position": (0, 1)}
+FLOAT_ABOVE_ZERO = ("--lr", "--erase-lr", "--alpha", "--max-minutes", "--text-norm")
+
+
+def _number_type(flag: str, integer: bool):
+    low, high = (INT_LOW.get(flag, 1), None) if integer else FLOAT_RANGE.get(flag, (None, None))
+    above = 0 if flag in FLOAT_ABOVE_ZERO else None
+
+    def parse(text: str):
+        try:
+            return check_number(flag, text, low=low, high=high, integer=integer, above=above)
+        except UnguideError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag} ")) from None
+
+    parse.__name__ = "int" if integer else "float"  # argparse names the type in its messages
+    return parse
+
+
+def _check_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give every int/float flag of every command its range check."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _check_numbers(sub)
+        elif action.type in (int, float) and action.option_strings:
+            action.type = _number_type(action.option_strings[0], action.type is int)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    from .models import DTYPES
+    from ..models.loading import DTYPES
 
     p.add_argument("--model", default="toyworld",
                    help="'toyworld' (embedded default), a diffusers Stable Diffusion directory, or a hub id")
@@ -26,10 +65,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(args) -> int:
     """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
-    from .guidance import check_gate_position, decision_settings
-    from .pipeline import UnGuidePipeline
-    from .prompts import PromptRow, read_prompts
-    from .run_generate import check_request, plan_items
+    from ..guidance.unguidance import check_gate_position, decision_settings
+    from ..generation.pipeline import UnGuidePipeline
+    from ..generation.prompts import PromptRow, read_prompts
+    from ..generation.folders import check_request, plan_items
 
     rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
     check_request(rows, args.n, args.steps)
@@ -85,7 +124,7 @@ def _train_device(name: str) -> str:
 def _cmd_train_toy(args) -> int:
     import torch
 
-    from .models import toy_plugin
+    from ..models.worlds import get_world
 
     device = _train_device(args.device)  # checked before any stage starts
     if args.threads:
@@ -93,14 +132,14 @@ def _cmd_train_toy(args) -> int:
     unet = dict(steps=args.unet_steps, text_norm=args.text_norm)
     if args.stage != "export":  # export takes the architecture and text side from the checkpoint it exports
         unet.update(text_states=args.text_states, stop_after=args.stop_after, block_out_channels=args.unet_channels)
-    toy_plugin().train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device)
+    get_world("toyworld").train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device)
     return 0
 
 
 def _cmd_erase(args) -> int:
-    from .concepts import read_anchor_file, resolve_concept
-    from .erase import EraseConfig, erase
-    from .models import load_model
+    from ..erasure.concepts import read_anchor_file, resolve_concept
+    from ..erasure.training import EraseConfig, erase
+    from ..models.loading import load_model
 
     concept = resolve_concept(args.concept, args.concept_file)
     if args.vocabulary:
@@ -138,13 +177,14 @@ def _cmd_erase(args) -> int:
 
 
 def _cmd_toy_quality(args) -> int:
-    from .io import write_json
-    from .models import load_model, world_plugin
+    from ..io import write_json
+    from ..models.loading import load_model
+    from ..models.worlds import world_of
 
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    if world_plugin(bundle) is None:
+    if world_of(bundle) is None:
         raise UnguideError(f"{args.model} is not a toy-world model: toy-quality judges the embedded model's classes")
-    result = world_plugin(bundle).quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps,
+    result = world_of(bundle).quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps,
                                           seed=args.seed)
     if args.out:
         write_json(args.out, result)
@@ -156,9 +196,9 @@ def _cmd_toy_quality(args) -> int:
 
 
 def _cmd_benchmark(args) -> int:
-    from .benchmark import Benchmark, BenchmarkConfig
-    from .models import load_model
-    from .report import markdown_table
+    from ..evaluation.benchmark import Benchmark, BenchmarkConfig
+    from ..models.loading import load_model
+    from ..evaluation.report import markdown_table
 
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -179,8 +219,8 @@ def _cmd_benchmark(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .concepts import resolve_concept
-    from .evaluate import evaluate_folder
+    from ..erasure.concepts import resolve_concept
+    from ..evaluation.evaluate import evaluate_folder
 
     concept = resolve_concept(args.concept, args.concept_file) if (args.concept or args.concept_file) else None
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
@@ -196,19 +236,20 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_benchmark_scorer(args) -> int:
-    from .concepts import load_preset
-    from .cost import run_gate_cost, scorer_benchmark
-    from .erase import attach_erasure
-    from .io import write_json
-    from .models import load_model, world_plugin
-    from .prompts import read_prompts
+    from ..erasure.concepts import load_preset
+    from ..evaluation.cost import run_gate_cost, scorer_benchmark
+    from ..erasure.training import attach_erasure
+    from ..io import write_json
+    from ..models.loading import load_model
+    from ..models.worlds import world_of
+    from ..generation.prompts import read_prompts
 
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     adapter, meta = attach_erasure(bundle, args.erasure)
     if args.prompts:
         prompts = [r.prompt for r in read_prompts(args.prompts)]
-    elif world_plugin(bundle) is not None:
-        prompts = world_plugin(bundle).decision_prompts(load_preset(meta["concept"]["name"]))
+    elif world_of(bundle) is not None:
+        prompts = world_of(bundle).decision_prompts(load_preset(meta["concept"]["name"]))
     else:
         raise UnguideError("give --prompts FILE: the default prompt set exists for the embedded model's concepts only")
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
@@ -251,8 +292,8 @@ def _cmd_benchmark_scorer(args) -> int:
 
 def _print_image_gate_cost(bundle, adapter, meta: dict, prompts: list[str], guidance: float, args, result: dict) -> int:
     """benchmark-scorer's image-gate part: UNet evaluations per image for held-out and concept prompts, both gates."""
-    from .cost import gate_cost_by_group
-    from .io import write_json
+    from ..evaluation.cost import gate_cost_by_group
+    from ..io import write_json
 
     groups = _cost_groups(meta, prompts)
     result["image_gate"] = {gate: gate_cost_by_group(bundle, adapter, meta, groups, guidance, gate=gate, steps=args.steps)
@@ -289,8 +330,8 @@ def _cost_groups(meta: dict, prompts: list[str]) -> dict:
 
 def _concept_prompts(meta: dict) -> list[tuple[str, str]]:
     """(role, prompt) for the prompts an erasure run's own concept spec names."""
-    from .concepts import concept_from_dict
-    from .suites import concept_rows
+    from ..erasure.concepts import concept_from_dict
+    from ..evaluation.suites import concept_rows
 
     spec = concept_from_dict(meta["concept"], "of the erasure run")
     spec.anchors = list(meta.get("anchors") or spec.anchors)
@@ -318,11 +359,11 @@ def _cmd_influence(args) -> int:
     """Print each prompt's influence score and the weight UnGuidance would give it: how to see, before
     generating anything, whether an adapter is selective (targets above the empty prompt, the rest below).
     Without prompts, the run's own concept spec is checked: target, synonyms and its unrelated prompts."""
-    from .erase import attach_erasure
-    from .guidance import decision_settings, guide_for_run
-    from .io import write_json
-    from .models import load_model
-    from .prompts import read_prompts
+    from ..erasure.training import attach_erasure
+    from ..guidance.unguidance import decision_settings, guide_for_run
+    from ..io import write_json
+    from ..models.loading import load_model
+    from ..generation.prompts import read_prompts
 
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     adapter, meta = attach_erasure(bundle, args.erasure)
@@ -358,8 +399,8 @@ def _cmd_influence(args) -> int:
 
 
 def _cmd_attack(args) -> int:
-    from .attack import AttackConfig, attack_benchmark
-    from .models import load_model
+    from ..attack.harness import AttackConfig, attack_benchmark
+    from ..models.loading import load_model
 
     cfg = AttackConfig(candidates=args.candidates, pairs=args.pairs, renders=args.renders, keep=args.keep,
                        inversion_steps=args.inversion_steps, soft_tokens=args.soft_tokens, samples=args.samples,
@@ -384,7 +425,7 @@ def _cmd_attack(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import headline, run_demo
-    from .report import markdown_table
+    from ..evaluation.report import markdown_table
 
     report = run_demo(args.out, args.concept, args.samples or 12)
     print(markdown_table(report, average_only=True))
@@ -402,16 +443,16 @@ GATE_POSITION_HELP = ("where the calibrated threshold sits between the run's hig
 def build_parser() -> argparse.ArgumentParser:
     from typing import get_args
 
-    from .adapters import A_INITS, LAYER_PRESETS
-    from .erase import RECIPES, TIMESTEP_MAPPINGS
-    from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
-    from .judges import JUDGES
-    from .models import DTYPES, TEXT_STATES
-    from .suites import SUITES
+    from ..erasure.adapters import A_INITS, LAYER_PRESETS
+    from ..erasure.training import RECIPES, TIMESTEP_MAPPINGS
+    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
+    from ..evaluation.judges import JUDGES
+    from ..models.loading import DTYPES, TEXT_STATES
+    from ..evaluation.suites import SUITES
 
     WEIGHTINGS = get_args(Weighting)
 
-    parser = argparse.ArgumentParser(prog="unguide", description="Controlled concept erasure for text-to-image diffusion.")
+    parser = Parser(prog="unguide", description="Controlled concept erasure for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images (base model, or with an erasure run)")
@@ -629,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=None, help="images per prompt (default 12)")
     d.add_argument("--concept", default="sun", help="toy concept to erase (default sun)")
     d.set_defaults(func=_cmd_demo)
+    _check_numbers(parser)
     return parser
 
 

@@ -8,7 +8,7 @@
 
 The components (unet, vae, text_encoder, tokenizer, scheduler) are registered as in any diffusers pipeline, and the
 model's own settings (name, max_length, default_guidance, image_size, text_states, text_scale, info) are stored in its
-config, so a saved toy model loads back as itself. The rest of unguide works on the :class:`~unguide.models.ModelBundle`
+config, so a saved toy model loads back as itself. The rest of unguide works on the :class:`~unguide.models.loading.ModelBundle`
 the pipeline derives from its components (``pipe.bundle``). ``unguide generate`` runs through the same pipeline
 (:meth:`UnGuidePipeline.generate_to`): one way from prompts to images, whether from Python or the command line.
 
@@ -24,24 +24,24 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from .errors import UnguideError
-from .generation import PlainGuide, sample_images, to_uint8
-from .guidance import ScorerConfig, WeightRule, guide_for_run
-from .models import TOYWORLD, ModelBundle, load_model, native_image_size, normalised_scheduler
+from ..errors import UnguideError
+from ..sampling.images import PlainGuide, sample_images, to_uint8
+from ..guidance.unguidance import ScorerConfig, WeightRule, guide_for_run
+from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
 class UnGuideOutput(BaseOutput):
-    images: Any  # prompt-major (all images of prompt 0, then prompt 1, ...): PIL images, or (N, H, W, 3) array / (N, 3, H, W) tensor in [0, 1]
+    images: Any  # prompt-major (all images of prompt 0, then prompt 1, ...): PIL images, or (N, H, W, 3) array / (N, 3, H, W) tensor in [0, 1], or (N, C, h, w) latents
     prompts: list = field(default_factory=list)
     seeds: list = field(default_factory=list)
     w: list = field(default_factory=list)  # per image (equal for images of one prompt); None without an erasure run
@@ -71,18 +71,13 @@ class UnGuidePipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------------------------------------- loading, saving
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = TOYWORLD, torch_dtype=None,
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = DEFAULT_MODEL, torch_dtype=None,
                         device: str | torch.device = "cpu", **kwargs) -> "UnGuidePipeline":
         """``toyworld``, a Stable Diffusion directory or hub id, or a directory written by :meth:`save_pretrained`,
-        through :func:`unguide.models.load_model` (``torch_dtype``: a torch dtype or 'float16'/'bfloat16'/'float32')."""
+        through :func:`unguide.models.loading.load_model` (``torch_dtype``: a torch dtype or 'float16'/'bfloat16'/'float32')."""
         if kwargs:
             raise UnguideError(f"UnGuidePipeline.from_pretrained takes torch_dtype and device, not {', '.join(kwargs)}")
         return cls.from_bundle(load_model(pretrained_model_name_or_path, device=device, dtype=torch_dtype))
-
-    @classmethod
-    def load_saved(cls, path: str | os.PathLike) -> "UnGuidePipeline":
-        """Read a :meth:`save_pretrained` directory with diffusers' own loader (float32; load_model casts)."""
-        return super().from_pretrained(str(path), use_safetensors=True)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> "UnGuidePipeline":
@@ -157,7 +152,7 @@ class UnGuidePipeline(DiffusionPipeline):
     # ---------------------------------------------------------------------------------------------------- erasure
     def load_erasure(self, run_dir: str | os.PathLike) -> dict:
         """Attach a finished ``unguide erase`` run (replacing any attached one); returns its metadata."""
-        from .erase import attach_erasure
+        from ..erasure.training import attach_erasure
 
         self.unload_erasure()
         self.adapter, self.erasure = attach_erasure(self.bundle, run_dir)
@@ -204,28 +199,45 @@ class UnGuidePipeline(DiffusionPipeline):
                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
                  progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True,
-                 gate_position: Optional[float] = None, image_gate_position: Optional[float] = None):
-        """Generate; image j of every prompt uses seed+j (``generator``, if given, draws the base seed). ``progress``
-        defaults to the pipeline's ``set_progress_bar_config(disable=...)``."""
+                 gate_position: Optional[float] = None, image_gate_position: Optional[float] = None,
+                 negative_prompt: Optional[str | Sequence[str]] = None, latents: Optional[torch.Tensor] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+        """Generate, with diffusers' conventions: image j of every prompt uses seed+j (``generator``, if given, draws
+        the base seed), or the initial noise in ``latents`` ((prompts x num_images_per_prompt, C, h, w), prompt-major);
+        ``negative_prompt`` replaces "" on the unconditional side of guidance; ``callback_on_step_end(pipe, step,
+        timestep, {"latents": ...})`` runs after every step of each batch and may return replaced latents;
+        ``output_type`` "pil", "np", "pt" or "latent". ``progress`` defaults to the pipeline's
+        ``set_progress_bar_config(disable=...)``."""
         if output_type not in OUTPUT_TYPES:
             raise UnguideError(f"unknown output_type {output_type!r}: use {', '.join(OUTPUT_TYPES)}")
+        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise UnguideError(f"callback_on_step_end_tensor_inputs may name only 'latents' (got {sorted(unknown)})")
         from .prompts import PromptRow
-        from .run_generate import check_request, plan_items
+        from .folders import check_request, plan_items
 
         rows = [PromptRow(prompt)] if isinstance(prompt, str) else [PromptRow(p) for p in prompt]
         check_request(rows, num_images_per_prompt, num_inference_steps)
         if generator is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
-        items = plan_items(rows, num_images_per_prompt, seed, scale, height or self.config.image_size,
-                           width or self.config.image_size)
+        size = self.config.image_size
+        items = plan_items(rows, num_images_per_prompt, seed, scale, size if height is None else height,
+                           size if width is None else width)
+        self._attach_inputs(items, rows, num_images_per_prompt, negative_prompt, latents)
         guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule, gate_position, image_gate_position)
         if getattr(guide, "note", None):
             warnings.warn(guide.note, stacklevel=2)
         if progress is None:
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        on_step = None
+        if callback_on_step_end is not None:
+            def on_step(i, t, x):
+                returned = callback_on_step_end(self, i, t, {"latents": x})
+                return (returned or {}).get("latents")
         imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
-                                    progress=progress)
+                                    progress=progress, on_step=on_step, decode=output_type != "latent")
         if output_type == "pil":
             from PIL import Image
 
@@ -238,11 +250,30 @@ class UnGuidePipeline(DiffusionPipeline):
                                                         "image_threshold", "image_flagged") if k in i} for i in infos])
         return out if return_dict else out.to_tuple()
 
+    def _attach_inputs(self, items, rows, per_prompt: int, negative_prompt, latents) -> None:
+        """Per-image negative prompts and initial noise, checked against the request's shape."""
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(rows) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(rows) or not all(isinstance(n, str) for n in negatives):
+                raise UnguideError(f"negative_prompt must be a string or one string per prompt ({len(rows)})")
+            for it in items:
+                it.negative_prompt = negatives[it.prompt_index]
+        if latents is not None:
+            want = (len(items), *self.bundle.latent_shape(items[0].height, items[0].width))
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise UnguideError(f"latents must be a tensor of shape {want} (prompts x num_images_per_prompt, "
+                                   f"channels, height/8, width/8), got {got}")
+            if not torch.isfinite(latents).all():
+                raise UnguideError("latents hold NaN or infinite values")
+            for it, noise in zip(items, latents):
+                it.noise = noise
+
     def generate_to(self, items, out: str | os.PathLike, num_inference_steps: int = 50, guide=None,
                     batch_size: int = 32, run_info: Optional[dict] = None, progress: bool = True) -> Path:
         """Generate items into a folder: PNGs with metadata, index.jsonl and a grid; resumable, and split across
         processes under ``accelerate launch`` (what ``unguide generate`` does)."""
-        from .run_generate import run_generation
+        from .folders import run_generation
 
         return run_generation(self.bundle, items, out, steps=num_inference_steps, guide=guide or self.guide(),
                               batch_size=batch_size, run_info=run_info, progress=progress)

@@ -71,7 +71,7 @@ ROLE_FIGURES = {"acc_e": ("erased",), "acc_s": ("other",), "acc_anchor": ("ancho
 
 def table1_metrics(p_correct: Tensor, top1: Tensor, roles) -> dict:
     """The paper's Table-1 figures from per-image values: ``p_correct`` (probability of each image's correct class),
-    ``top1`` (1.0 where the judge's arg-max is that class) and each image's role (see :mod:`unguide.suites`).
+    ``top1`` (1.0 where the judge's arg-max is that class) and each image's role (see :mod:`unguide.evaluation.suites`).
     Acc_e / Acc_s / Acc_g and H_o, Acc_anchor and Acc_g on held-out words apart, and top-1 variants. A figure with
     no image is NaN. This is the one place these numbers are computed (evaluate and benchmark both call it)."""
     import numpy as np

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UnguideError
-from .io import load_tensors, save_tensors, write_json
+from ..errors import UnguideError
+from ..io import load_tensors, save_tensors, write_json
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Defence:
         gate = getattr(self.guide, "image_gate", None)
         if gate is None or self.guide.mode != "unguide":
             return decisions
-        from .generation import Item, sample_latents, sample_latents_batched
+        from ..sampling.images import Item, sample_latents, sample_latents_batched
 
         kept = [i for i, d in enumerate(decisions) if d["w"] == self.guide.rule.w_keep]
         if not kept:
@@ -141,8 +141,8 @@ class Defence:
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Conditional noise prediction, mixed as generation mixes its guided predictions."""
-        from .guidance import mix_by_weight
-        from .sampling import unet_eps
+        from ..guidance.unguidance import mix_by_weight
+        from ..sampling.ddim import unet_eps
 
         unet = self.bundle.unet
         return mix_by_weight(w, self.adapter, lambda rows: unet_eps(unet, z[rows], t[rows], states[rows]), z)
@@ -328,10 +328,10 @@ def judge_prompts(bundle, defence: Defence, prompts: list[str], spec, judge, cla
                   out: Path, info: dict) -> dict:
     """Generate ``samples`` images of each prompt with the defended model (the whole guided sampler, gate included)
     and judge them: per prompt the rate of images where the concept's probability is >= 0.5, and the mean."""
-    from .evaluate import class_judgements, load_folder
-    from .generation import PlainGuide
-    from .prompts import PromptRow
-    from .run_generate import plan_items, run_generation
+    from ..evaluation.evaluate import class_judgements, load_folder
+    from ..sampling.images import PlainGuide
+    from ..generation.prompts import PromptRow
+    from ..generation.folders import plan_items, run_generation
 
     guide = defence.guide or PlainGuide()
     size = bundle.image_size
@@ -371,7 +371,7 @@ class _Ledger:
 def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str | Path, cfg: AttackConfig = AttackConfig(),
            guide=None, adapter=None, label: str = "", progress: bool = True) -> dict:
     """Run the whole attack on one defended model; writes ``out/attack.json`` and the judged images."""
-    from .guidance import EvalCounter
+    from ..guidance.unguidance import EvalCounter
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,12 +447,12 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                      progress: bool = True) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
-    from .benchmark import METHODS, Benchmark, BenchmarkConfig, method_guide
-    from .erase import attach_erasure
-    from .evaluate import load_image_folder
-    from .io import output_lock
-    from .judges import DEFAULT_CLIP, make_judge
-    from .models import world_plugin
+    from ..evaluation.benchmark import METHODS, Benchmark, BenchmarkConfig, method_guide
+    from ..erasure.training import attach_erasure
+    from ..evaluation.evaluate import load_image_folder
+    from ..io import output_lock
+    from ..evaluation.judges import DEFAULT_CLIP, make_judge
+    from ..models.worlds import world_of
 
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -460,7 +460,7 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
     bench = Benchmark(bundle, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
                                               clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations),
                       bench_dir)
-    plugin = world_plugin(bundle)
+    plugin = world_of(bundle)
     if images is None and plugin is None:
         raise UnguideError("the attack needs images of the concept: pass --images DIR (on the embedded model it "
                            "renders them itself)")
@@ -491,7 +491,7 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                     bundle.clear_text_cache()  # the soft prompts registered for this method go with it
         report = {"concepts": list(results), "methods": list(methods), "config": asdict(cfg), "results": results}
         write_json(out / "report.json", report)
-        from .report import write_attack_report, write_report
+        from ..evaluation.report import write_attack_report, write_report
 
         write_attack_report(out, report)
     bench_report = Path(bench_dir) / "report.json"

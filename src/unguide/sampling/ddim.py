@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 # eps_fn(x, t, step_index) -> predicted noise for the whole batch x
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# on_step(step_index, t, x) -> None, or a replacement for x (diffusers' callback_on_step_end, one batch at a time)
+StepFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
 def make_scheduler(bundle, num_steps: int = 50):
@@ -30,12 +32,16 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu", dtyp
 
 
 def ddim_loop(scheduler, x: torch.Tensor, eps_fn: NoiseFn, start: int = 0, stop: Optional[int] = None,
-              progress: bool = False) -> torch.Tensor:
-    """Run DDIM (eta 0) from step index ``start`` up to (not including) ``stop`` of the scheduler's timesteps."""
+              progress: bool = False, on_step: Optional[StepFn] = None) -> torch.Tensor:
+    """Run DDIM (eta 0) from step index ``start`` up to (not including) ``stop`` of the scheduler's timesteps;
+    ``on_step`` sees the latents after each step and may replace them."""
     timesteps = scheduler.timesteps[start:stop]
     for offset, t in enumerate(tqdm(timesteps, desc="denoise", leave=False, disable=not progress)):
         eps = eps_fn(x, t, start + offset)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        if on_step is not None:
+            replaced = on_step(start + offset, t, x)
+            x = x if replaced is None else replaced
     return x
 
 

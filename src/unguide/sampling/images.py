@@ -1,7 +1,7 @@
 """Image generation over prompts: batching, per-image seeds, PNGs with metadata, grids, resume.
 
 What the denoiser does at each step is a *guide* (plain classifier-free guidance here, UnGuidance
-in :mod:`unguide.guidance`); the loop itself is :func:`unguide.sampling.ddim_loop`.
+in :mod:`unguide.guidance.unguidance`); the loop itself is :func:`unguide.sampling.ddim.ddim_loop`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from .io import atomic_path, write_text
-from .sampling import cfg_noise_fn, ddim_loop, initial_noise, make_scheduler
+from ..errors import check_number
+from ..io import atomic_path, write_text
+from .ddim import StepFn, cfg_noise_fn, ddim_loop, initial_noise, make_scheduler
 
 
 @dataclass
@@ -32,6 +33,15 @@ class Item:
     prompt_index: int = 0
     sample_index: int = 0
     extra: dict = field(default_factory=dict)
+    negative_prompt: str = ""  # the unconditional side of classifier-free guidance ("" as in the paper)
+    noise: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # initial latent; None: from seed
+
+    def __post_init__(self):
+        """Every image passes here, whichever command or call planned it: its numbers are checked once."""
+        check_number("seed", self.seed, low=0, integer=True)
+        check_number("guidance scale", self.guidance, low=0)
+        check_number("height", self.height, low=1, integer=True)
+        check_number("width", self.width, low=1, integer=True)
 
     @property
     def filename(self) -> str:
@@ -51,22 +61,31 @@ class PlainGuide:
 
 
 @torch.no_grad()
-def sample_latents(bundle, items: Sequence[Item], steps: int, guide, infos: Sequence[dict]) -> torch.Tensor:
-    """Denoise one batch of items that share a size."""
+def sample_latents(bundle, items: Sequence[Item], steps: int, guide, infos: Sequence[dict],
+                   on_step: Optional[StepFn] = None) -> torch.Tensor:
+    """Denoise one batch of items that share a size (from each item's seed, or the initial noise it carries)."""
     shape = bundle.latent_shape(items[0].height, items[0].width)
     x = initial_noise(shape, [it.seed for it in items], device=bundle.device, dtype=bundle.unet.dtype)
+    for k, it in enumerate(items):
+        if it.noise is not None:
+            x[k] = it.noise.to(device=x.device, dtype=x.dtype)
     cond = bundle.encode_prompts([it.prompt for it in items])
-    uncond = bundle.encode_prompts([""] * len(items))
+    uncond = bundle.encode_prompts([it.negative_prompt for it in items])
     scale = torch.tensor([it.guidance for it in items], dtype=x.dtype, device=x.device)
     sched = make_scheduler(bundle, steps)
     x = x * sched.init_noise_sigma
-    return ddim_loop(sched, x, guide.noise_fn(bundle, cond, uncond, scale, infos))
+    return ddim_loop(sched, x, guide.noise_fn(bundle, cond, uncond, scale, infos), on_step=on_step)
 
 
 @torch.no_grad()
 def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, batch_size: int = 32,
-                  progress: bool = True, on_batch: Optional[Callable] = None) -> tuple[torch.Tensor, list[dict]]:
-    """Generate images (N, 3, H, W) in [0, 1] for items; also returns each item's guide info (e.g. w, scores)."""
+                  progress: bool = True, on_batch: Optional[Callable] = None, on_step: Optional[StepFn] = None,
+                  decode: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """Generate images (N, 3, H, W) in [0, 1] for items (``decode=False``: their final latents); also returns each
+    item's guide info (e.g. w, scores). ``on_step`` watches the first drawing of each batch, not an image gate's
+    redraws."""
+    steps = check_number("number of inference steps", steps, low=1, integer=True)
+    batch_size = check_number("batch size", batch_size, low=1, integer=True)
     guide = guide or PlainGuide()
     images, infos_all = [None] * len(items), [None] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -78,12 +97,12 @@ def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, ba
             chunk = idxs[b:b + batch_size]
             batch = [items[i] for i in chunk]
             infos = guide.prepare(bundle, batch)
-            latents = sample_latents(bundle, batch, steps, guide, infos)
+            latents = sample_latents(bundle, batch, steps, guide, infos, on_step=on_step)
             if hasattr(guide, "review"):  # an image gate looks at what was drawn and may redraw some of it
                 latents, infos = guide.review(bundle, batch, latents, infos,
                                               lambda rows, new: sample_latents(bundle, [batch[r] for r in rows], steps,
                                                                                guide, new))
-            imgs = bundle.codec.decode(latents).cpu()
+            imgs = bundle.codec.decode(latents).cpu() if decode else latents.cpu()
             for j, i in enumerate(chunk):
                 images[i], infos_all[i] = imgs[j], infos[j]
             if on_batch is not None:
@@ -96,6 +115,8 @@ def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, ba
 @torch.no_grad()
 def sample_latents_batched(bundle, items: Sequence[Item], steps: int = 50, guide=None, batch_size: int = 32) -> torch.Tensor:
     """Final latents of items that share a size, in batches, without decoding (what a detector reads)."""
+    steps = check_number("number of inference steps", steps, low=1, integer=True)
+    batch_size = check_number("batch size", batch_size, low=1, integer=True)
     guide = guide or PlainGuide()
     out = []
     for b in range(0, len(items), batch_size):
@@ -152,6 +173,10 @@ def item_metadata(item: Item, steps: int, model: str, info: dict, extra: Optiona
     meta = {"prompt": item.prompt, "seed": item.seed, "guidance": item.guidance, "steps": steps, "sampler": "ddim",
             "eta": 0.0, "height": item.height, "width": item.width, "model": model,
             "prompt_index": item.prompt_index, "sample_index": item.sample_index}
+    if item.negative_prompt:
+        meta["negative_prompt"] = item.negative_prompt
+    if item.noise is not None:
+        meta["initial_noise"] = "given (latents=)"
     meta.update(item.extra)
     meta.update(info)
     if extra:

@@ -1,6 +1,6 @@
 """Benchmark suites: which concepts are erased, which prompts measure them, with which roles and judge.
 
-A suite is data; :mod:`unguide.benchmark` runs any of them the same way (erase, generate, judge, report):
+A suite is data; :mod:`unguide.evaluation.benchmark` runs any of them the same way (erase, generate, judge, report):
 
 * ``toy``: the embedded model's 10 classes, judged by the toy classifier (the toy world's plug-in builds it);
 * ``cifar10``: the paper's Table 1 on Stable Diffusion: the 10 ``sd-*`` presets, zero-shot CLIP over {target, its
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence, get_args
 
-from .concepts import ConceptSpec, load_preset
-from .errors import UnguideError
+from ..erasure.concepts import ConceptSpec, load_preset
+from ..errors import UnguideError
 
 SuiteName = Literal["toy", "cifar10", "nudity"]
 SUITES: tuple[str, ...] = get_args(SuiteName)
@@ -92,7 +92,7 @@ def cifar10_suite(concepts: Sequence[str]) -> Suite:
 
 
 def nudity_suite(prompts: Optional[str], concept: str = "sd-nudity") -> Suite:
-    from .prompts import read_prompts
+    from ..generation.prompts import read_prompts
 
     if not prompts:
         raise UnguideError("the nudity suite needs --prompts FILE: an I2P-style CSV (prompt, evaluation_seed, "
@@ -121,9 +121,9 @@ def load_suite(name: str, concepts: Sequence[str] | str = "all", bundle=None, pr
         return nudity_suite(prompts)
     if name == "cifar10":
         return cifar10_suite(CIFAR10 if concepts == "all" else concepts)
-    from .models import world_plugin
+    from ..models.worlds import world_of
 
-    plugin = world_plugin(bundle) if bundle is not None else None
+    plugin = world_of(bundle) if bundle is not None else None
     if plugin is None:
         raise UnguideError("the toy suite runs on the embedded model only: use --model toyworld, or --suite cifar10 / "
                            "nudity for a Stable Diffusion model")

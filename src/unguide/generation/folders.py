@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import UnguideError
-from .generation import Item, PlainGuide, item_metadata, sample_images, save_grid, save_png, write_index
-from .io import output_lock, write_json
+from ..errors import UnguideError, check_number
+from ..sampling.images import Item, PlainGuide, item_metadata, sample_images, save_grid, save_png, write_index
+from ..io import output_lock, write_json
 from .prompts import PromptRow
 
 
@@ -74,9 +74,7 @@ def _write_grid(out: Path, items: Sequence[Item], grid_rows: int) -> None:
 
 def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
     """Bad requests fail before any model is loaded or image made."""
-    if n < 1:
-        raise UnguideError(f"--n must be at least 1 (got {n})")
-    if steps < 1:
-        raise UnguideError(f"--steps must be at least 1 (got {steps})")
+    check_number("images per prompt", n, low=1, integer=True)
+    check_number("number of inference steps", steps, low=1, integer=True)
     if any(not r.prompt.strip() for r in rows):
         raise UnguideError("empty --prompt: give the text to draw")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from .adapters import LAYER_PRESETS
-from .errors import UnguideError
+from ..errors import UnguideError
 
 PRESET_DIR = Path(__file__).parent / "concepts_presets"
 _FIELDS = {"name": str, "target": str, "reference": str, "synonyms": list, "other": list, "preset": str, "notes": str,

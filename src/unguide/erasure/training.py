@@ -21,7 +21,7 @@ Two recipes (``EraseConfig.from_recipe``):
   trained synonyms (``erase_synonyms``), so the adapter learns the words the spec lists, not one phrase; a spec
   may turn this off (``EraseConfig.for_concept``).
 
-At the end of every run the gate is calibrated (:func:`unguide.guidance.calibrate_gate`) and stored with it.
+At the end of every run the gate is calibrated (:func:`unguide.guidance.unguidance.calibrate_gate`) and stored with it.
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from .adapters import A_INITS, LAYER_PRESETS, LORA_FILE, AdapterConfig, AInit, LayerPreset, make_adapter
 from .concepts import ConceptSpec
-from .errors import UnguideError
-from .io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
-from .guidance import GATE_POSITION, calibrate_gate, check_gate_position
-from .image_gate import DetectorConfig, calibrate_image_gate
-from .sampling import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
+from ..errors import UnguideError
+from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
+from ..guidance.unguidance import GATE_POSITION, calibrate_gate, check_gate_position
+from ..guidance.image_gate import DetectorConfig, calibrate_image_gate
+from ..sampling.ddim import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
 CHECKPOINT = "checkpoint.safetensors"

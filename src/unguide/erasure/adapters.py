@@ -20,8 +20,8 @@ from typing import Iterator, Literal, get_args
 import torch
 import torch.nn as nn
 
-from .errors import UnguideError
-from .io import load_tensors, save_tensors, tensor_metadata
+from ..errors import UnguideError
+from ..io import load_tensors, save_tensors, tensor_metadata
 
 ADAPTER_NAME = "erasure"
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -1,13 +1,13 @@
 """``unguide evaluate --images DIR``: score a generated folder from its index.jsonl; writes metrics.json.
 
-Judges (:mod:`unguide.judges`):
+Judges (:mod:`unguide.evaluation.judges`):
 * ``toy`` (default): the toy classifier. Each image's class is its index row's ``class`` or the class/synonym
   word in its prompt; colour prompts ("a red boat") are also scored for the rate of the asked colour.
 * ``clip``: zero-shot CLIP over ``--labels`` (or the concept's classes) with "a photo of the {label}", and CLIP
   score against each prompt (default model openai/clip-vit-base-patch32; needs those weights on your machine).
 * ``nudenet``: exposed-class counts (the 9 classes of the UnGuide protocol, threshold 0.6).
 With ``--concept NAME`` the paper's Acc_e / Acc_s / Acc_g / H_o are computed from the concept's prompts
-(:func:`unguide.metrics.erasure.table1_metrics`, as the benchmark does); with ``--reference DIR`` (the base
+(:func:`unguide.evaluation.metrics.erasure.table1_metrics`, as the benchmark does); with ``--reference DIR`` (the base
 model's images, same prompts and seeds) SSIM, pixel error and FID/KID on the judge's features.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UnguideError
-from .io import write_json
+from ..errors import UnguideError
+from ..io import write_json
 from .judges import DEFAULT_CLIP, ClassJudge, make_judge
-from .prompts import word_in
+from ..generation.prompts import word_in
 
 
 def load_folder(folder: str | Path) -> tuple[list[dict], torch.Tensor]:
@@ -39,7 +39,7 @@ def load_folder(folder: str | Path) -> tuple[list[dict], torch.Tensor]:
 
 
 def read_index(folder: str | Path) -> list[dict]:
-    """The one reader of index.jsonl (written by :func:`unguide.generation.write_index`)."""
+    """The one reader of index.jsonl (written by :func:`unguide.sampling.images.write_index`)."""
     index = Path(folder) / "index.jsonl"
     if not index.is_file():
         raise UnguideError(f"{folder} has no index.jsonl: point --images at a folder written by `unguide generate`")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import UnguideError
+from ..errors import UnguideError
 
 I2P_NUMERIC = {"evaluation_seed": int, "evaluation_guidance": float, "sd_image_width": int, "sd_image_height": int}
 

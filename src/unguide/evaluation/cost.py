@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-from .generation import Item, PlainGuide, sample_images
-from .guidance import EvalCounter, ScorerConfig, UnGuide, guide_for_run
+from ..sampling.images import Item, PlainGuide, sample_images
+from ..guidance.unguidance import EvalCounter, ScorerConfig, UnGuide, guide_for_run
 
 
 def _timed(bundle, items, guide, steps, batch_size):

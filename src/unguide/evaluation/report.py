@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .generation import make_grid
-from .io import atomic_path, write_text
+from ..sampling.images import make_grid
+from ..io import atomic_path, write_text
 from .metrics.nudity import EXPOSED_CLASSES
 
 TABLE1_COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),

@@ -47,8 +47,8 @@ from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
-from .errors import UnguideError
-from .sampling import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
+from ..errors import UnguideError
+from ..sampling.ddim import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
 
 
 ScorerKind = Literal["fast", "reference", "response"]
@@ -306,7 +306,7 @@ class UnGuide:
         self.name = {"unguide": "unguide", "base": "base", "lora": "lora", "fixed": f"w={fixed_w}"}[mode]
         self._scores: dict[tuple[str, float], float] = {}
         self._stored_empty = stored_empty
-        # the image gate (unguide.image_gate.ImageGate): kept prompts' finished images are checked and, if they show
+        # the image gate (unguide.guidance.image_gate.ImageGate): kept prompts' finished images are checked and, if they show
         # the concept, redrawn from the same noise with w_erase
         self.image_gate = image_gate
         # erased rows use this prompt (the concept's target) as their negative prompt instead of "" (erase_with negative)

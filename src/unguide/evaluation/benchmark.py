@@ -1,6 +1,6 @@
 """``unguide benchmark``: erase, generate and evaluate concepts, Table-1 style, on any suite.
 
-A suite (:mod:`unguide.suites`) says which concepts are erased, which prompts measure them (with roles) and which
+A suite (:mod:`unguide.evaluation.suites`) says which concepts are erased, which prompts measure them (with roles) and which
 judge looks at the images: ``toy`` (the embedded model's 10 classes, toy classifier), ``cifar10`` (Stable
 Diffusion, the 10 ``sd-*`` presets, zero-shot CLIP) or ``nudity`` (an I2P-style CSV, NudeNet, CLIP score, FID).
 Per concept of an object suite:
@@ -15,7 +15,7 @@ Per concept of an object suite:
   (reference adapter + UnGuidance as in the paper: fast scorer, binary rule, d("") gate, w_keep = 2),
   ``full`` (ESD-x style fine-tune of cross-attention k/v), ``selective`` (the selective recipe's adapter
   alone) and ``selective-unguide`` (that adapter with its calibrated gate and the weights its recipe stores);
-* metrics: :func:`unguide.metrics.erasure.table1_metrics` on the judge's probabilities (Acc_e / Acc_s / Acc_g,
+* metrics: :func:`unguide.evaluation.metrics.erasure.table1_metrics` on the judge's probabilities (Acc_e / Acc_s / Acc_g,
   H_o, top-1 variants); preservation: same-seed SSIM and pixel error vs base on held-out-class prompts, FID/KID of
   those images vs base ones on the judge's features. Nudity suite: NudeNet exposed counts per class, CLIP score,
   FID against a reference folder.
@@ -33,15 +33,15 @@ from typing import Literal, NamedTuple, Optional, get_args
 import numpy as np
 import torch
 
-from .erase import EraseConfig, attach_erasure, erase, read_run
-from .errors import UnguideError
+from ..erasure.training import EraseConfig, attach_erasure, erase, read_run
+from ..errors import UnguideError
 from .evaluate import class_judgements, load_folder, load_image_folder
-from .generation import PlainGuide
-from .guidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position, guide_for_run
-from .io import output_lock, write_json
+from ..sampling.images import PlainGuide
+from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position, guide_for_run
+from ..io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
-from .prompts import PromptRow
-from .run_generate import plan_items, run_generation
+from ..generation.prompts import PromptRow
+from ..generation.folders import plan_items, run_generation
 from .suites import SUITES, Suite, SuiteName, load_suite
 
 Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide", "selective-image"]

@@ -19,7 +19,7 @@ from typing import Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 
-from .errors import UnguideError
+from ..errors import UnguideError
 
 JudgeName = Literal["toy", "clip", "nudenet"]
 JUDGES: tuple[str, ...] = get_args(JudgeName)
@@ -121,14 +121,15 @@ class NudeNetJudge:
 
 
 def make_judge(name: str, bundle=None, clip_model: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-    """A judge by name: ``clip``, ``nudenet``, or ``toy`` (the toy world's classifier, reached through the model
-    registry so that only the toy world knows its classifier)."""
+    """A judge by name: ``clip``, ``nudenet``, or one a world ships (``toy``: the toy world's classifier, found
+    through the world registry so that only the toy world knows its classifier)."""
+    from ..models.worlds import judge_class
+
     if name == "clip":
         return ClipJudge(clip_model, device)
     if name == "nudenet":
         return NudeNetJudge()
-    if name == "toy":
-        from .models import toy_plugin
-
-        return toy_plugin().ToyJudge()
+    world_judge = judge_class(name)
+    if world_judge is not None:
+        return world_judge()
     raise UnguideError(f"unknown judge {name!r}: use {', '.join(JUDGES)}")

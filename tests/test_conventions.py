@@ -1,0 +1,98 @@
+"""UnGuidePipeline follows diffusers' __call__ conventions, and every number is checked where it enters: the same
+refusal from the command line (one line, exit 2) and from a Python call (UnguideError)."""
+import pytest
+import torch
+
+from unguide import UnGuidePipeline, UnguideError
+from unguide.cli import main
+from unguide.sampling.ddim import initial_noise
+
+STEPS = 3
+
+
+def conventions(pipe):
+    """generator, num_images_per_prompt, latents, callback_on_step_end, negative_prompt and output_type on one pipe."""
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of the sun"
+    first = pipe(prompt, generator=torch.Generator().manual_seed(0), num_images_per_prompt=2,
+                 num_inference_steps=STEPS, output_type="pt")
+    again = pipe(prompt, generator=torch.Generator().manual_seed(0), num_images_per_prompt=2,
+                 num_inference_steps=STEPS, output_type="pt")
+    assert first.images.shape[0] == 2 and torch.equal(first.images, again.images)
+    assert not torch.equal(first.images[0], first.images[1])  # image j of a prompt has its own seed
+
+    noise = initial_noise(pipe.bundle.latent_shape(), first.seeds)
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, int(timestep), tuple(kwargs["latents"].shape)))
+        return {}
+
+    from_latents = pipe(prompt, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="pt", latents=noise,
+                        callback_on_step_end=callback)
+    assert torch.equal(from_latents.images, first.images)  # the same initial noise, the same images
+    assert [s for s, _, _ in seen] == list(range(STEPS)) and all(sh[0] == 2 for _, _, sh in seen)
+    assert seen[0][1] > seen[-1][1]  # timesteps run downward
+
+    # a callback that replaces the latents changes the result; one that returns nothing does not
+    zeroed = pipe(prompt, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="pt", latents=noise,
+                  callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros_like(k["latents"])})
+    assert not torch.equal(zeroed.images, first.images)
+
+    latent = pipe(prompt, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="latent", latents=noise)
+    assert tuple(latent.images.shape) == (2, *pipe.bundle.latent_shape())
+    assert torch.allclose(pipe.bundle.codec.decode(latent.images), first.images, atol=1e-5)
+
+    plain = pipe(prompt, num_inference_steps=STEPS, output_type="pt", seed=5)
+    empty_negative = pipe(prompt, num_inference_steps=STEPS, output_type="pt", seed=5, negative_prompt="")
+    other_negative = pipe(prompt, num_inference_steps=STEPS, output_type="pt", seed=5, negative_prompt="a photo of the moon")
+    assert torch.equal(plain.images, empty_negative.images) and not torch.equal(plain.images, other_negative.images)
+
+    pil = pipe(prompt, num_inference_steps=STEPS, output_type="pil", seed=5)
+    assert pil.images[0].size == (plain.images.shape[-1], plain.images.shape[-2])
+    with pytest.raises(UnguideError, match="latents must be a tensor of shape"):
+        pipe(prompt, num_images_per_prompt=2, num_inference_steps=STEPS, latents=noise[:1])
+    with pytest.raises(UnguideError, match="one string per prompt"):
+        pipe([prompt, prompt], num_inference_steps=STEPS, negative_prompt=["a", "b", "c"])
+
+
+def test_pipeline_conventions_on_the_toy_model():
+    conventions(UnGuidePipeline.from_pretrained("toyworld"))
+
+
+def test_pipeline_conventions_on_a_tiny_sd_directory(tiny_sd):
+    conventions(UnGuidePipeline.from_pretrained(str(tiny_sd)))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"guidance_scale": float("nan")}, "guidance scale must be a finite number"),
+    ({"guidance_scale": float("inf")}, "guidance scale must be a finite number"),
+    ({"guidance_scale": -1.0}, "guidance scale must be at least 0"),
+    ({"num_inference_steps": 0}, "number of inference steps must be at least 1"),
+    ({"height": -8}, "height must be at least 1"),
+    ({"width": 0}, "width must be at least 1"),
+    ({"num_images_per_prompt": 0}, "images per prompt must be at least 1"),
+    ({"seed": -3}, "seed must be at least 0"),
+    ({"batch_size": 0}, "batch size must be at least 1"),
+])
+def test_a_python_call_refuses_bad_numbers(tiny_sd, kwargs, fragment):
+    pipe = UnGuidePipeline.from_pretrained(str(tiny_sd))
+    with pytest.raises(UnguideError, match=fragment):
+        pipe("a dog", **{"num_inference_steps": 1, **kwargs})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "--prompt", "x", "--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["generate", "--prompt", "x", "--steps", "0"], "argument --steps: must be at least 1"),
+    (["generate", "--prompt", "x", "--height", "-8"], "argument --height: must be at least 1"),
+    (["generate", "--prompt", "x", "--n", "1.5"], "argument --n: must be a whole number"),
+    (["erase", "--concept", "sun", "--lr=-1e-3"], "argument --lr: must be above 0"),
+    (["benchmark", "--image-gate-position", "inf"], "argument --image-gate-position: must be a finite number"),
+    (["attack", "--benchmark", "b", "--samples", "0"], "argument --samples: must be at least 1"),
+])
+def test_the_cli_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, fragment):
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out", str(tmp_path / "out")] if args[0] != "attack" else args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
