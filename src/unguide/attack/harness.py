@@ -447,16 +447,16 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                      progress: bool = True) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
-    from ..evaluation.benchmark import METHODS, Benchmark, BenchmarkConfig, method_guide
+    from ..evaluation.benchmark import Benchmark, BenchmarkConfig
+    from ..evaluation.methods import get_method
     from ..erasure.training import attach_erasure
     from ..evaluation.evaluate import load_image_folder
     from ..io import output_lock
     from ..evaluation.judges import DEFAULT_CLIP, make_judge
     from ..models.worlds import world_of
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+    for method in methods:
+        get_method(method)  # an unknown name fails before any work
     bench = Benchmark(bundle, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
                                               clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations),
                       bench_dir)
@@ -477,10 +477,10 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
             results[name] = {}
             for method in methods:
                 adapter, guide = None, None
-                if method != "base":
+                if get_method(method).erases:
                     run = bench.ensure_run(name, method)
                     adapter, meta = attach_erasure(bundle, run)
-                    guide = method_guide(adapter, meta, method, bench.cfg)
+                    guide = get_method(method).guide(adapter, meta, bench.cfg.overrides())
                 try:
                     results[name][method] = attack(bundle, case.spec, concept_images, judge, case.classes, case.aliases,
                                                    out / name / method, cfg, guide=guide, adapter=adapter,

@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..erasure.adapters import A_INITS, LAYER_PRESETS
     from ..erasure.training import RECIPES, TIMESTEP_MAPPINGS
     from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
-    from ..evaluation.judges import JUDGES
+    from ..evaluation.judges import judge_names
     from ..models.loading import DTYPES, TEXT_STATES
     from ..evaluation.suites import SUITES
 
@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="score a generated folder (from its index.jsonl); writes metrics.json")
     v.add_argument("--images", required=True)
-    v.add_argument("--judge", default="toy", choices=JUDGES)
+    v.add_argument("--judge", default="toy", choices=judge_names())
     v.add_argument("--concept", default=None, help="preset name: adds Acc_e/Acc_s/Acc_g/H_o from its prompts")
     v.add_argument("--concept-file", default=None)
     v.add_argument("--reference", default=None, help="base-model images of the same prompts and seeds")

@@ -51,18 +51,21 @@ CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
 
 
-Recipe = Literal["reference", "selective"]
-RECIPES: tuple[str, ...] = get_args(Recipe)
-# what each recipe changes from the reference protocol's defaults (the dataclass defaults below)
-RECIPE_SETTINGS = {
-    "reference": {},
-    "selective": {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1, "erase_synonyms": True},
-}
-# how generation uses a run of each recipe unless told otherwise (guidance.guide_for_run)
-# (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
-# `unguide erase` adds the image gate's calibration)
-RECIPE_GATES = {"reference": {"default": "empty", "keep": "paper", "erase_with": "paper"},
-                "selective": {"default": "image", "keep": "base", "erase_with": "adapter"}}
+# Recipes, registered by name: what each changes from the reference protocol's defaults (the EraseConfig defaults
+# below), and how generation uses a run of it unless told otherwise (guidance.guide_for_run). A new recipe is one
+# register_recipe line; the CLI's --recipe and the benchmark's methods pick it up.
+RECIPE_SETTINGS: dict[str, dict] = {}
+RECIPE_GATES: dict[str, dict] = {}
+RECIPES = RECIPE_SETTINGS  # the registered names
+
+
+def register_recipe(name: str, settings: dict, gates: dict) -> None:
+    """``settings``: EraseConfig fields the recipe changes; ``gates``: its runs' generation defaults (``default``
+    gate, ``keep`` and ``erase_with`` weights)."""
+    unknown = set(settings) - set(EraseConfig.__dataclass_fields__)
+    if unknown:
+        raise UnguideError(f"recipe {name!r} sets unknown erase settings {sorted(unknown)}")
+    RECIPE_SETTINGS[name], RECIPE_GATES[name] = dict(settings), dict(gates)
 TimestepMapping = Literal["reference", "aligned"]
 TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 
@@ -84,7 +87,7 @@ class EraseConfig:
     # "reference": t drawn in [k*1000/50, (k+1)*1000/50) as the reference code does, although z_k (k steps from
     # noise) sits near timestep 1000 - k*20; "aligned": t is the timestep z_k actually sits at
     timestep_mapping: TimestepMapping = "reference"
-    recipe: Recipe = "reference"  # the name of the recipe these settings came from (recorded with the run)
+    recipe: str = "reference"  # the name of the recipe these settings came from (recorded with the run)
     a_init: AInit = "gaussian"  # LoRA A init: gaussian = N(0, 1/rank) (reference), uniform = +-1/sqrt(fan_in)
     anchor_weight: float = 0.0  # lambda of the anchor-preservation term (0: none, the reference)
     anchors_per_step: int = 1  # anchor prompts drawn per iteration
@@ -136,6 +139,14 @@ class EraseConfig:
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(self.preset, self.rank, self.alpha, self.a_init)
+
+
+register_recipe("reference", {}, {"default": "empty", "keep": "paper", "erase_with": "paper"})
+# (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
+# `unguide erase` adds the image gate's calibration)
+register_recipe("selective", {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1,
+                              "erase_synonyms": True},
+                {"default": "image", "keep": "base", "erase_with": "adapter"})
 
 
 def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int, torch.Tensor]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional, get_args
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,43 +37,20 @@ from ..erasure.training import EraseConfig, attach_erasure, erase, read_run
 from ..errors import UnguideError
 from .evaluate import class_judgements, load_folder, load_image_folder
 from ..sampling.images import PlainGuide
-from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position, guide_for_run
+from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position
 from ..io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from ..generation.prompts import PromptRow
 from ..generation.folders import plan_items, run_generation
+from .methods import METHODS, GuideOverrides, get_method
 from .suites import SUITES, Suite, SuiteName, load_suite
-
-Method = Literal["base", "lora", "unguide", "full", "selective", "selective-unguide", "selective-image"]
-METHODS: tuple[str, ...] = get_args(Method)
-
-
-class MethodRun(NamedTuple):
-    """How a benchmark method erases and guides. None: the concept's own preset, the run's stored gate defaults."""
-
-    recipe: str
-    preset: Optional[str]
-    run_dir: str
-    mode: str
-    gate: Optional[str] = None
-    erase_with: Optional[str] = None
-
-
-METHOD_RUNS = {"lora": MethodRun("reference", None, "object", "lora"),
-               "unguide": MethodRun("reference", None, "object", "unguide"),
-               "full": MethodRun("reference", "full", "full", "lora"),
-               "selective": MethodRun("selective", None, "selective", "lora"),
-               # the calibrated prompt gate as it was measured before image gates: prompts over it get w = -1
-               "selective-unguide": MethodRun("selective", None, "selective", "unguide", "calibrated", "paper"),
-               "selective-image": MethodRun("selective", None, "selective", "unguide", "image")}
-GATED = ("selective-unguide", "selective-image")  # the methods --keep, --erase-with and --gate-position apply to
 
 
 @dataclass
 class BenchmarkConfig:
     suite: SuiteName = "toy"
     concepts: list[str] | str = field(default_factory=lambda: ["sun"])  # or "all"
-    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     samples: int = 32
     steps: int = 50
     seed: int = 0
@@ -117,18 +94,9 @@ class BenchmarkConfig:
             raise UnguideError("FID needs image features: give --clip-model (FID is computed on CLIP image features)")
 
 
-def method_guide(adapter, meta: dict, method: str, cfg: "BenchmarkConfig"):
-    """The guide a benchmark method generates with (the attack uses the same): its mode and gate, and for the gated
-    selective methods the benchmark's keep / erase-with / gate-position overrides."""
-    run = METHOD_RUNS[method]
-    gated, gate = method in GATED, run.gate
-    if method == "selective-image" and cfg.selective_image_gate is not None:
-        gate = cfg.selective_image_gate
-    position = cfg.selective_gate_position if gated and gate != "image" else None
-    erase_with = (cfg.selective_erase_with or run.erase_with) if gated else None
-    return guide_for_run(adapter, meta, mode=run.mode, gate=gate, keep=cfg.selective_keep if gated else None,
-                         erase_with=erase_with, gate_position=position,
-                         image_position=cfg.selective_image_position if method == "selective-image" else None)
+    def overrides(self) -> GuideOverrides:
+        return GuideOverrides(self.selective_keep, self.selective_erase_with, self.selective_gate_position,
+                              self.selective_image_gate, self.selective_image_position)
 
 
 class Benchmark:
@@ -142,13 +110,10 @@ class Benchmark:
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
-        return self.out / "runs" / concept / METHOD_RUNS[method].run_dir
+        return self.out / "runs" / concept / get_method(method).run_dir
 
     def erase_config(self, method: str, concept: str) -> EraseConfig:
-        recipe, preset = METHOD_RUNS[method][:2]
-        lr = self.cfg.erase_lr if recipe == "reference" else None
-        return EraseConfig.for_concept(recipe, self.specs[concept], preset=preset, iterations=self.cfg.erase_iterations,
-                                       lr=lr)
+        return get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr)
 
     def ensure_run(self, concept: str, method: str) -> Path:
         """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""
@@ -187,12 +152,12 @@ class Benchmark:
         self.timings["generate/base"] = round(time.time() - t0, 1)
         for name, case in self.suite.cases.items():
             for method in self.cfg.methods:
-                if method == "base":
+                if not get_method(method).erases:
                     continue
                 run = self.ensure_run(name, method)
                 target = self.out / "images" / name / method
                 adapter, meta = attach_erasure(self.bundle, run)
-                guide = method_guide(adapter, meta, method, self.cfg)
+                guide = get_method(method).guide(adapter, meta, self.cfg.overrides())
                 if guide.note:
                     self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()
@@ -268,9 +233,9 @@ class Benchmark:
                     if feats is not None and base_feats is not None and len(other) >= 2:
                         fk = fid_kid(base_feats[ref], feats)
                         m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
-                if method in ("unguide", *GATED):
+                if get_method(method).scores_prompts:
                     m.update(self._influence(rows, roles))
-                if method == "selective-image":
+                if get_method(method).image_gated:
                     for r_name in ("erased", "synonym", "heldout", "other", "anchor"):
                         flags = [bool(r.get("image_flagged")) for r in rows if roles[r["prompt"]]["role"] == r_name]
                         if flags:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence, get_args
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
 from ..errors import UnguideError
 
-JudgeName = Literal["toy", "clip", "nudenet"]
-JUDGES: tuple[str, ...] = get_args(JudgeName)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 
@@ -120,16 +118,34 @@ class NudeNetJudge:
             raise UnguideError(f"the nudenet judge needs the package nudenet ({exc}): pip install nudenet") from None
 
 
+# Judges by name: factory(clip_model=..., device=...) -> judge. A world's own judges (the toy classifier) are found
+# through the world registry instead. A new judge is a class plus one register_judge line.
+JUDGES: dict[str, Callable[..., object]] = {}
+
+
+def register_judge(name: str, factory: Callable[..., object]) -> None:
+    JUDGES[name] = factory
+
+
+register_judge("clip", lambda clip_model=DEFAULT_CLIP, device="cpu": ClipJudge(clip_model, device))
+register_judge("nudenet", lambda **_: NudeNetJudge())
+
+
+def judge_names() -> list[str]:
+    """Registered judges and those the installed worlds ship."""
+    from ..models.worlds import world_judge_names
+
+    return list(dict.fromkeys([*JUDGES, *world_judge_names()]))
+
+
 def make_judge(name: str, bundle=None, clip_model: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-    """A judge by name: ``clip``, ``nudenet``, or one a world ships (``toy``: the toy world's classifier, found
-    through the world registry so that only the toy world knows its classifier)."""
+    """A judge by name: a registered one (``clip``, ``nudenet``) or one a world ships (``toy``: the toy world's
+    classifier, found through the world registry so that only the toy world knows its classifier)."""
     from ..models.worlds import judge_class
 
-    if name == "clip":
-        return ClipJudge(clip_model, device)
-    if name == "nudenet":
-        return NudeNetJudge()
+    if name in JUDGES:
+        return JUDGES[name](clip_model=clip_model, device=device)
     world_judge = judge_class(name)
     if world_judge is not None:
         return world_judge()
-    raise UnguideError(f"unknown judge {name!r}: use {', '.join(JUDGES)}")
+    raise UnguideError(f"unknown judge {name!r}: use {', '.join(judge_names())}")

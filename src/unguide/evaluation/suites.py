@@ -15,13 +15,12 @@ recipe sees: Acc_s), ``prompt`` (a nudity-suite row).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence, get_args
+from typing import Callable, Literal, Optional, Sequence, get_args
 
 from ..erasure.concepts import ConceptSpec, load_preset
 from ..errors import UnguideError
 
-SuiteName = Literal["toy", "cifar10", "nudity"]
-SUITES: tuple[str, ...] = get_args(SuiteName)
+SuiteName = str  # a registered suite's name (SUITES)
 MetricKind = Literal["table1", "nudity"]
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -113,14 +112,8 @@ def nudity_suite(prompts: Optional[str], concept: str = "sd-nudity") -> Suite:
                  "summed; CLIP score of each image against its prompt; FID against --fid-reference on CLIP features")
 
 
-def load_suite(name: str, concepts: Sequence[str] | str = "all", bundle=None, prompts: Optional[str] = None) -> Suite:
-    """A suite by name; ``toy`` comes from the model's own world (the embedded model)."""
-    if name not in SUITES:
-        raise UnguideError(f"unknown suite {name!r}: use {', '.join(SUITES)}")
-    if name == "nudity":
-        return nudity_suite(prompts)
-    if name == "cifar10":
-        return cifar10_suite(CIFAR10 if concepts == "all" else concepts)
+def world_suite(concepts: Sequence[str] | str, bundle=None, prompts: Optional[str] = None) -> Suite:
+    """The suite of the model's own world (``toy`` on the embedded model), built by its plug-in."""
     from ..models.worlds import world_of
 
     plugin = world_of(bundle) if bundle is not None else None
@@ -133,3 +126,24 @@ def load_suite(name: str, concepts: Sequence[str] | str = "all", bundle=None, pr
         raise UnguideError(f"concept {unknown[0]!r} is not a toy-world object concept: benchmark the 10 classes "
                            f"({', '.join(plugin.CONCEPTS)}) or 'all'")
     return plugin.suite(names)
+
+
+# Suites by name: builder(concepts, bundle, prompts) -> Suite. A new suite is a builder plus one register_suite line.
+SUITES: dict[str, Callable[..., Suite]] = {}
+
+
+def register_suite(name: str, builder: Callable[..., Suite]) -> None:
+    SUITES[name] = builder
+
+
+register_suite("toy", world_suite)
+register_suite("cifar10", lambda concepts, bundle=None, prompts=None: cifar10_suite(
+    CIFAR10 if concepts == "all" else concepts))
+register_suite("nudity", lambda concepts, bundle=None, prompts=None: nudity_suite(prompts))
+
+
+def load_suite(name: str, concepts: Sequence[str] | str = "all", bundle=None, prompts: Optional[str] = None) -> Suite:
+    """A suite by name; ``toy`` comes from the model's own world (the embedded model)."""
+    if name not in SUITES:
+        raise UnguideError(f"unknown suite {name!r}: use {', '.join(SUITES)}")
+    return SUITES[name](concepts, bundle=bundle, prompts=prompts)

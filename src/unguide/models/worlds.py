@@ -68,6 +68,11 @@ def world_for_directory(path: Path):
     return None
 
 
+def world_judge_names() -> list[str]:
+    _discover()
+    return [name for plugin in _WORLDS.values() for name in getattr(plugin, "JUDGES", {})]
+
+
 def judge_class(name: str):
     """A judge a world ships (the toy classifier's "toy"), or None."""
     _discover()
