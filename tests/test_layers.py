@@ -32,10 +32,10 @@ def imports(path: Path, text: str | None = None) -> list[tuple[int, str]]:
             else:
                 target = node.module or ""
             if target == "unguide" or target.startswith("unguide."):
-                found.append((node.lineno, target))
-                # "from .sub import mod" imports a module too
-                found += [(node.lineno, f"{target}.{a.name}") for a in node.names
-                          if (SRC.parent / Path(*f"{target}.{a.name}".split("."))).with_suffix(".py").exists()]
+                # "from . import mod" imports the submodules it names; anything else imports the module itself
+                subs = [f"{target}.{a.name}" for a in node.names
+                        if (SRC.parent / Path(*f"{target}.{a.name}".split("."))).with_suffix(".py").exists()]
+                found += [(node.lineno, m) for m in subs] if len(subs) == len(node.names) else [(node.lineno, target)]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("unguide")]
     return found

@@ -25,9 +25,10 @@ Every phase resumes: scored prompts, the inversion's checkpoints and generated i
 """
 from __future__ import annotations
 
+import logging
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,6 +38,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UnguideError
 from ..io import load_tensors, save_tensors, write_json
+
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 
 @dataclass(frozen=True)
@@ -500,6 +503,6 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
             with output_lock(bench_dir, "a benchmark"):
                 write_report(bench_dir, json.loads(bench_report.read_text()), bench.suite)
         except UnguideError:
-            print(f"unguide: note: {bench_dir} is busy; its report shows the attack on the benchmark's next run")
+            LOG.warning(f"note: {bench_dir} is busy; its report shows the attack on the benchmark's next run")
     return report
 

@@ -36,3 +36,20 @@ def headline(report: dict, concept: str, out: str | Path) -> str:
             f"{100 * paper['acc_s']:.1f}%, SSIM {paper.get('ssim_other', float('nan')):.3f}; H_o {100 * paper['h_o']:.1f}.\n"
             f"Report: {(Path(out) / 'report.html').resolve()} (also report.md, report.json, grids/, plots/) "
             f"in {report['seconds']:.0f} s")
+
+
+def _cmd_demo(args) -> int:
+    from ..evaluation.report import markdown_table
+
+    report = run_demo(args.out, args.concept, args.samples or 12)
+    print(markdown_table(report, average_only=True))
+    print("\n" + headline(report, args.concept, args.out))
+    return 0
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="the main job on the embedded model, with a report")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--samples", type=int, default=None, help="images per prompt (default 12)")
+    d.add_argument("--concept", default="sun", help="toy concept to erase (default sun)")
+    d.set_defaults(func=_cmd_demo)

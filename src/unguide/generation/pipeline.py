@@ -231,13 +231,13 @@ class UnGuidePipeline(DiffusionPipeline):
             warnings.warn(guide.note, stacklevel=2)
         if progress is None:
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
-        on_step = None
-        if callback_on_step_end is not None:
-            def on_step(i, t, x):
-                returned = callback_on_step_end(self, i, t, {"latents": x})
-                return (returned or {}).get("latents")
+        def on_step(i, t, x):  # diffusers' callback_on_step_end over one batch's latents
+            returned = callback_on_step_end(self, i, t, {"latents": x})
+            return (returned or {}).get("latents")
+
         imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
-                                    progress=progress, on_step=on_step, decode=output_type != "latent")
+                                    progress=progress, on_step=on_step if callback_on_step_end else None,
+                                    decode=output_type != "latent")
         if output_type == "pil":
             from PIL import Image
 

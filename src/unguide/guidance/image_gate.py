@@ -24,6 +24,7 @@ noise with the erasure.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -33,6 +34,8 @@ import torch
 
 from ..errors import UnguideError
 from ..sampling.ddim import unet_eps
+
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,8 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
     items = [Item(p, seed + j, bundle.default_guidance, size, size, prompt_index=i, sample_index=j)
              for i, p in enumerate(prompts) for j in range(samples)]
     if progress:
-        print(f"calibrating the image gate on {len(items)} base images of {len(cand_concept)} concept prompts and "
-              f"{len(calib_anchors)} anchors ...", flush=True)
+        LOG.info(f"calibrating the image gate on {len(items)} base images of {len(cand_concept)} concept prompts and "
+              f"{len(calib_anchors)} anchors ...")
     with adapter.base() if adapter is not None else nullcontext():
         latents = sample_latents_batched(bundle, items, batch_size=batch_size)
     scores = detector_scores(bundle, adapter, latents, [it.seed for it in items], cand_concept, cand_anchors, cfg).tolist()

@@ -41,6 +41,7 @@ The two UNet scorers share one code path (:func:`influence_scores`):
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional, Sequence, get_args
@@ -49,6 +50,8 @@ import torch
 
 from ..errors import UnguideError
 from ..sampling.ddim import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
+
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 
 ScorerKind = Literal["fast", "reference", "response"]
@@ -244,7 +247,7 @@ def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: Sco
     anchor_prompts = list(dict.fromkeys([a for a in anchors if a not in concept_prompts]))
     prompts = list(dict.fromkeys(concept_prompts + anchor_prompts + [""]))
     if progress:
-        print(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...",
+        LOG.info(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...",
               flush=True)
     scores = influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()
     gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance,

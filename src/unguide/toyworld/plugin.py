@@ -6,6 +6,7 @@ imports the toy world itself.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -16,6 +17,8 @@ from .classifier import ToyClassifier
 from .render import CLASSES, COLOUR_NAMES, OBJECTS
 
 from .model import MARKER, NAME, default_model_dir, load_bundle  # noqa: F401  (the plug-in's model side)
+
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 CONCEPTS = OBJECTS  # the toy suite's concepts: one preset per class, same names
 ALIASES = {o: list(TRAIN_SYNONYMS[o] + HELDOUT_SYNONYMS[o]) for o in OBJECTS}
@@ -109,15 +112,15 @@ def train(out, stage: str = "all", classifier_steps: int = 1500, vae_steps: int 
 
     out, cfg = Path(out), UNetConfig(**(unet or {}))
     if stage in ("classifier", "all"):
-        print(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=classifier_steps)))
+        LOG.info(train_classifier(out / "classifier.safetensors", ClassifierTrainConfig(steps=classifier_steps)))
     if stage in ("vae", "all"):
         train_vae(out, VAEConfig(steps=vae_steps))
     if stage in ("unet", "all"):
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
-        print(f"toyworld model written to {train_unet(out, cfg, max_minutes=max_minutes, device=device)}")
+        LOG.info(f"toyworld model written to {train_unet(out, cfg, max_minutes=max_minutes, device=device)}")
     if stage == "export":
-        print(export_toyworld(out, cfg))  # the architecture and text side come from the checkpoint
+        LOG.info(export_toyworld(out, cfg))  # the architecture and text side come from the checkpoint
 
 
 def quality(bundle, **kw) -> dict:

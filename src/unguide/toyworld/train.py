@@ -7,6 +7,7 @@ batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 import time
@@ -23,6 +24,8 @@ from ..io import atomic_path, load_optimizer_tensors, load_tensors, optimizer_te
 from .captions import all_training_captions, caption
 from .classifier import to_tensor
 from .render import IMAGE_SIZE, render_batch
+
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -196,7 +199,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     text_key = _text_key(cfg.text_states)
     data = load_tensors(cache) if cache.exists() else {}
     if "latents" not in data:
-        print("rendering and encoding the training set ...")
+        LOG.info("rendering and encoding the training set ...")
         imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
         x = to_tensor(imgs)
         data["latents"] = torch.cat([codec.encode(x[i:i + 500].to(device)).cpu()
@@ -267,7 +270,7 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
                                                  **{f"ema.{k}": v for k, v in ema.items()}, **optimizer_tensors(opt)},
                        {"config": asdict(cfg)})
         if out_of_time:
-            print(f"stopping at step {step + 1}: --max-minutes reached (run again to resume)")
+            LOG.info(f"stopping at step {step + 1}: --max-minutes reached (run again to resume)")
             break
         if done:
             break

@@ -1,0 +1,73 @@
+"""``unguide benchmark``: erase, generate and evaluate a suite's concepts with every method."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
+
+
+def _cmd_benchmark(args) -> int:
+    from ..evaluation.benchmark import Benchmark, BenchmarkConfig
+    from ..models.loading import load_model
+    from ..evaluation.report import markdown_table
+
+    concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
+                          seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
+                          erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
+                          selective_erase_with=args.erase_with, selective_gate_position=args.gate_position,
+                          selective_image_gate=args.image_gate, selective_image_position=args.image_gate_position,
+                          prompts=args.prompts,
+                          clip_model=None if args.clip_model == "none" else args.clip_model,
+                          fid_reference=args.fid_reference)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    report = Benchmark(bundle, cfg, args.out).run()
+    if report:  # the main process (the others only generate their share)
+        print(markdown_table(report, average_only=True))
+        print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS
+    from ..evaluation.suites import SUITES
+
+    b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
+    add_model(b)
+    b.add_argument("--suite", choices=SUITES, default="toy",
+                   help="toy (the embedded model's 10 classes), cifar10 (Stable Diffusion, the paper's Table 1, CLIP "
+                   "judge) or nudity (an I2P-style --prompts CSV, NudeNet)")
+    b.add_argument("--concepts", default="all",
+                   help="comma-separated concepts of the suite (toy: sun,boat,...; cifar10: cat,dog,...) or 'all'")
+    b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide,selective-image",
+                   help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide "
+                   "(its calibrated prompt gate), selective-image (its image gate)")
+    b.add_argument("--samples", type=int, default=32, help="images per prompt")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--guidance", type=float, default=None)
+    b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
+    b.add_argument("--erase-lr", type=float, default=None,
+                   help="learning rate of the reference-recipe runs (default 3e-5); the selective recipe keeps its own")
+    b.add_argument("--keep", choices=list(KEEP_WEIGHTS), default=None,
+                   help="selective-unguide: weight of prompts under the calibrated gate, base (w = 1) or paper (w = 2); "
+                   "default: the selective recipe's")
+    b.add_argument("--erase-with", choices=list(ERASE_WEIGHTS), default=None,
+                   help="selective-unguide: weight of prompts over the gate, adapter (w = 0) or paper (w = -1); "
+                   "default: the selective recipe's")
+    b.add_argument("--gate-position", type=float, default=None,
+                   help="selective-unguide: " + GATE_POSITION_HELP + "; default: each run's own")
+    b.add_argument("--image-gate", choices=["image", "calibrated+image"], default=None,
+                   help="selective-image: the image gate alone (default) or behind the calibrated prompt gate")
+    b.add_argument("--image-gate-position", type=float, default=None, help="selective-image: " + IMAGE_POSITION_HELP)
+    b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
+                   "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")
+    b.add_argument("--clip-model", default="openai/clip-vit-base-patch32",
+                   help="CLIP model (hub id or local directory): the cifar10 judge, the nudity suite's CLIP score and "
+                   "FID features; 'none' skips CLIP in the nudity suite")
+    b.add_argument("--fid-reference", default=None,
+                   help="nudity suite: a folder of reference images (e.g. COCO) for FID on CLIP image features")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
+    b.set_defaults(func=_cmd_benchmark)

@@ -1,0 +1,92 @@
+"""``unguide erase``: train an erasure adapter for a concept."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import GATE_POSITION_HELP, add_model
+
+
+DEFAULT_RECIPE = "selective"
+
+
+def _cmd_erase(args) -> int:
+    from ..erasure.concepts import read_anchor_file, resolve_concept
+    from ..erasure.training import EraseConfig, erase
+    from ..models.loading import load_model
+
+    concept = resolve_concept(args.concept, args.concept_file)
+    if args.vocabulary:
+        concept.vocabulary = read_anchor_file(args.vocabulary, "vocabulary")
+    cfg = EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
+                                  lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
+                                  alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
+                                  a_init=args.a_init, anchor_weight=args.anchor_weight,
+                                  anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
+                                  gate_position=args.gate_position,
+                                  anchors=read_anchor_file(args.anchors) if args.anchors else None)
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    t0 = time.time()
+    meta = erase(bundle, concept, args.out, cfg)
+    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations) in "
+          f"{time.time() - t0:.1f} s; final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
+          f"metadata: {Path(args.out) / 'erasure.json'}")
+    gate = meta.get("gate") or {}
+    if gate.get("threshold") is not None:
+        print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
+              f"{gate.get('position', 0.5):g} (anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
+              f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'})")
+    image = gate.get("image")
+    if image:
+        concept = [s for p in image["concept_candidates"] for s in image["scores"][p]]
+        anchors = [s for p, v in image["scores"].items() if p not in image["concept_candidates"] for s in v]
+        print(f"image gate calibrated on {len(concept) + len(anchors)} base images: threshold {image['threshold']:.3f} at "
+              f"position {image['position']:g} (concept images up to {max(concept):.3f}, anchor images from "
+              f"{min(anchors):.3f}{'' if image['separated'] else ': they OVERLAP'})")
+    if gate.get("default"):
+        print(f"generation uses gate '{gate['default']}', keep '{gate['keep']}', erase with '{gate['erase_with']}' unless "
+              "told otherwise")
+    print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..erasure.adapters import A_INITS, LAYER_PRESETS
+    from ..erasure.training import RECIPES, TIMESTEP_MAPPINGS
+
+    e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
+    add_model(e)
+    e.add_argument("--concept", help="a preset name (toy classes such as sun, 'red', sd-cat, sd-nudity, ...)")
+    e.add_argument("--concept-file", help="a concept JSON file (see docs: target, reference, synonyms, other)")
+    e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
+    e.add_argument("--preset", choices=LAYER_PRESETS, default=None,
+                   help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")
+    e.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
+                   help="selective (default): learnable LoRA A + anchor preservation + a calibrated gate; reference: the "
+                   "paper's protocol exactly (A ~ N(0,1), lr 3e-5, no anchors). Flags below override the recipe")
+    e.add_argument("--anchors", default=None,
+                   help="text file of anchor prompts to preserve, one a line (\"\" = the empty prompt); "
+                   "default: the concept's own anchors")
+    e.add_argument("--vocabulary", default=None,
+                   help="text file of generic prompts trained like anchors but not used to calibrate the gate "
+                   "(replaces the concept's vocabulary; docs/recipes.md)")
+    e.add_argument("--iterations", type=int, default=None, help="default 200")
+    e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
+    e.add_argument("--a-init", choices=A_INITS, default=None,
+                   help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
+    e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
+    e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default: the spec's, else 1)")
+    e.add_argument("--gate-position", type=float, default=None,
+                   help=GATE_POSITION_HELP + "; stored with the run (default: the spec's, else 0.5)")
+    e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
+                   help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
+                   "(selective: on; reference: off, the target alone)")
+    e.add_argument("--eta", type=float, default=None, help="negative guidance strength (default 2)")
+    e.add_argument("--start-guidance", type=float, default=None, help="default 9")
+    e.add_argument("--rank", type=int, default=None, help="default 1")
+    e.add_argument("--alpha", type=float, default=None, help="LoRA output scale (default 8)")
+    e.add_argument("--seed", type=int, default=None, help="default 0")
+    e.add_argument("--timestep-mapping", choices=TIMESTEP_MAPPINGS, default=None,
+                   help="reference (default): t in [k*20, k*20+20) as the reference code; aligned: the timestep z_k sits at")
+    e.set_defaults(func=_cmd_erase)

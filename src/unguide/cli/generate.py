@@ -1,0 +1,85 @@
+"""``unguide generate``: images from prompts, with or without an erasure run."""
+from __future__ import annotations
+
+import sys
+
+from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
+
+
+def _cmd_generate(args) -> int:
+    """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
+    from ..guidance.unguidance import check_gate_position, decision_settings
+    from ..generation.pipeline import UnGuidePipeline
+    from ..generation.prompts import PromptRow, read_prompts
+    from ..generation.folders import check_request, plan_items
+
+    rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
+    check_request(rows, args.n, args.steps)
+    if args.gate_position is not None:
+        check_gate_position(args.gate_position)  # before any model is loaded
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    if args.erasure:
+        pipe.load_erasure(args.erasure)
+    guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
+                       gate_position=args.gate_position, image_gate_position=args.image_gate_position,
+                       **decision_settings(args.scorer, args.weighting))
+    if getattr(guide, "note", None):
+        print(f"unguide: note: {guide.note}", file=sys.stderr)
+    bundle = pipe.bundle
+    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
+    items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
+    for it in items:
+        bundle.latent_shape(it.height, it.width)  # validate sizes before any work
+    info = {"model": bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
+            "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": pipe.erasure_info(guide)}
+    if args.dtype not in (None, "float32"):
+        info["dtype"] = args.dtype  # float32 (the default) goes unrecorded, as in runs made before --dtype
+    out = pipe.generate_to(items, args.out, num_inference_steps=args.steps, guide=guide, batch_size=args.batch_size,
+                           run_info=info)
+    n_files = sum(1 for it in items if (out / it.filename).exists())
+    print(f"{n_files} images in {out} (index: {out / 'index.jsonl'}, grid: {out / 'grid.png'})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from typing import get_args
+    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
+
+    WEIGHTINGS = get_args(Weighting)
+
+    g = sub.add_parser("generate", help="generate images (base model, or with an erasure run)")
+    add_model(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--prompts", help="text file (one prompt a line) or CSV (I2P columns: prompt, evaluation_seed, ...)")
+    g.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="image j of a prompt uses seed+j (CSV rows: their evaluation_seed+j)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--out", required=True, help="output directory (a rerun resumes: finished images are skipped)")
+    g.add_argument("--erasure", default=None, help="an erasure run directory (from `unguide erase`)")
+    g.add_argument("--mode", default=None, choices=["unguide", "base", "lora"],
+                   help="with --erasure: unguide (default), base (w=1) or lora (w=0)")
+    g.add_argument("--w", type=float, default=None, help="with --erasure: a fixed guidance weight w for every prompt")
+    g.add_argument("--scorer", default=None, choices=SCORERS,
+                   help="influence scorer: fast (default), reference (the paper's), or response (the adapter's own "
+                   "response to the prompt's text states: no UNet evaluation; object-preset LoRA runs)")
+    g.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="rule from scores to w")
+    g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
+                   "rule), a number, image (every prompt drawn by the base model, its image checked by the run's "
+                   "detector and redrawn with the erasure if it shows the concept) or calibrated+image (prompts over "
+                   "the calibrated gate erased at once, the rest checked on the image); default: the run's recipe's")
+    g.add_argument("--image-gate-position", type=float, default=None, help=IMAGE_POSITION_HELP)
+    g.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS),
+                   help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "
+                   "paper (w = 2); default: the run's recipe's")
+    g.add_argument("--erase-with", default=None, choices=list(ERASE_WEIGHTS),
+                   help="weight of prompts over the gate (and of images the image gate flags): adapter (w = 0, the "
+                   "adapter alone), paper (w = -1) or negative (the adapter alone, guided away from the concept's own "
+                   "prompt); default: the run's recipe's")
+    g.add_argument("--gate-position", type=float, default=None, help=GATE_POSITION_HELP +
+                   "; default: the run's own (0.5 unless its spec said otherwise); needs the calibrated gate")
+    g.set_defaults(func=_cmd_generate)
