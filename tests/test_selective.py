@@ -177,8 +177,8 @@ def test_recipe_and_gate_errors_are_one_line(tiny_sd, selective_run, tmp_path, c
     cases = [
         (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--recipe", "selective",
           "--out", str(tmp_path / "r1")], "has no anchors", tmp_path / "r1"),
-        (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--recipe", "reference", "--lr", "-1",
-          "--out", str(tmp_path / "r2")], "learning rate", tmp_path / "r2"),
+        (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--recipe", "reference", "--lr=-1",
+          "--out", str(tmp_path / "r2")], "--lr: must be above 0", tmp_path / "r2"),
         (["generate", "--model", str(tiny_sd), "--prompt", "a cat", "--erasure", str(selective_run), "--gate", "soon",
           "--out", str(tmp_path / "g")], "--gate 'soon'", None),
         (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--anchors", str(tmp_path / "none.txt"),
@@ -356,13 +356,14 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
     # bad positions: one line, exit 2, nothing written
     spec_file = tmp_path / "cat.json"
     spec_file.write_text(json.dumps({**CAT.to_dict(), "gate_position": 1.5}))
-    cases = [(base + ["--gate-position", "2", "--out", str(tmp_path / "b1")], "outside [0, 1]", tmp_path / "b1"),
+    cases = [(base + ["--gate-position", "2", "--out", str(tmp_path / "b1")], "--gate-position: must be at most 1",
+              tmp_path / "b1"),
              (base[:-2] + ["--gate", "empty", "--gate-position", "0.3", "--out", str(tmp_path / "b2")],
               "applies to the calibrated gate only", tmp_path / "b2"),
              (["erase", "--model", str(tiny_sd), "--concept-file", str(spec_file), "--out", str(tmp_path / "b3")],
               "'gate_position' must be between 0", tmp_path / "b3"),
              (["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--gate-position", "-0.1",
-               "--out", str(tmp_path / "b4")], "outside [0, 1]", tmp_path / "b4")]
+               "--out", str(tmp_path / "b4")], "--gate-position: must be at least 0", tmp_path / "b4")]
     capsys.readouterr()
     for argv, fragment, out in cases:
         assert main(argv) == 2

@@ -24,7 +24,10 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     show_library_log()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad flag (one line already printed) or --help: the code, for Python callers too
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except UnguideError as exc:

@@ -247,8 +247,7 @@ def calibrate_gate(bundle, adapter, concept, anchors: Sequence[str], scorer: Sco
     anchor_prompts = list(dict.fromkeys([a for a in anchors if a not in concept_prompts]))
     prompts = list(dict.fromkeys(concept_prompts + anchor_prompts + [""]))
     if progress:
-        LOG.info(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...",
-              flush=True)
+        LOG.info(f"calibrating the gate on {len(anchor_prompts)} anchors and {len(concept_prompts)} concept prompts ...")
     scores = influence_scores(bundle, adapter, prompts, scorer, guidance).tolist()
     gate = {"rule": CALIBRATION_RULE, "scorer": asdict(scorer), "guidance": guidance,
             **_calibration(dict(zip(prompts, scores)), concept_prompts, anchor_prompts, position)}
