@@ -66,6 +66,8 @@ def register_recipe(name: str, settings: dict, gates: dict) -> None:
     if unknown:
         raise UnguideError(f"recipe {name!r} sets unknown erase settings {sorted(unknown)}")
     RECIPE_SETTINGS[name], RECIPE_GATES[name] = dict(settings), dict(gates)
+
+
 TimestepMapping = Literal["reference", "aligned"]
 TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 

@@ -10,7 +10,6 @@ edge of the package and Stable Diffusion never needs it.
 """
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -35,8 +34,7 @@ def _discover() -> None:
     _discovered = True
     for ep in entry_points(group=GROUP):
         if ep.name not in _WORLDS:
-            module = importlib.import_module(ep.value.split(":")[0])
-            register_world(getattr(module, ep.value.split(":")[1]) if ":" in ep.value else module)
+            register_world(ep.load())
 
 
 def world_names() -> list[str]:
