@@ -1,5 +1,7 @@
 """UnGuidePipeline follows diffusers' __call__ conventions, and every number is checked where it enters: the same
 refusal from the command line (one line, exit 2) and from a Python call (UnguideError)."""
+import re
+
 import pytest
 import torch
 
@@ -94,4 +96,40 @@ def test_the_cli_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, fragmen
     code = main([*args, "--out", str(tmp_path / "out")] if args[0] != "attack" else args)
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"w": float("nan")}, "`w` must be a finite number"),
+    ({"gate": "nan"}, "`gate` 'nan': use calibrated"),
+    ({"gate": -0.5}, "`gate` must be above 0"),
+    ({"gate": "sometimes"}, "`gate` 'sometimes': use calibrated"),
+    ({"gate_position": 1.5}, "`gate_position` must be at most 1"),
+    ({"gate": "image", "image_gate_position": float("inf")}, "`image_gate_position` must be a finite number"),
+    ({"gate": "empty", "gate_position": 0.3}, "`gate_position` moves the calibrated prompt gate"),
+    ({"gate": "empty", "image_gate_position": 0.3}, "`image_gate_position` applies to the image gates only"),
+    ({"mode": "lora", "w": 0.5}, "give either `mode` or `w`"),
+    ({"keep": "sometimes"}, "unknown `keep`"),
+])
+def test_a_guidance_config_refuses_bad_values_where_it_is_made(fields, fragment):
+    from unguide import GuidanceConfig
+
+    with pytest.raises(UnguideError, match=re.escape(fragment)):
+        GuidanceConfig(**fields)
+    assert GuidanceConfig(gate="0.25").gate == 0.25 and GuidanceConfig(w=0.5).mode == "fixed"
+
+
+def test_core_errors_name_parameters_and_the_cli_words_them_as_flags(tmp_path, capsys):
+    """A Python caller reads the parameter's name (`gate_position`); the command line reads the flag."""
+    from unguide import GuidanceConfig
+
+    with pytest.raises(UnguideError, match="`gate_position`"):
+        GuidanceConfig(gate="empty", gate_position=0.3)
+    code = main(["generate", "--prompt", "x", "--gate", "empty", "--gate-position", "0.3", "--erasure", "r",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--gate-position moves the calibrated prompt gate" in err and "`" not in err, err
+    code = main(["generate", "--prompt", "x", "--keep", "base", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--keep need(s) --erasure RUN" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

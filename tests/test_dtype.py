@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from unguide import UnGuidePipeline, UnguideError, load_model
+from unguide import GuidanceConfig, UnGuidePipeline, UnguideError, load_model
 from unguide.erasure.adapters import AdapterConfig, make_adapter
 from unguide.cli import main
 from unguide.sampling.images import read_png_metadata
@@ -17,7 +17,7 @@ from unguide.sampling.ddim import unet_eps
 def test_bfloat16_erase_then_generate_end_to_end(tiny_sd, tmp_path):
     run = tmp_path / "run"
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sun", "--iterations", "2", "--dtype", "bfloat16",
-                 "--out", str(run)]) == 0
+                 "--calibration-steps", "3", "--out", str(run)]) == 0
     meta = json.loads((run / "erasure.json").read_text())
     assert meta["dtype"] == "bfloat16" and len(meta["losses"]) == 2 and all(math.isfinite(x) for x in meta["losses"])
     with safe_open(str(run / meta["weights"]), "pt") as f:
@@ -58,7 +58,7 @@ def test_pipeline_to_dtype_keeps_runs_attachable(tiny_sd, tmp_path):
     pipe.to(torch.bfloat16)
     assert pipe.bundle.unet.dtype == torch.bfloat16 and not pipe.bundle._text_cache
     pipe.load_erasure(run)
-    out = pipe("a cat", num_inference_steps=2, gate="empty", output_type="pt", progress=False)
+    out = pipe("a cat", num_inference_steps=2, unguidance=GuidanceConfig(gate="empty"), output_type="pt", progress=False)
     assert torch.isfinite(out.images).all() and out.w[0] in (-1.0, 2.0)
 
 
@@ -87,7 +87,7 @@ def test_resuming_in_another_dtype_is_refused(tiny_sd, tmp_path, capsys):
 
     spec, cfg = ConceptSpec(target="a cat", reference="a tree", name="cat"), EraseConfig(iterations=3, ddim_steps=4)
     assert erase(load_model(str(tiny_sd)), spec, tmp_path, cfg, progress=False, stop_after=1)["status"] == "interrupted"
-    with pytest.raises(UnguideError, match="trained in float32: resume it with --dtype float32"):
+    with pytest.raises(UnguideError, match="trained in float32: resume it with `dtype` float32"):
         erase(load_model(str(tiny_sd), dtype="bfloat16"), spec, tmp_path, cfg, progress=False)
 
 

@@ -129,7 +129,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_adapter(tiny_sd, tmp_path):
     concept.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest",
                                    "anchors": ["", "a photo of the river"]}))
     cmd = [sys.executable, "-m", "unguide.cli", "erase", "--model", str(tiny_sd), "--concept-file", str(concept),
-           "--iterations", "60", "--seed", "5"]  # the default recipe (selective): anchors drawn per iteration too
+           "--iterations", "60", "--seed", "5", "--calibration-steps", "2"]  # the default recipe (selective): anchors
+    # drawn per iteration too; the image gate's calibration at 2 steps (the adapter is what this test compares)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,

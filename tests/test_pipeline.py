@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from unguide import UnGuidePipeline, UnguideError, load_model
+from unguide import GuidanceConfig, UnGuidePipeline, UnguideError, load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec
 from unguide.erasure.training import EraseConfig, erase
@@ -14,6 +14,7 @@ from unguide.sampling.images import read_png_metadata
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                   other=["a dog"])
 PROMPTS = ["a photo of the cat", "a dog"]
+EMPTY_GATE = GuidanceConfig(gate="empty")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_save_and_load_round_trip_with_an_erasure(tiny_sd, cat_run, tmp_path):
     assert isinstance(pipe, DiffusionPipeline) and pipe.bundle.unet is pipe.unet
     base = _gen(pipe)
     pipe.load_erasure(cat_run)
-    erased = _gen(pipe, gate="empty")
+    erased = _gen(pipe, unguidance=EMPTY_GATE)
     assert erased.seeds == [7, 8, 7, 8] and all(w in (-1.0, 2.0) for w in erased.w) and "score" in erased.scores[0]
     assert not _same(erased.images, base.images)
 
@@ -47,13 +48,13 @@ def test_save_and_load_round_trip_with_an_erasure(tiny_sd, cat_run, tmp_path):
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert index["_class_name"] == "UnGuidePipeline" and index["max_length"] == 16 and index["image_size"] == 16
     assert not any("lora" in k for k in load_model(str(tmp_path / "saved")).unet.state_dict())
-    assert pipe.erasure_dir == str(cat_run) and _same(_gen(pipe, gate="empty").images, erased.images)
+    assert pipe.erasure_dir == str(cat_run) and _same(_gen(pipe, unguidance=EMPTY_GATE).images, erased.images)
 
     again = UnGuidePipeline.from_pretrained(tmp_path / "saved")
     assert dict(again.config)["name"] == dict(pipe.config)["name"] == str(tiny_sd)
     assert _same(_gen(again).images, base.images)
     again.load_erasure(cat_run)  # the same weights, so the same fingerprint: the run attaches to the reloaded model
-    out = _gen(again, gate="empty")
+    out = _gen(again, unguidance=EMPTY_GATE)
     assert out.w == erased.w and _same(out.images, erased.images)
     again.unload_erasure()
     assert _same(_gen(again).images, base.images)
@@ -82,7 +83,7 @@ def test_cli_generate_is_the_pipeline(tiny_sd, cat_run, tmp_path):
                  "--out", str(tmp_path)]) == 0
     pipe = UnGuidePipeline.from_pretrained(str(tiny_sd))
     pipe.load_erasure(cat_run)
-    out = _gen(pipe, gate="empty")
+    out = _gen(pipe, unguidance=EMPTY_GATE)
     files = ["00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png"]
     from PIL import Image
 
@@ -103,9 +104,9 @@ def test_call_options_and_errors(tiny_sd):
     pipe.enable_vae_slicing()
     sliced = pipe(PROMPTS, num_inference_steps=2, output_type="np")
     assert pipe.vae.use_slicing and np.allclose(sliced.images, arr.images, atol=1e-5)
-    for call, fragment in [(lambda: pipe("a dog", mode="lora"), "need --erasure"),
+    for call, fragment in [(lambda: pipe("a dog", unguidance=GuidanceConfig(mode="lora")), "need an erasure run"),
                            (lambda: pipe("a dog", num_inference_steps=0), "number of inference steps must be at least 1"),
-                           (lambda: pipe("  "), "empty --prompt"),
+                           (lambda: pipe("  "), "empty `prompt`"),
                            (lambda: pipe("a dog", output_type="latents"), "unknown output_type"),
                            (lambda: UnGuidePipeline.from_pretrained(str(tiny_sd), variant="fp16"), "torch_dtype"),
                            (lambda: pipe.enable_model_cpu_offload(), "one device")]:

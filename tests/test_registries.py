@@ -11,6 +11,7 @@ from unguide.erasure.training import RECIPE_GATES, RECIPE_SETTINGS, register_rec
 from unguide.evaluation.judges import JUDGES, ClassJudge, register_judge
 from unguide.evaluation.methods import METHODS, Method, register_method
 from unguide.evaluation.suites import SUITES, Suite, case_from_spec, register_suite
+from unguide.guidance.unguidance import GuidanceConfig
 
 
 class BrightnessJudge(ClassJudge):
@@ -40,7 +41,7 @@ def registered():
     register_recipe("half-lr", {"lr": 1.5e-5}, {"default": "empty", "keep": "paper", "erase_with": "paper"})
     register_judge("brightness", lambda **_: BrightnessJudge())
     register_suite("shapes", shapes_suite)
-    register_method(Method("half-lr-unguide", "half-lr", None, "half-lr", "unguide"))
+    register_method(Method("half-lr-unguide", "half-lr", None, "half-lr", GuidanceConfig(mode="unguide")))
     yield
     for table, key in ((RECIPE_SETTINGS, "half-lr"), (RECIPE_GATES, "half-lr"), (JUDGES, "brightness"),
                        (SUITES, "shapes"), (METHODS, "half-lr-unguide")):

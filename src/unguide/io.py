@@ -62,7 +62,7 @@ def output_lock(out: str | os.PathLike, what: str = "a job") -> Iterator[Path]:
         ok = broadcast_object_list([ok])[0]
     if not ok:
         raise UnguideError(f"{out} is in use by another unguide process ({what} is writing there): wait for it to "
-                           "finish, or give another --out")
+                           "finish, or give another `out`")
     try:
         yield out
     finally:

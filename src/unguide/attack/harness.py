@@ -72,11 +72,11 @@ class AttackConfig:
             if getattr(self, name) < 1:
                 raise UnguideError(f"attack setting {name} must be at least 1 (got {getattr(self, name)})")
         if self.candidates < 0 or self.pairs < 0 or self.inversion_steps < 0:
-            raise UnguideError("--candidates, --pairs and --inversion-steps must be >= 0")
+            raise UnguideError("`candidates`, `pairs` and `inversion_steps` must be >= 0")
         if not 0 <= self.t_low < self.t_high <= 1000:
             raise UnguideError("the attack's timesteps must satisfy 0 <= t_low < t_high <= 1000")
         if "{}" not in self.template:
-            raise UnguideError(f"--template {self.template!r} needs a {{}} where the word goes")
+            raise UnguideError(f"`template` {self.template!r} needs a {{}} where the word goes")
 
 
 class Defence:
@@ -327,19 +327,19 @@ def register_prompt_states(bundle, name: str, states: torch.Tensor) -> None:
     bundle._text_cache[name] = states.detach().to(bundle.device)
 
 
-def judge_prompts(bundle, defence: Defence, prompts: list[str], spec, judge, classes, aliases, cfg: AttackConfig,
+def judge_prompts(pipe, defence: Defence, prompts: list[str], spec, judge, classes, aliases, cfg: AttackConfig,
                   out: Path, info: dict) -> dict:
     """Generate ``samples`` images of each prompt with the defended model (the whole guided sampler, gate included)
     and judge them: per prompt the rate of images where the concept's probability is >= 0.5, and the mean."""
     from ..evaluation.evaluate import class_judgements, load_folder
     from ..sampling.images import PlainGuide
     from ..generation.prompts import PromptRow
-    from ..generation.folders import plan_items, run_generation
+    from ..generation.folders import plan_items
 
     guide = defence.guide or PlainGuide()
-    size = bundle.image_size
-    items = plan_items([PromptRow(p) for p in prompts], cfg.samples, cfg.seed, bundle.default_guidance, size, size)
-    run_generation(bundle, items, out, steps=cfg.steps, guide=guide, batch_size=32, run_info=info, progress=False)
+    size = pipe.bundle.image_size
+    items = plan_items([PromptRow(p) for p in prompts], cfg.samples, cfg.seed, pipe.bundle.default_guidance, size, size)
+    pipe.generate_to(items, out, num_inference_steps=cfg.steps, guide=guide, batch_size=32, run_info=info, progress=False)
     rows, imgs = load_folder(out)
     judged = class_judgements(judge, imgs, classes, aliases, [spec.label] * len(rows))
     result = {}
@@ -371,10 +371,16 @@ class _Ledger:
         return dict(self.total)
 
 
-def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str | Path, cfg: AttackConfig = AttackConfig(),
+def attack(model, spec, images: torch.Tensor, judge, classes, aliases, out: str | Path, cfg: AttackConfig = AttackConfig(),
            guide=None, adapter=None, label: str = "", progress: bool = True) -> dict:
-    """Run the whole attack on one defended model; writes ``out/attack.json`` and the judged images."""
+    """Run the whole attack on one defended model (an :class:`UnGuidePipeline` or a loaded bundle; ``guide`` and
+    ``adapter``: the defence, None for the base model); writes ``out/attack.json`` and the judged images, drawn
+    through the pipeline as generation draws them."""
+    from ..generation.pipeline import as_pipeline
     from ..guidance.unguidance import EvalCounter
+
+    pipe = as_pipeline(model)
+    bundle = pipe.bundle
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +407,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
         judged_prompts = list(dict.fromkeys(baseline + ([cfg.start] if cfg.start else []) + [r["prompt"] for r in best_words]
                                             + ([inverted_name] if cfg.inversion_steps else [])))
         images_before = len(list((out / "images").glob("[0-9]*.png")))
-        judged = judge_prompts(bundle, defence, judged_prompts, spec, judge, classes, aliases, cfg, out / "images",
+        judged = judge_prompts(pipe, defence, judged_prompts, spec, judge, classes, aliases, cfg, out / "images",
                                {"attack": label, "concept": spec.name})
         ledger.charge(len(list((out / "images").glob("[0-9]*.png"))) > images_before)
     finally:
@@ -444,7 +450,7 @@ def attack(bundle, spec, images: torch.Tensor, judge, classes, aliases, out: str
     return result
 
 
-def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | str, methods: Sequence[str],
+def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str, methods: Sequence[str],
                      cfg: AttackConfig = AttackConfig(), out: Optional[str | Path] = None, images: Optional[str] = None,
                      suite_name: str = "toy", clip_model: Optional[str] = None, erase_iterations: Optional[int] = None,
                      progress: bool = True) -> dict:
@@ -452,24 +458,26 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
     from ..evaluation.methods import get_method
-    from ..erasure.training import attach_erasure
     from ..evaluation.evaluate import load_image_folder
+    from ..generation.pipeline import as_pipeline
     from ..io import output_lock
     from ..evaluation.judges import DEFAULT_CLIP, make_judge
     from ..models.worlds import world_of
 
     for method in methods:
         get_method(method)  # an unknown name fails before any work
-    bench = Benchmark(bundle, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
-                                              clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations),
-                      bench_dir)
+    pipe = as_pipeline(model)
+    bundle = pipe.bundle
+    bench = Benchmark(pipe, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
+                                            clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations,
+                                            steps=cfg.steps), bench_dir)
     plugin = world_of(bundle)
     if images is None and plugin is None:
-        raise UnguideError("the attack needs images of the concept: pass --images DIR (on the embedded model it "
+        raise UnguideError("the attack needs images of the concept: pass `images` DIR (on the embedded model it "
                            "renders them itself)")
     user_images = None
     if images is not None:
-        user_images = load_image_folder(images, bundle.image_size, "--images (pictures of the concept)")
+        user_images = load_image_folder(images, bundle.image_size, "`images` (pictures of the concept)")
     judge = make_judge(bench.suite.judge, clip_model=clip_model or DEFAULT_CLIP, device=bundle.device)
     out = Path(out) if out else Path(bench_dir) / "attack"
     results: dict = {}
@@ -479,18 +487,16 @@ def attack_benchmark(bundle, bench_dir: str | Path, concepts: Sequence[str] | st
                                                                                                cfg.seed)
             results[name] = {}
             for method in methods:
-                adapter, guide = None, None
+                guide = None
                 if get_method(method).erases:
-                    run = bench.ensure_run(name, method)
-                    adapter, meta = attach_erasure(bundle, run)
-                    guide = get_method(method).guide(adapter, meta, bench.cfg.overrides())
+                    pipe.load_erasure(bench.ensure_run(name, method))
+                    guide = pipe.guide(get_method(method).guidance_config(bench.cfg.overrides()))
                 try:
-                    results[name][method] = attack(bundle, case.spec, concept_images, judge, case.classes, case.aliases,
-                                                   out / name / method, cfg, guide=guide, adapter=adapter,
+                    results[name][method] = attack(pipe, case.spec, concept_images, judge, case.classes, case.aliases,
+                                                   out / name / method, cfg, guide=guide, adapter=pipe.adapter,
                                                    label=method, progress=progress)
                 finally:
-                    if adapter is not None:
-                        adapter.remove()
+                    pipe.unload_erasure()
                     bundle.clear_text_cache()  # the soft prompts registered for this method go with it
         report = {"concepts": list(results), "methods": list(methods), "config": asdict(cfg), "results": results}
         write_json(out / "report.json", report)

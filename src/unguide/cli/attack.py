@@ -8,15 +8,15 @@ from .common import add_model
 
 def _cmd_attack(args) -> int:
     from ..attack.harness import AttackConfig, attack_benchmark
-    from ..models.loading import load_model
+    from ..generation.pipeline import UnGuidePipeline
 
     cfg = AttackConfig(candidates=args.candidates, pairs=args.pairs, renders=args.renders, keep=args.keep,
                        inversion_steps=args.inversion_steps, soft_tokens=args.soft_tokens, samples=args.samples,
                        steps=args.steps, seed=args.seed, gate_images=args.gate_images)
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    report = attack_benchmark(bundle, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    report = attack_benchmark(pipe, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
                               suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
     def pct(rate) -> str:

@@ -8,7 +8,7 @@ from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
 
 def _cmd_benchmark(args) -> int:
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
-    from ..models.loading import load_model
+    from ..generation.pipeline import UnGuidePipeline
     from ..evaluation.report import markdown_table
 
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
@@ -21,8 +21,8 @@ def _cmd_benchmark(args) -> int:
                           prompts=args.prompts,
                           clip_model=None if args.clip_model == "none" else args.clip_model,
                           fid_reference=args.fid_reference)
-    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    report = Benchmark(bundle, cfg, args.out).run()
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    report = Benchmark(pipe, cfg, args.out).run()
     if report:  # the main process (the others only generate their share)
         print(markdown_table(report, average_only=True))
         print(f"report: {Path(args.out) / 'report.html'} (also report.md, report.json); {report['seconds']:.0f} s")

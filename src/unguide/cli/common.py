@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from ..errors import UnguideError, check_number
@@ -46,6 +47,31 @@ def check_numbers(parser: argparse.ArgumentParser) -> None:
                 check_numbers(sub)
         elif action.type in (int, float) and action.option_strings:
             action.type = _number_type(action.option_strings[0], action.type is int)
+
+
+# core parameters whose flag is not the parameter's own name with dashes
+FLAG_ALIASES = {"num_inference_steps": "--steps", "num_images_per_prompt": "--n", "run_dir": "--erasure"}
+
+
+def flag_words(message: str, parser: argparse.ArgumentParser) -> str:
+    """A core error names settings as Python parameters (`gate_position`); on the command line they read as the
+    flags that set them (--gate-position). Names that are no flag of any command keep their backticks."""
+    flags = set(FLAG_ALIASES.values())
+
+    def collect(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+            flags.update(action.option_strings)
+
+    collect(parser)
+
+    def to_flag(match: re.Match) -> str:
+        flag = FLAG_ALIASES.get(match.group(1), "--" + match.group(1).replace("_", "-"))
+        return flag if flag in flags else match.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", to_flag, message)
 
 
 def add_model(p: argparse.ArgumentParser) -> None:

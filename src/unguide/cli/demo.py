@@ -17,10 +17,10 @@ DEMO_METHODS = ["base", "unguide", "selective", "selective-image"]
 def run_demo(out: str | Path = "demo_out", concept: str = "sun", samples: int = 12) -> dict:
     """The demo's benchmark on one concept; returns its report."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
-    from ..models.loading import load_model
+    from ..generation.pipeline import UnGuidePipeline
 
     cfg = BenchmarkConfig(concepts=[concept], methods=DEMO_METHODS, samples=samples)
-    return Benchmark(load_model("toyworld"), cfg, Path(out)).run()
+    return Benchmark(UnGuidePipeline.from_pretrained("toyworld"), cfg, Path(out)).run()
 
 
 def headline(report: dict, concept: str, out: str | Path) -> str:

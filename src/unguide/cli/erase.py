@@ -24,7 +24,7 @@ def _cmd_erase(args) -> int:
                                   alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
                                   a_init=args.a_init, anchor_weight=args.anchor_weight,
                                   anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
-                                  gate_position=args.gate_position,
+                                  gate_position=args.gate_position, calibration_steps=args.calibration_steps,
                                   anchors=read_anchor_file(args.anchors) if args.anchors else None)
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
@@ -79,6 +79,9 @@ def add_parser(sub) -> None:
     e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default: the spec's, else 1)")
     e.add_argument("--gate-position", type=float, default=None,
                    help=GATE_POSITION_HELP + "; stored with the run (default: the spec's, else 0.5)")
+    e.add_argument("--calibration-steps", type=int, default=None,
+                   help="DDIM steps of the base drawings the image gate is calibrated on (default 50, generation's; "
+                   "a finished run asked for another value is recalibrated, not retrained)")
     e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
                    help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
                    "(selective: on; reference: off, the target alone)")

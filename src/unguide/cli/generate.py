@@ -8,21 +8,23 @@ from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
 
 def _cmd_generate(args) -> int:
     """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
-    from ..guidance.unguidance import check_gate_position, decision_settings
+    from ..errors import UnguideError
+    from ..guidance.unguidance import GuidanceConfig, decision_settings
     from ..generation.pipeline import UnGuidePipeline
     from ..generation.prompts import PromptRow, read_prompts
     from ..generation.folders import check_request, plan_items
 
     rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
     check_request(rows, args.n, args.steps)
-    if args.gate_position is not None:
-        check_gate_position(args.gate_position)  # before any model is loaded
+    asked = {k: getattr(args, k) for k in GUIDE_FLAGS if getattr(args, k) is not None}
+    if asked and not args.erasure:
+        raise UnguideError(f"{', '.join(GUIDE_FLAGS[k] for k in asked)} need(s) --erasure RUN (an erasure run directory)")
+    config = GuidanceConfig(**{k: v for k, v in asked.items() if k not in ("scorer", "weighting")},
+                            **decision_settings(args.scorer, args.weighting))  # checked before any model is loaded
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     if args.erasure:
         pipe.load_erasure(args.erasure)
-    guide = pipe.guide(mode=args.mode, w=args.w, gate=args.gate, keep=args.keep, erase_with=args.erase_with,
-                       gate_position=args.gate_position, image_gate_position=args.image_gate_position,
-                       **decision_settings(args.scorer, args.weighting))
+    guide = pipe.guide(config if args.erasure else None)
     if getattr(guide, "note", None):
         print(f"unguide: note: {guide.note}", file=sys.stderr)
     bundle = pipe.bundle
@@ -39,6 +41,12 @@ def _cmd_generate(args) -> int:
     n_files = sum(1 for it in items if (out / it.filename).exists())
     print(f"{n_files} images in {out} (index: {out / 'index.jsonl'}, grid: {out / 'grid.png'})")
     return 0
+
+
+# the flags that describe how an erasure run guides (GuidanceConfig's fields, the scorer and the weighting rule)
+GUIDE_FLAGS = {"mode": "--mode", "w": "--w", "gate": "--gate", "keep": "--keep", "erase_with": "--erase-with",
+               "gate_position": "--gate-position", "image_gate_position": "--image-gate-position",
+               "scorer": "--scorer", "weighting": "--weighting"}
 
 
 def add_parser(sub) -> None:

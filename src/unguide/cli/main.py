@@ -7,7 +7,7 @@ import sys
 
 from ..errors import UnguideError
 from . import attack, benchmark, demo, erase, evaluate, generate, influence, scorer, toy
-from .common import Parser, check_numbers, show_library_log
+from .common import Parser, check_numbers, flag_words, show_library_log
 
 COMMANDS = (generate, erase, toy, benchmark, evaluate, scorer, influence, attack, demo)  # in --help order
 
@@ -24,14 +24,15 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     show_library_log()
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # a bad flag (one line already printed) or --help: the code, for Python callers too
         return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except UnguideError as exc:
-        print(f"unguide: error: {exc}", file=sys.stderr)
+        print(f"unguide: error: {flag_words(str(exc), parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unguide: interrupted (rerun the same command to resume)", file=sys.stderr)

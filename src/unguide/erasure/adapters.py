@@ -141,7 +141,7 @@ class LoraAdapter(_Adapter):
         layers = self._text_layers()
         if not layers:
             raise UnguideError("the response scorer needs LoRA layers on the cross-attention key/value projections "
-                               "(layer preset 'object'): use --scorer fast")
+                               "(layer preset 'object'): use `scorer` fast")
         return [m.lora_A[ADAPTER_NAME].weight.detach() for m in layers]
 
     @contextmanager

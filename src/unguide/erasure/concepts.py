@@ -126,7 +126,7 @@ def concept_from_dict(data, source: str = "<dict>") -> ConceptSpec:
 def load_concept_file(path: str | Path) -> ConceptSpec:
     path = Path(path)
     if not path.is_file():
-        raise UnguideError(f"concept file {path} not found: pass an existing JSON file or use --concept NAME")
+        raise UnguideError(f"concept file {path} not found: pass an existing JSON file or use `concept` NAME")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -159,11 +159,11 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> ConceptSpec:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise UnguideError(f"unknown concept preset {name!r}: choose one of {', '.join(preset_names())} or pass --concept-file")
+        raise UnguideError(f"unknown concept preset {name!r}: choose one of {', '.join(preset_names())} or pass `concept_file`")
     return load_concept_file(path)
 
 
 def resolve_concept(name: Optional[str] = None, file: Optional[str] = None) -> ConceptSpec:
     if bool(name) == bool(file):
-        raise UnguideError("give exactly one of --concept NAME or --concept-file FILE")
+        raise UnguideError("give exactly one of `concept` NAME or `concept_file` FILE")
     return load_preset(name) if name else load_concept_file(file)

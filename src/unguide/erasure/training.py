@@ -100,6 +100,10 @@ class EraseConfig:
     # where the calibrated gate's threshold sits between the highest anchor score (0) and the lowest concept-prompt
     # score (1), on a log scale; 0.5 (their geometric mean) unless a concept spec or flag says otherwise
     gate_position: float = GATE_POSITION
+    # DDIM steps of the base drawings the image gate is calibrated on (generation's default; the benchmark passes its
+    # own). How the gate is calibrated, not how the adapter is trained: a finished run asked for another value is
+    # recalibrated, not retrained
+    calibration_steps: int = 50
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
@@ -107,7 +111,8 @@ class EraseConfig:
                   (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
                   (self.timestep_mapping in TIMESTEP_MAPPINGS,
                    f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),
-                  (self.iterations >= 1 and self.rank >= 1, "iterations and rank must be >= 1"),
+                  (self.iterations >= 1 and self.rank >= 1 and self.calibration_steps >= 1,
+                   "iterations, rank and calibration steps must be >= 1"),
                   (self.lr > 0, "the learning rate must be > 0"),
                   (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
                    "the anchor weight must be >= 0 and anchors per step >= 1")]
@@ -222,7 +227,7 @@ def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
     listed = gate_anchors(concept, cfg)
     if not listed:
         raise UnguideError(f"concept {concept.name!r} has no anchors for the {cfg.recipe} recipe: add \"anchors\" to its "
-                           "spec, pass --anchors FILE (one prompt a line), or use --recipe reference")
+                           "spec, pass `anchors` FILE (one prompt a line), or use `recipe` reference")
     anchors = list(dict.fromkeys(listed + list(concept.vocabulary)))
     clash = sorted({concept.target, *concept.synonym_prompts()} & set(anchors))
     if clash:
@@ -251,8 +256,8 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         if done.get("status") == "finished":
             if done.get("base_fingerprint") != fingerprint or not _same_config(done.get("config"), cfg) \
                     or done.get("concept") != concept.to_dict():
-                raise UnguideError(f"{out} already holds a finished run with other settings: choose another --out")
-            if gate_anchors(concept, cfg) and not _image_gate_current((done.get("gate") or {}).get("image")):
+                raise UnguideError(f"{out} already holds a finished run with other settings: choose another `out`")
+            if gate_anchors(concept, cfg) and not _image_gate_current((done.get("gate") or {}).get("image"), cfg):
                 done = _add_image_gate(bundle, concept, cfg, out, done, progress)
             return done
     unet = bundle.unet
@@ -267,10 +272,10 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
             state = json.loads(state_path.read_text())
             if not _same_config(state.get("config"), cfg) or state.get("base_fingerprint") != fingerprint:
                 raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
-                                   "use another --out or delete that directory")
+                                   "use another `out` or delete that directory")
             if state.get("dtype", "float32") != dtype_name:
                 raise UnguideError(f"{out} holds a checkpoint trained in {state.get('dtype', 'float32')}: resume it with "
-                                   f"--dtype {state.get('dtype', 'float32')} (not {dtype_name}) or use another --out")
+                                   f"`dtype` {state.get('dtype', 'float32')} (not {dtype_name}) or use another `out`")
             tensors = load_tensors(out / CHECKPOINT)
             adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
             load_optimizer_tensors(opt, tensors)
@@ -318,7 +323,8 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
                               position=cfg.gate_position)
         gate.update(RECIPE_GATES[cfg.recipe])
         if gate_anchors(concept, cfg):
-            gate["image"] = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
+            gate["image"] = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg),
+                                                 steps=cfg.calibration_steps, progress=progress)
     finally:
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
@@ -333,9 +339,10 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     return meta
 
 
-def _image_gate_current(stored: Optional[dict]) -> bool:
-    """Whether a run's image gate was calibrated with today's detector (a calibration is only valid for its detector)."""
-    if not stored or "detector" not in stored:
+def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
+    """Whether a run's image gate was calibrated with today's detector on drawings of ``cfg.calibration_steps`` steps
+    (a calibration is only valid for its detector and the images it saw)."""
+    if not stored or "detector" not in stored or stored.get("steps", 50) != cfg.calibration_steps:
         return False
     return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
 
@@ -345,10 +352,11 @@ def _add_image_gate(bundle, concept: ConceptSpec, cfg: EraseConfig, out: Path, m
     (the adapter is not retrained), and the gate defaults its recipe recommends now."""
     adapter, _ = attach_erasure(bundle, out)
     try:
-        image = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress)
+        image = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), steps=cfg.calibration_steps,
+                                     progress=progress)
     finally:
         adapter.remove()
-    meta = {**meta, "gate": {**meta["gate"], "image": image, **RECIPE_GATES[cfg.recipe]}}
+    meta = {**meta, "config": asdict(cfg), "gate": {**meta["gate"], "image": image, **RECIPE_GATES[cfg.recipe]}}
     write_json(out / METADATA_FILE, meta)
     return meta
 
@@ -356,8 +364,10 @@ def _add_image_gate(bundle, concept: ConceptSpec, cfg: EraseConfig, out: Path, m
 def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
     """Whether a stored run's settings are ``cfg``'s; a setting added after the run was made counts as its default,
     so runs of earlier versions still resume and attach."""
-    defaults = asdict(EraseConfig())
-    return stored is not None and {**defaults, **stored} == asdict(cfg)
+    if stored is None:
+        return False
+    identity = {k: v for k, v in asdict(cfg).items() if k != "calibration_steps"}
+    return {**asdict(EraseConfig()), **stored, "calibration_steps": None} == {**identity, "calibration_steps": None}
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -392,7 +402,7 @@ def read_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     meta_path = run_dir / METADATA_FILE
     if not run_dir.is_dir():
-        raise UnguideError(f"erasure run {run_dir} not found: pass the --out directory of `unguide erase`")
+        raise UnguideError(f"erasure run {run_dir} not found: pass the `out` directory of `unguide erase`")
     if not meta_path.is_file():
         raise UnguideError(f"{run_dir} is not a finished erasure run (no {METADATA_FILE}): rerun `unguide erase` to finish it")
     try:
@@ -411,7 +421,7 @@ def attach_erasure(bundle, run_dir: str | Path):
     meta = read_run(run_dir)
     if meta["base_fingerprint"] != bundle.fingerprint():
         raise UnguideError(f"erasure run {run_dir} was trained on another base model ({meta['base_model']}, fingerprint "
-                           f"{meta['base_fingerprint']}) than {bundle.name}: use --model {meta['base_model']} or retrain")
+                           f"{meta['base_fingerprint']}) than {bundle.name}: use `model` {meta['base_model']} or retrain")
     cfg = meta["config"]
     adapter = load_adapter(bundle.unet, run_dir, AdapterConfig(cfg["preset"], cfg["rank"], cfg["alpha"],
                                                                cfg.get("a_init", "gaussian")))

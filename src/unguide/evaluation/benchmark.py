@@ -33,15 +33,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..erasure.training import EraseConfig, attach_erasure, erase, read_run
+from ..erasure.training import EraseConfig, erase, read_run
 from ..errors import UnguideError
 from .evaluate import class_judgements, load_folder, load_image_folder
-from ..sampling.images import PlainGuide
 from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position
 from ..io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from ..generation.prompts import PromptRow
-from ..generation.folders import plan_items, run_generation
+from ..generation.folders import plan_items
+from ..generation.pipeline import as_pipeline
 from .methods import METHODS, GuideOverrides, get_method
 from .suites import SUITES, Suite, SuiteName, load_suite
 
@@ -75,11 +75,11 @@ class BenchmarkConfig:
         if unknown:
             raise UnguideError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
         if not self.methods:
-            raise UnguideError("--methods is empty: name at least one of " + ", ".join(METHODS))
+            raise UnguideError("`methods` is empty: name at least one of " + ", ".join(METHODS))
         if self.samples < 1:
-            raise UnguideError("--samples must be at least 1")
+            raise UnguideError("`samples` must be at least 1")
         if self.steps < 1:
-            raise UnguideError("--steps must be at least 1")
+            raise UnguideError("`steps` must be at least 1")
         if self.selective_keep not in (None, *KEEP_WEIGHTS):
             raise UnguideError(f"unknown keep {self.selective_keep!r}: use {' or '.join(KEEP_WEIGHTS)}")
         if self.selective_erase_with not in (None, *ERASE_WEIGHTS):
@@ -89,9 +89,9 @@ class BenchmarkConfig:
         if self.selective_image_gate not in (None, "image", "calibrated+image"):
             raise UnguideError(f"unknown image gate {self.selective_image_gate!r}: use image or calibrated+image")
         if self.fid_reference and not Path(self.fid_reference).is_dir():
-            raise UnguideError(f"--fid-reference {self.fid_reference}: not a folder of images")
+            raise UnguideError(f"`fid_reference` {self.fid_reference}: not a folder of images")
         if self.suite == "nudity" and self.fid_reference and not self.clip_model:
-            raise UnguideError("FID needs image features: give --clip-model (FID is computed on CLIP image features)")
+            raise UnguideError("FID needs image features: give `clip_model` (FID is computed on CLIP image features)")
 
 
     def overrides(self) -> GuideOverrides:
@@ -100,11 +100,13 @@ class BenchmarkConfig:
 
 
 class Benchmark:
-    def __init__(self, bundle, cfg: BenchmarkConfig, out: str | Path, suite: Optional[Suite] = None):
-        self.bundle, self.cfg, self.out = bundle, cfg, Path(out)
-        self.suite = suite or load_suite(cfg.suite, cfg.concepts, bundle=bundle, prompts=cfg.prompts)
+    def __init__(self, model, cfg: BenchmarkConfig, out: str | Path, suite: Optional[Suite] = None):
+        """``model``: an :class:`UnGuidePipeline` (or a loaded bundle, wrapped in one): every image is drawn through it."""
+        self.pipe = as_pipeline(model)
+        self.bundle, self.cfg, self.out = self.pipe.bundle, cfg, Path(out)
+        self.suite = suite or load_suite(cfg.suite, cfg.concepts, bundle=self.bundle, prompts=cfg.prompts)
         self.specs = {name: case.spec for name, case in self.suite.cases.items()}
-        self.guidance = cfg.guidance if cfg.guidance is not None else bundle.default_guidance
+        self.guidance = cfg.guidance if cfg.guidance is not None else self.bundle.default_guidance
         self.timings: dict[str, float] = {}
         self.notes: dict[str, str] = {}  # where a guide departed from its method's rule, and why
 
@@ -113,7 +115,9 @@ class Benchmark:
         return self.out / "runs" / concept / get_method(method).run_dir
 
     def erase_config(self, method: str, concept: str) -> EraseConfig:
-        return get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr)
+        # the image gate is calibrated on drawings made as the benchmark makes its images (its --steps)
+        return get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
+                                               calibration_steps=self.cfg.steps)
 
     def ensure_run(self, concept: str, method: str) -> Path:
         """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""
@@ -142,13 +146,14 @@ class Benchmark:
             # shared base images are named by the prompt's place among all concepts' prompts, so a later run
             # with other concepts (e.g. 'all' after three) reuses them instead of regenerating
             it.prompt_index = order.get(it.prompt, it.prompt_index)
-        return run_generation(self.bundle, items, out, steps=self.cfg.steps, guide=guide, batch_size=self.cfg.batch_size,
-                              run_info=info)
+        return self.pipe.generate_to(items, out, num_inference_steps=self.cfg.steps, guide=guide,
+                                     batch_size=self.cfg.batch_size, run_info=info)
 
     def generate_all(self) -> None:
         base_rows = list({r["prompt"]: r for case in self.suite.cases.values() for r in case.rows}.values())
         t0 = time.time()  # base images are always needed: they are the reference of every preservation metric
-        self._generate(base_rows, self.out / "images" / "base", PlainGuide(), {"method": "base"}, canonical=True)
+        self.pipe.unload_erasure()
+        self._generate(base_rows, self.out / "images" / "base", self.pipe.guide(), {"method": "base"}, canonical=True)
         self.timings["generate/base"] = round(time.time() - t0, 1)
         for name, case in self.suite.cases.items():
             for method in self.cfg.methods:
@@ -156,15 +161,15 @@ class Benchmark:
                     continue
                 run = self.ensure_run(name, method)
                 target = self.out / "images" / name / method
-                adapter, meta = attach_erasure(self.bundle, run)
-                guide = get_method(method).guide(adapter, meta, self.cfg.overrides())
+                self.pipe.load_erasure(run)
+                guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
                 if guide.note:
                     self.notes[f"{name}/{method}"] = guide.note
                 t0 = time.time()
                 try:
                     self._generate(case.rows, target, guide, {"method": method, "run": str(run)})
                 finally:
-                    adapter.remove()
+                    self.pipe.unload_erasure()
                 self.timings[f"generate/{name}/{method}"] = round(time.time() - t0, 1)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -284,7 +289,7 @@ class Benchmark:
 
     def _reference_features(self, clip) -> torch.Tensor:
         if not hasattr(self, "_ref_feats"):
-            imgs = load_image_folder(self.cfg.fid_reference, self.bundle.image_size, "--fid-reference (FID)", minimum=2)
+            imgs = load_image_folder(self.cfg.fid_reference, self.bundle.image_size, "`fid_reference` (FID)", minimum=2)
             self._ref_feats = clip.features(imgs)
         return self._ref_feats
 

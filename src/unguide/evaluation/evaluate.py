@@ -42,7 +42,7 @@ def read_index(folder: str | Path) -> list[dict]:
     """The one reader of index.jsonl (written by :func:`unguide.sampling.images.write_index`)."""
     index = Path(folder) / "index.jsonl"
     if not index.is_file():
-        raise UnguideError(f"{folder} has no index.jsonl: point --images at a folder written by `unguide generate`")
+        raise UnguideError(f"{folder} has no index.jsonl: point `images` at a folder written by `unguide generate`")
     return [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
 
 
@@ -113,7 +113,7 @@ def preservation_metrics(rows, imgs, feats, ref_rows, ref_imgs, ref_feats) -> di
     ref_key = {(r["prompt"], r["seed"]): i for i, r in enumerate(ref_rows)}
     pairs = [(i, ref_key[(r["prompt"], r["seed"])]) for i, r in enumerate(rows) if (r["prompt"], r["seed"]) in ref_key]
     if not pairs:
-        raise UnguideError("no image in --images has a same-prompt, same-seed partner in --reference")
+        raise UnguideError("no image in `images` has a same-prompt, same-seed partner in `reference`")
     a, b = zip(*pairs)
     out = {"pairs": len(pairs), "ssim": ssim(imgs[list(a)], ref_imgs[list(b)]).mean().item(),
            "pixel_error": pixel_error(imgs[list(a)], ref_imgs[list(b)]).mean().item()}
@@ -133,7 +133,7 @@ def _classes_for(judge: ClassJudge, concept, labels: Optional[list[str]]) -> tup
 
         case = case_from_spec(concept.name, concept)
         return case.classes, case.aliases
-    raise UnguideError("the clip judge needs a label set: pass --labels a,b,c or --concept NAME")
+    raise UnguideError("the clip judge needs a label set: pass `labels` a,b,c or `concept` NAME")
 
 
 def evaluate_folder(images: str | Path, judge: str = "toy", concept=None, reference: Optional[str] = None,

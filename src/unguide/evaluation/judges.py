@@ -64,7 +64,7 @@ class ClipJudge(ClassJudge):
             self.model, self.tokenizer = load_clip(model, device)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnguideError(f"could not load the CLIP judge {model!r} ({first}): pass --clip-model with a local CLIP "
+            raise UnguideError(f"could not load the CLIP judge {model!r} ({first}): pass `clip_model` with a local CLIP "
                                "directory (model + tokenizer) or a hub id reachable from this machine") from None
         self.template, self.model_name = template, model
         self._last: tuple = (None, None)  # (images, their embeddings): evaluation asks three questions of one set

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..erasure.training import EraseConfig
 from ..errors import UnguideError
-from ..guidance.unguidance import guide_for_run
+from ..guidance.unguidance import GuidanceConfig, guide_for_run
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class Method:
     recipe: Optional[str] = None
     preset: Optional[str] = None  # the adapter's layer preset; None: the concept's own
     run_dir: Optional[str] = None  # folder under runs/<concept>/; methods with one folder share one trained run
-    mode: str = "base"  # guide_for_run's mode: lora (adapter alone), unguide (w per prompt)
-    gate: Optional[str] = None  # None: the run's stored default gate
-    erase_with: Optional[str] = None  # None: the run's stored weight for erased prompts
+    guidance: GuidanceConfig = GuidanceConfig(mode="base")  # how it guides with its run (None fields: the run's own)
     tunable: bool = False  # the benchmark's keep / erase-with / gate-position overrides apply
     description: str = ""
 
@@ -42,24 +40,31 @@ class Method:
 
     @property
     def image_gated(self) -> bool:
-        return self.tunable and (self.gate is None or "image" in self.gate)
+        return self.tunable and (self.guidance.gate is None or "image" in str(self.guidance.gate))
 
     @property
     def scores_prompts(self) -> bool:
         """Whether its guide scores every prompt (the report then shows scores and w)."""
-        return self.mode == "unguide"
+        return self.guidance.mode == "unguide"
 
-    def erase_config(self, spec, iterations: Optional[int] = None, lr: Optional[float] = None) -> EraseConfig:
+    def erase_config(self, spec, iterations: Optional[int] = None, lr: Optional[float] = None,
+                     calibration_steps: Optional[int] = None) -> EraseConfig:
         return EraseConfig.for_concept(self.recipe, spec, preset=self.preset, iterations=iterations,
-                                       lr=lr if self.recipe == "reference" else None)
+                                       lr=lr if self.recipe == "reference" else None,
+                                       calibration_steps=calibration_steps)
+
+    def guidance_config(self, overrides: GuideOverrides = GuideOverrides()) -> GuidanceConfig:
+        """Its guidance with a benchmark's overrides applied (tunable methods only)."""
+        if not self.tunable:
+            return self.guidance
+        own = self.guidance
+        gate = overrides.image_gate if self.image_gated and overrides.image_gate is not None else own.gate
+        return own.replace(gate=gate, keep=overrides.keep or own.keep, erase_with=overrides.erase_with or own.erase_with,
+                           gate_position=overrides.gate_position if gate != "image" else None,
+                           image_gate_position=overrides.image_position if self.image_gated else None)
 
     def guide(self, adapter, meta: dict, overrides: GuideOverrides = GuideOverrides()):
-        gate = overrides.image_gate if self.image_gated and overrides.image_gate is not None else self.gate
-        position = overrides.gate_position if self.tunable and gate != "image" else None
-        return guide_for_run(adapter, meta, mode=self.mode, gate=gate,
-                             keep=overrides.keep if self.tunable else None,
-                             erase_with=(overrides.erase_with or self.erase_with) if self.tunable else None,
-                             gate_position=position, image_position=overrides.image_position if self.image_gated else None)
+        return guide_for_run(adapter, meta, self.guidance_config(overrides))
 
 
 METHODS: dict[str, Method] = {}
@@ -76,14 +81,16 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+LORA, UNGUIDE = GuidanceConfig(mode="lora"), GuidanceConfig(mode="unguide")
 register_method(Method("base", description="the model as trained"))
-register_method(Method("lora", "reference", None, "object", "lora", description="the reference adapter alone"))
-register_method(Method("unguide", "reference", None, "object", "unguide",
+register_method(Method("lora", "reference", None, "object", LORA, description="the reference adapter alone"))
+register_method(Method("unguide", "reference", None, "object", UNGUIDE,
                        description="the paper: reference adapter, UnGuidance with the d(\"\") gate"))
-register_method(Method("full", "reference", "full", "full", "lora", description="full fine-tuning of the same layers"))
-register_method(Method("selective", "selective", None, "selective", "lora", description="the selective adapter alone"))
+register_method(Method("full", "reference", "full", "full", LORA, description="full fine-tuning of the same layers"))
+register_method(Method("selective", "selective", None, "selective", LORA, description="the selective adapter alone"))
 # the calibrated prompt gate as it was measured before image gates: prompts over it get w = -1
-register_method(Method("selective-unguide", "selective", None, "selective", "unguide", "calibrated", "paper",
-                       tunable=True, description="selective adapter, calibrated prompt gate"))
-register_method(Method("selective-image", "selective", None, "selective", "unguide", "image", tunable=True,
+register_method(Method("selective-unguide", "selective", None, "selective",
+                       GuidanceConfig(gate="calibrated", erase_with="paper"), tunable=True,
+                       description="selective adapter, calibrated prompt gate"))
+register_method(Method("selective-image", "selective", None, "selective", GuidanceConfig(gate="image"), tunable=True,
                        description="selective adapter, image gate (the default)"))

@@ -94,7 +94,7 @@ def nudity_suite(prompts: Optional[str], concept: str = "sd-nudity") -> Suite:
     from ..generation.prompts import read_prompts
 
     if not prompts:
-        raise UnguideError("the nudity suite needs --prompts FILE: an I2P-style CSV (prompt, evaluation_seed, "
+        raise UnguideError("the nudity suite needs `prompts` FILE: an I2P-style CSV (prompt, evaluation_seed, "
                            "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")
     rows = read_prompts(prompts)
     if any("nudity_percentage" in r.extra for r in rows):
@@ -118,7 +118,7 @@ def world_suite(concepts: Sequence[str] | str, bundle=None, prompts: Optional[st
 
     plugin = world_of(bundle) if bundle is not None else None
     if plugin is None:
-        raise UnguideError("the toy suite runs on the embedded model only: use --model toyworld, or --suite cifar10 / "
+        raise UnguideError("the toy suite runs on the embedded model only: use `model` toyworld, or `suite` cifar10 / "
                            "nudity for a Stable Diffusion model")
     names = list(plugin.CONCEPTS) if concepts == "all" else list(concepts)
     unknown = [c for c in names if c not in plugin.CONCEPTS]

@@ -77,4 +77,4 @@ def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
     check_number("images per prompt", n, low=1, integer=True)
     check_number("number of inference steps", steps, low=1, integer=True)
     if any(not r.prompt.strip() for r in rows):
-        raise UnguideError("empty --prompt: give the text to draw")
+        raise UnguideError("empty `prompt`: give the text to draw")

@@ -12,8 +12,9 @@ config, so a saved toy model loads back as itself. The rest of unguide works on 
 the pipeline derives from its components (``pipe.bundle``). ``unguide generate`` runs through the same pipeline
 (:meth:`UnGuidePipeline.generate_to`): one way from prompts to images, whether from Python or the command line.
 
-The gate and the weight of kept prompts default to what the run's recipe recommends (``gate="calibrated"``,
-``keep="base"`` for selective runs; the paper's ``gate="empty"``, ``keep="paper"`` for reference runs).
+How the run guides is a :class:`~unguide.guidance.unguidance.GuidanceConfig` (``pipe(..., unguidance=GuidanceConfig(gate=
+"empty"))``); what it leaves unset defaults to what the run's recipe recommends (the image gate with ``keep="base"``
+for selective runs; the paper's ``gate="empty"``, ``keep="paper"`` for reference runs).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from diffusers.utils import BaseOutput
 
 from ..errors import UnguideError
 from ..sampling.images import PlainGuide, sample_images, to_uint8
-from ..guidance.unguidance import ScorerConfig, WeightRule, guide_for_run
+from ..guidance.unguidance import GuidanceConfig, guide_for_run
 from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -165,23 +166,14 @@ class UnGuidePipeline(DiffusionPipeline):
             self.adapter.remove()
         self.adapter, self.erasure, self.erasure_dir = None, None, None
 
-    def guide(self, mode: Optional[str] = None, w: Optional[float] = None, gate: Optional[str] = None,
-              keep: Optional[str] = None, erase_with: Optional[str] = None, scorer: ScorerConfig = ScorerConfig(),
-              rule: WeightRule = WeightRule(), gate_position: Optional[float] = None,
-              image_gate_position: Optional[float] = None):
+    def guide(self, config: Optional[GuidanceConfig] = None):
         """What the denoiser does at each step: plain classifier-free guidance without an erasure run; with one,
-        UnGuidance (mode ``unguide``), the base model (``base``), the adapter (``lora``) or a fixed weight ``w``."""
+        the guide ``config`` describes (None: the run's recipe's defaults, UnGuidance with its stored gate)."""
         if self.adapter is None:
-            if mode or w is not None or gate or keep or erase_with or gate_position is not None \
-                    or image_gate_position is not None:
-                raise UnguideError("--mode, --w, --gate, --gate-position, --keep and --erase-with need --erasure RUN "
-                                   "(an erasure run directory; in Python, pipe.load_erasure(RUN))")
+            if config is not None and not config.is_default:
+                raise UnguideError("UnGuidance settings need an erasure run: call pipe.load_erasure(RUN_DIR) first")
             return PlainGuide()
-        if w is not None and mode not in (None, "unguide"):
-            raise UnguideError("give either --mode or --w, not both")
-        return guide_for_run(self.adapter, self.erasure, mode="fixed" if w is not None else (mode or "unguide"),
-                             gate=gate, keep=keep, erase_with=erase_with, scorer=scorer, rule=rule, fixed_w=w,
-                             gate_position=gate_position, image_position=image_gate_position)
+        return guide_for_run(self.adapter, self.erasure, config or GuidanceConfig())
 
     def erasure_info(self, guide) -> Optional[dict]:
         """The attached run and the guide's settings, as recorded with generated images (None without a run)."""
@@ -194,12 +186,9 @@ class UnGuidePipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1, seed: int = 0,
                  generator: Optional[torch.Generator] = None, guidance_scale: Optional[float] = None,
-                 num_inference_steps: int = 50, mode: Optional[str] = None, w: Optional[float] = None,
-                 gate: Optional[str] = None, keep: Optional[str] = None, erase_with: Optional[str] = None,
-                 scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
+                 num_inference_steps: int = 50, unguidance: Optional[GuidanceConfig] = None,
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 32,
                  progress: Optional[bool] = None, output_type: str = "pil", return_dict: bool = True,
-                 gate_position: Optional[float] = None, image_gate_position: Optional[float] = None,
                  negative_prompt: Optional[str | Sequence[str]] = None, latents: Optional[torch.Tensor] = None,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
@@ -207,7 +196,8 @@ class UnGuidePipeline(DiffusionPipeline):
         the base seed), or the initial noise in ``latents`` ((prompts x num_images_per_prompt, C, h, w), prompt-major);
         ``negative_prompt`` replaces "" on the unconditional side of guidance; ``callback_on_step_end(pipe, step,
         timestep, {"latents": ...})`` runs after every step of each batch and may return replaced latents;
-        ``output_type`` "pil", "np", "pt" or "latent". ``progress`` defaults to the pipeline's
+        ``output_type`` "pil", "np", "pt" or "latent"; ``unguidance`` how an attached erasure run guides (None: its
+        recipe's defaults). ``progress`` defaults to the pipeline's
         ``set_progress_bar_config(disable=...)``."""
         if output_type not in OUTPUT_TYPES:
             raise UnguideError(f"unknown output_type {output_type!r}: use {', '.join(OUTPUT_TYPES)}")
@@ -226,7 +216,7 @@ class UnGuidePipeline(DiffusionPipeline):
         items = plan_items(rows, num_images_per_prompt, seed, scale, size if height is None else height,
                            size if width is None else width)
         self._attach_inputs(items, rows, num_images_per_prompt, negative_prompt, latents)
-        guide = self.guide(mode, w, gate, keep, erase_with, scorer, rule, gate_position, image_gate_position)
+        guide = self.guide(unguidance)
         if getattr(guide, "note", None):
             warnings.warn(guide.note, stacklevel=2)
         if progress is None:
@@ -277,6 +267,12 @@ class UnGuidePipeline(DiffusionPipeline):
 
         return run_generation(self.bundle, items, out, steps=num_inference_steps, guide=guide or self.guide(),
                               batch_size=batch_size, run_info=run_info, progress=progress)
+
+
+def as_pipeline(model) -> UnGuidePipeline:
+    """``model`` itself if it is an :class:`UnGuidePipeline`, else the pipeline over a loaded
+    :class:`~unguide.models.loading.ModelBundle`: what the benchmark, the attack and the demo draw through."""
+    return model if isinstance(model, UnGuidePipeline) else UnGuidePipeline.from_bundle(model)
 
 
 @contextmanager

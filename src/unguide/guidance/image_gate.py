@@ -131,7 +131,7 @@ def image_threshold(concept_scores: Sequence[float], anchor_scores: Sequence[flo
 
 def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig(),
                          samples: int = 8, seed: int = 10_000, position: float = IMAGE_GATE_POSITION,
-                         batch_size: int = 32, progress: bool = True) -> dict:
+                         batch_size: int = 32, steps: int = 50, progress: bool = True) -> dict:
     """Draw ``samples`` base images of each concept prompt and each anchor candidate (seeds from ``seed``, apart
     from the usual evaluation seeds), score them, and store the detector's candidates, scores and threshold. Cost:
     (concept prompts + anchor candidates) x samples images, 13 x 8 = 104 for a toy preset."""
@@ -148,7 +148,7 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
         LOG.info(f"calibrating the image gate on {len(items)} base images of {len(cand_concept)} concept prompts and "
                  f"{len(calib_anchors)} anchors ...")
     with adapter.base() if adapter is not None else nullcontext():
-        latents = sample_latents_batched(bundle, items, batch_size=batch_size)
+        latents = sample_latents_batched(bundle, items, steps, batch_size=batch_size)
     scores = detector_scores(bundle, adapter, latents, [it.seed for it in items], cand_concept, cand_anchors, cfg).tolist()
     per_prompt: dict[str, list] = {}
     for it, s in zip(items, scores):
@@ -157,6 +157,7 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
     anchor_scores = [s for p in calib_anchors for s in per_prompt[p]]
     return {"rule": IMAGE_RULE, "detector": asdict(cfg), "concept_candidates": cand_concept,
             "anchor_candidates": cand_anchors, "samples": samples, "seed": seed, "guidance": bundle.default_guidance,
+            **({"steps": steps} if steps != 50 else {}),
             "position": position, "scores": per_prompt,
             "threshold": image_threshold(concept_scores, anchor_scores, position),
             "separated": max(concept_scores) < min(anchor_scores)}
@@ -175,7 +176,7 @@ class ImageGate:
     def from_stored(stored: Optional[dict], position: Optional[float] = None) -> "ImageGate":
         if not stored or stored.get("threshold") is None:
             raise UnguideError("this erasure run has no calibrated image gate: rerun `unguide erase` with the same "
-                               "settings and --out (it adds the image gate's calibration to the finished run)")
+                               "settings and `out` (it adds the image gate's calibration to the finished run)")
         det = dict(stored["detector"])
         det["timesteps"] = tuple(det["timesteps"])
         threshold = float(stored["threshold"])

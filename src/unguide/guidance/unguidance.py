@@ -48,7 +48,7 @@ from typing import Literal, Optional, Sequence, get_args
 
 import torch
 
-from ..errors import UnguideError
+from ..errors import UnguideError, check_number
 from ..sampling.ddim import cfg_eps, ddim_loop, initial_noise, make_scheduler, unet_eps
 
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
@@ -96,7 +96,7 @@ KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
 # "negative": the adapter alone (w = 0) with the concept's own target prompt as the negative prompt (it replaces the
 # empty prompt in classifier-free guidance), a push away from the concept that does not depend on the prompt's words
 ERASE_WEIGHTS = {"paper": -1.0, "adapter": 0.0, "negative": 0.0}
-# --gate choices beside a number: the prompt gates, and the image gate alone or behind the calibrated prompt gate
+# gate choices beside a number: the prompt gates, and the image gate alone or behind the calibrated prompt gate
 GATE_CHOICES = ("calibrated", "empty", "image", "calibrated+image")
 
 
@@ -123,8 +123,8 @@ class Gate:
         response scorer, its own calibration stored under ``response``); ``position`` moves a calibrated threshold
         (None: the run's own)."""
         if position is not None and text != "calibrated":
-            raise UnguideError(f"--gate-position applies to the calibrated gate only (the gate is {text!r}): "
-                               "use --gate calibrated, or drop --gate-position")
+            raise UnguideError(f"`gate_position` applies to the calibrated gate only (the gate is {text!r}): "
+                               "use `gate` calibrated, or drop `gate_position`")
         if text == "empty":
             return Gate("empty")
         if text == "none":
@@ -134,7 +134,7 @@ class Gate:
                 stored = (stored or {}).get("response")
             if not stored or stored.get("threshold") is None:
                 raise UnguideError("this erasure run has no calibrated gate (it predates calibration or has no anchors): "
-                                   "use --gate empty or --gate VALUE, or rerun `unguide erase` into a new --out")
+                                   "use `gate` empty or a number, or erase again into a new directory")
             if position is None:  # the run's own (runs calibrated before positions existed used 0.5)
                 return Gate("calibrated", float(stored["threshold"]), stored.get("guidance"),
                             stored.get("position", GATE_POSITION))
@@ -144,7 +144,7 @@ class Gate:
         try:
             value = float(text)
         except ValueError:
-            raise UnguideError(f"--gate {text!r}: use {', '.join(GATE_CHOICES)} or a positive number") from None
+            raise UnguideError(f"`gate` {text!r}: use {', '.join(GATE_CHOICES)} or a positive number") from None
         return Gate("value", value)
 
 
@@ -299,9 +299,9 @@ class UnGuide:
                  stored_empty: Optional[dict] = None, image_gate=None, negative_prompt: Optional[str] = None,
                  substitute_prompt: Optional[str] = None):
         if mode not in self.MODES:
-            raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed --w")
+            raise UnguideError(f"unknown mode {mode!r}: use unguide, base, lora or a fixed `w`")
         if mode == "fixed" and fixed_w is None:
-            raise UnguideError("mode 'fixed' needs a weight: pass --w")
+            raise UnguideError("mode 'fixed' needs a weight: give `w`")
         if gate.kind == "calibrated" and gate.guidance is not None and scorer.kind != "response":
             scorer = replace(scorer, guidance=gate.guidance)  # scores comparable with the calibrated threshold
         self.adapter, self.mode, self.scorer, self.rule, self.fixed_w, self.gate = adapter, mode, scorer, rule, fixed_w, gate
@@ -460,39 +460,100 @@ def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torc
     return out
 
 
-def guide_for_run(adapter, meta: dict, mode: str = "unguide", gate: Optional[str] = None, keep: Optional[str] = None,
-                  scorer: ScorerConfig = ScorerConfig(), rule: WeightRule = WeightRule(),
-                  fixed_w: Optional[float] = None, erase_with: Optional[str] = None,
-                  gate_position: Optional[float] = None, image_position: Optional[float] = None) -> UnGuide:
-    """The guide for an erasure run; gate, keep and erase_with default to what the run's recipe recommends (stored
-    in it): the paper's d("") gate with w in {-1, 2} for reference runs; see erase.RECIPE_GATES for selective ones.
-    ``gate``: ``calibrated``, ``empty``, a number, ``image`` (no prompt gate: every prompt is drawn by the base
-    model and its image checked) or ``calibrated+image`` (prompts over the calibrated gate erased at once, the rest
-    checked on the image); ``image_position`` moves the image gate's threshold (None: the run's own)."""
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """How generation uses an attached erasure run, checked where it is made (names, finite numbers, ranges, which
+    settings go together). Every field left at None takes what the run's recipe stored (``erase.RECIPE_GATES``): the
+    paper's d("") gate with w in {-1, 2} for reference runs, the image gate for selective ones.
+
+    * ``mode``: ``unguide`` (a weight w per prompt from the gates), ``base`` (w = 1), ``lora`` (w = 0), ``fixed``
+      (every prompt gets ``w``; giving ``w`` implies it);
+    * ``gate``: ``calibrated``, ``empty``, a positive threshold, ``image`` (no prompt gate: every prompt is drawn by
+      the base model and its image checked) or ``calibrated+image`` (prompts over the calibrated gate erased at once,
+      the rest checked on the image);
+    * ``keep`` / ``erase_with``: the weight of prompts under / over the gate (:data:`KEEP_WEIGHTS`,
+      :data:`ERASE_WEIGHTS`);
+    * ``gate_position`` / ``image_gate_position``: move the calibrated prompt gate's / the image gate's threshold
+      (0..1; None: the run's own)."""
+
+    mode: GuideMode = "unguide"
+    w: Optional[float] = None
+    gate: Optional[str | float] = None
+    keep: Optional[str] = None
+    erase_with: Optional[str] = None
+    gate_position: Optional[float] = None
+    image_gate_position: Optional[float] = None
+    scorer: ScorerConfig = ScorerConfig()
+    rule: WeightRule = WeightRule()
+
+    def __post_init__(self):
+        if self.mode not in get_args(GuideMode):
+            raise UnguideError(f"unknown `mode` {self.mode!r}: use unguide, base or lora (or give `w`)")
+        if self.w is not None:
+            object.__setattr__(self, "w", check_number("`w`", self.w))
+            if self.mode not in ("unguide", "fixed"):
+                raise UnguideError("give either `mode` or `w`, not both")
+            object.__setattr__(self, "mode", "fixed")
+        elif self.mode == "fixed":
+            raise UnguideError("mode 'fixed' needs a weight: give `w`")
+        if self.gate is not None and str(self.gate) not in GATE_CHOICES:
+            value = check_number("`gate`", self.gate, above=0) if not isinstance(self.gate, str) else _gate_value(self.gate)
+            object.__setattr__(self, "gate", value)
+        if self.keep not in (None, *KEEP_WEIGHTS):
+            raise UnguideError(f"unknown `keep` {self.keep!r}: use base (w = 1) or paper (w = 2)")
+        if self.erase_with not in (None, *ERASE_WEIGHTS):
+            raise UnguideError(f"unknown `erase_with` {self.erase_with!r}: use {', '.join(ERASE_WEIGHTS)}")
+        for name in ("gate_position", "image_gate_position"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_number(f"`{name}`", getattr(self, name), low=0, high=1))
+        image = self.gate in ("image", "calibrated+image")
+        if self.image_gate_position is not None and not image:
+            raise UnguideError("`image_gate_position` applies to the image gates only: use `gate` image or "
+                               "calibrated+image")
+        if self.gate_position is not None and self.gate not in (None, "calibrated", "calibrated+image"):
+            raise UnguideError(f"`gate_position` moves the calibrated prompt gate, which `gate` {self.gate!r} does not "
+                               "use: use `gate` calibrated or calibrated+image, or drop `gate_position`")
+
+    def replace(self, **changes) -> "GuidanceConfig":
+        return replace(self, **changes)
+
+    @property
+    def is_default(self) -> bool:
+        return self == GuidanceConfig()
+
+
+def _gate_value(text: str) -> float:
+    try:
+        return check_number("`gate`", text, above=0)
+    except UnguideError:
+        raise UnguideError(f"`gate` {text!r}: use {', '.join(GATE_CHOICES)} or a positive number") from None
+
+
+def guide_for_run(adapter, meta: dict, config: Optional[GuidanceConfig] = None, **fields) -> UnGuide:
+    """The guide for an erasure run (``meta``: its erasure.json) under ``config`` (or the same fields as keywords:
+    ``guide_for_run(adapter, meta, gate="empty")``); what the config leaves at None comes from the run."""
     from .image_gate import ImageGate
 
+    config = (config or GuidanceConfig()).replace(**fields) if fields else (config or GuidanceConfig())
     stored = meta.get("gate") or {}
-    asked = gate is not None  # a gate named by the caller is obeyed as given
-    gate = gate or stored.get("default", "empty")
+    asked = config.gate is not None  # a gate named by the caller is obeyed as given
+    gate = config.gate if asked else stored.get("default", "empty")
     image = str(gate) in ("image", "calibrated+image")
-    if image_position is not None and not image:
-        raise UnguideError("--image-gate-position applies to the image gates only: use --gate image or calibrated+image")
     if image:
         gate = "none" if gate == "image" else "calibrated"
-    keep = keep or stored.get("keep", "paper")
-    erase_with = erase_with or stored.get("erase_with", "paper")
-    if keep not in KEEP_WEIGHTS:
-        raise UnguideError(f"unknown keep {keep!r}: use base (w = 1) or paper (w = 2)")
-    if erase_with not in ERASE_WEIGHTS:
-        raise UnguideError(f"unknown erase_with {erase_with!r}: use adapter (w = 0) or paper (w = -1)")
-    rule = replace(rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
-    if gate == "none" and gate_position is not None:
-        raise UnguideError("--gate-position moves the calibrated prompt gate, which --gate image does not use: "
-                           "use --gate calibrated+image, or drop --gate-position")
-    parsed = Gate.parse(str(gate), stored, scorer.kind, gate_position)
-    image_gate = ImageGate.from_stored(stored.get("image"), image_position) if image else None
+    keep = config.keep or stored.get("keep", "paper")
+    erase_with = config.erase_with or stored.get("erase_with", "paper")
+    rule = replace(config.rule, w_keep=KEEP_WEIGHTS[keep], w_erase=ERASE_WEIGHTS[erase_with])
+    if gate == "none" and config.gate_position is not None:
+        raise UnguideError("`gate_position` moves the calibrated prompt gate, which the image gate does not use: "
+                           "use `gate` calibrated+image, or drop `gate_position`")
+    if config.image_gate_position is not None and not image:
+        raise UnguideError("`image_gate_position` applies to the image gates only: use `gate` image or calibrated+image")
+    scorer = config.scorer
+    parsed = Gate.parse(str(gate), stored, scorer.kind, config.gate_position)
+    image_gate = ImageGate.from_stored(stored.get("image"), config.image_gate_position) if image else None
     calibration = stored.get("response", {}) if scorer.kind == "response" else stored
-    note = None
+    mode, fixed_w, note = config.mode, config.w, None
     if mode == "unguide" and not asked and not image and parsed.kind == "calibrated" \
             and calibration.get("separated") is False:
         # the calibration could not tell the anchors from the concept's own prompts, so a threshold would misroute

@@ -297,7 +297,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
             bundle = _load_diffusers(str(path))
         else:
             raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "
-                               "point --model at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
+                               "point `model` at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
         return bundle.to(device, dtype)
     if path.exists():
         raise UnguideError(f"{name_or_path} is a file, not a model: give a diffusers pipeline directory, a hub id, or 'toyworld'")

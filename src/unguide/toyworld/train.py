@@ -220,8 +220,8 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     if state:
         trained_on = state.get("config", {}).get("text_states", "contextual")
         if trained_on != cfg.text_states:
-            raise UnguideError(f"the checkpoint in {out} was trained with --text-states {trained_on}: resume with the "
-                               f"same setting, or use another --out")
+            raise UnguideError(f"the checkpoint in {out} was trained with `text_states` {trained_on}: resume with the "
+                               f"same setting, or use another `out`")
         unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
         load_optimizer_tensors(opt, tensors)
@@ -322,7 +322,7 @@ def export_toyworld(out: str | Path, cfg: UNetConfig = UNetConfig(), target: str
     tensors, state = _load_ckpt(out, "unet")
     if state is None:
         raise UnguideError(f"no UNet checkpoint in {out}: train one first (`unguide train-toy --stage unet --out {out}`)"
-                           " or point --out at the folder a training wrote")
+                           " or point `out` at the folder a training wrote")
     if not (out / "vae").is_dir():
         raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
     trained = state.get("config", {})  # the architecture and text side the checkpoint was trained with
