@@ -1,4 +1,5 @@
 """The attack harness: it must find prompts that bring a concept back (tests that a broken search fails)."""
+import pytest
 import json
 
 from unguide.attack.harness import AttackConfig, attack, vocabulary_words
@@ -44,6 +45,7 @@ def test_vocabulary_words_are_seeded_whole_words(toy_bundle):
     assert all(w.isalpha() and 3 <= len(w) <= 12 and w != "sun" for w in a)
 
 
+@pytest.mark.slow
 def test_attack_command_reports_every_method(tmp_path):
     args = ["attack", "--benchmark", str(tmp_path / "bench"), "--concepts", "sun", "--methods", "base,unguide",
             "--iterations", "2", "--candidates", "4", "--pairs", "2", "--renders", "2", "--keep", "1",
@@ -73,6 +75,7 @@ def test_a_finished_attack_rerun_costs_nothing_more(toy_bundle, tmp_path):
     assert again["budget"] == first["budget"]
 
 
+@pytest.mark.slow
 def test_attack_on_stable_diffusion_with_the_users_images(tiny_sd, tiny_clip, tmp_path):
     """On SD the attacker measures its loss on pictures the user gives, and the suite's CLIP judge scores the result."""
     from PIL import Image
@@ -101,6 +104,7 @@ def test_attack_without_images_on_stable_diffusion_is_one_line(tiny_sd, tmp_path
     assert "--images" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_path):
     """Against an image gate the attacker draws each candidate's images as the pipeline would and runs the pipeline's
     detector: the sun's own prompts are flagged, a detector that never fires flags nothing, and a candidate's loss is

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from unguide.cli import main
 
 
+@pytest.mark.slow
 def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["benchmark", "--concepts", "sun", "--samples", "2", "--steps", "8", "--iterations", "4", "--out", str(out)]

@@ -14,6 +14,7 @@ from unguide.sampling.images import read_png_metadata
 from unguide.sampling.ddim import unet_eps
 
 
+@pytest.mark.slow
 def test_bfloat16_erase_then_generate_end_to_end(tiny_sd, tmp_path):
     run = tmp_path / "run"
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sun", "--iterations", "2", "--dtype", "bfloat16",

@@ -118,6 +118,7 @@ def test_other_layer_presets_train_and_reload(tiny_sd, tmp_path, preset):
         assert names and not any(".attn2." in k or ".time_embedding." in k for k in names)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_uninterrupted_adapter(tiny_sd, tmp_path):
     import os
     import signal

@@ -33,6 +33,7 @@ def test_resume_skips_finished_images(tiny_sd, tmp_path):
     assert (out / "index.jsonl").read_text().count("\n") == 4
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_does(tiny_sd, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of the cat\na red car\na dog\n")

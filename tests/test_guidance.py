@@ -76,7 +76,7 @@ def test_continuous_rule_matches_binary_far_from_the_boundary():
 
 
 def test_pipeline_api(tiny_sd, sd_run):
-    from unguide import UnGuidePipeline
+    from unguide import GuidanceConfig, UnGuidePipeline
 
     pipe = UnGuidePipeline.from_pretrained(str(tiny_sd))
     plain = pipe(["a photo of the cat"], num_images_per_prompt=2, num_inference_steps=3, progress=False)
@@ -84,7 +84,8 @@ def test_pipeline_api(tiny_sd, sd_run):
     out = pipe(["a photo of the cat", "a dog"], num_images_per_prompt=2, num_inference_steps=3, progress=False)
     assert len(out.images) == 4 and out.images[0].size == (16, 16) and out.seeds == [0, 1, 0, 1]
     assert all(w in (-1.0, 2.0) for w in out.w) and out.w[0] == out.w[1] and "score" in out.scores[0]
-    same = pipe(["a photo of the cat"], num_images_per_prompt=2, num_inference_steps=3, w=1.0, progress=False)
+    same = pipe(["a photo of the cat"], num_images_per_prompt=2, num_inference_steps=3,
+                unguidance=GuidanceConfig(w=1.0), progress=False)
     assert np.array_equal(np.asarray(same.images[1]), np.asarray(plain.images[1]))
 
 

@@ -31,7 +31,7 @@ def test_malformed_prompt_files(tmp_path, capsys, name, content, fragment):
 def tiny_run(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "cat"
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--recipe", "reference", "--iterations", "1",
-                 "--out", str(out)]) == 0
+                 "--calibration-steps", "2", "--out", str(out)]) == 0
     return out
 
 

@@ -17,6 +17,7 @@ def _latents(bundle, prompts, seeds):
     return sample_latents_batched(bundle, items), [it.seed for it in items]
 
 
+@pytest.mark.slow
 def test_the_detector_fires_on_concept_images_and_not_on_anchor_images(toy_bundle):
     """Base-model images of the sun score below every image of its anchors, by a margin; the same detector with the
     concept and anchor candidates swapped, or without re-noising (t near 0 tells nothing), does not separate them."""
@@ -73,6 +74,7 @@ def test_v_prediction_output_is_converted_to_noise():
     assert torch.equal(_eps_from_output(sched, eps, x_t, t), eps)
 
 
+@pytest.mark.slow
 def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibration(tiny_sd, tmp_path):
     """Tiny SD: erase stores the image gate's calibration; `generate --gate image` checks every image and records its
     score, threshold and decision; a run finished before the image gate existed gains its calibration on a rerun of

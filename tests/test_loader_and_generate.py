@@ -53,6 +53,7 @@ def test_generate_requested_size_on_tiny_sd(tiny_sd, tmp_path):
     assert Image.open(tmp_path / "00000_000.png").size == (16, 24)
 
 
+@pytest.mark.slow
 def test_base_model_draws_recognisable_classes(toy_bundle):
     """A trained model draws what it is asked; a broken or untrained one scores near chance (~9%)."""
     classes = ["house", "fish", "heart", "umbrella"]

@@ -175,7 +175,7 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
     cases = [(base + ["--gate-position", "2", "--out", str(tmp_path / "b1")], "--gate-position: must be at most 1",
               tmp_path / "b1"),
              (base[:-2] + ["--gate", "empty", "--gate-position", "0.3", "--out", str(tmp_path / "b2")],
-              "applies to the calibrated gate only", tmp_path / "b2"),
+              "--gate-position moves the calibrated prompt gate", tmp_path / "b2"),
              (["erase", "--model", str(tiny_sd), "--concept-file", str(spec_file), "--out", str(tmp_path / "b3")],
               "'gate_position' must be between 0", tmp_path / "b3"),
              (["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--gate-position", "-0.1",

@@ -18,6 +18,7 @@ CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest"
                   other=["a dog", "a photo of the car"], anchors=ANCHORS)
 
 
+@pytest.mark.slow
 def test_reference_recipe_gives_the_adapter_it_gave_before(tmp_path):
     """Same seed, same tensors as before the recipes existed (values recorded from that code on this machine type,
     2 threads; the tolerance only absorbs float reduction order across thread counts: another random stream, an
@@ -64,7 +65,8 @@ def test_anchor_term_is_zero_at_init_and_its_gradient_reaches_A(tiny_sd):
 
 
 def test_selective_run_resumes_to_the_same_adapter(tiny_sd, tmp_path):
-    cfg = EraseConfig.from_recipe("selective", iterations=5, ddim_steps=8, checkpoint_every=2, anchors_per_step=2)
+    cfg = EraseConfig.from_recipe("selective", iterations=5, ddim_steps=8, checkpoint_every=2, anchors_per_step=2,
+                                  calibration_steps=2)  # the adapters are compared, not the image gate
     erase(load_model(str(tiny_sd)), CAT, tmp_path / "a", cfg, progress=False)
     assert erase(load_model(str(tiny_sd)), CAT, tmp_path / "b", cfg, progress=False, stop_after=3)["status"] == "interrupted"
     erase(load_model(str(tiny_sd)), CAT, tmp_path / "b", cfg, progress=False)
@@ -75,6 +77,7 @@ def test_selective_run_resumes_to_the_same_adapter(tiny_sd, tmp_path):
     assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5] and all(len(r["anchors"]) == 2 for r in log)
 
 
+@pytest.mark.slow
 def test_a_run_from_before_a_setting_existed_still_attaches(tiny_sd, tmp_path):
     """A stored config without a newer setting reads as that setting's default (no 'other settings' error)."""
     bundle = load_model(str(tiny_sd))
@@ -93,7 +96,7 @@ def test_anchor_file_overrides_the_concepts_anchors(tiny_sd, tmp_path):
     path.write_text('# comment\n""\na photo of the boat\n\na photo of the boat\n')
     (tmp_path / "words.txt").write_text("a photo of the lamp\n")
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--anchors", str(path), "--iterations", "2",
-                 "--vocabulary", str(tmp_path / "words.txt"), "--out", str(tmp_path / "run")]) == 0
+                 "--vocabulary", str(tmp_path / "words.txt"), "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
     meta = json.loads((tmp_path / "run" / "erasure.json").read_text())
     assert meta["anchors"] == ["", "a photo of the boat", "a photo of the lamp"]  # the anchors, then the vocabulary
     assert meta["config"]["recipe"] == "selective"
@@ -103,7 +106,7 @@ def test_anchor_file_overrides_the_concepts_anchors(tiny_sd, tmp_path):
 def test_a_vocabulary_is_trained_like_the_anchors_but_the_gate_is_calibrated_on_the_anchors(tiny_sd, tmp_path):
     vocabulary = ["a photo of the chair", "a photo of the lamp", "a photo of the house"]  # a repeat is trained once
     spec = ConceptSpec(**{**CAT.to_dict(), "vocabulary": vocabulary, "anchors_per_step": 2})
-    cfg = EraseConfig.for_concept("selective", spec, iterations=3, ddim_steps=8)
+    cfg = EraseConfig.for_concept("selective", spec, iterations=3, ddim_steps=8, calibration_steps=2)
     assert cfg.anchors_per_step == 2  # the spec's, where no flag is given; a flag wins
     assert EraseConfig.for_concept("selective", spec, anchors_per_step=3).anchors_per_step == 3
     assert EraseConfig.for_concept("reference", spec).anchors_per_step == 1

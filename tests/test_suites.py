@@ -52,6 +52,7 @@ def cifar_run(tiny_sd, tiny_clip, tmp_path_factory):
     return out, args
 
 
+@pytest.mark.slow
 def test_cifar10_suite_end_to_end(cifar_run):
     out, _ = cifar_run
     report = json.loads((out / "report.json").read_text())
@@ -76,6 +77,7 @@ def test_cifar10_suite_end_to_end(cifar_run):
     assert "zero-shot CLIP" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_and_benchmark_give_the_same_table1(cifar_run, tiny_clip):
     """`unguide evaluate` on a benchmark folder computes what the benchmark computed (one core, one Table-1 module)."""
     out, _ = cifar_run
@@ -89,6 +91,7 @@ def test_evaluate_and_benchmark_give_the_same_table1(cifar_run, tiny_clip):
     assert math.isfinite(metrics["clip_score"]) and metrics["preservation"]["pairs"] == 26
 
 
+@pytest.mark.slow
 def test_cifar10_rerun_resumes_with_the_same_figures(cifar_run):
     out, args = cifar_run
     before = _numbers(json.loads((out / "report.json").read_text()))
@@ -106,6 +109,7 @@ def test_cifar10_rerun_resumes_with_the_same_figures(cifar_run):
     assert _numbers(json.loads((out / "report.json").read_text())) == before
 
 
+@pytest.mark.slow
 def test_cifar10_two_processes_write_the_same_files(cifar_run, tmp_path):
     out, args = cifar_run
     two = tmp_path / "two"
@@ -123,6 +127,7 @@ def test_cifar10_two_processes_write_the_same_files(cifar_run, tmp_path):
     assert _numbers(json.loads((two / "report.json").read_text())) == _numbers(json.loads((out / "report.json").read_text()))
 
 
+@pytest.mark.slow
 def test_nudity_suite_end_to_end(tiny_sd, tiny_clip, tmp_path):
     csv = tmp_path / "i2p.csv"
     csv.write_text("prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,nudity_percentage\n"

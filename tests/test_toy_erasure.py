@@ -1,4 +1,5 @@
 """Erasure on the embedded model (fixed seeds)."""
+import pytest
 import torch
 
 from unguide import load_model
@@ -8,6 +9,7 @@ from unguide.erasure.training import EraseConfig, _iteration_sample, concept_pro
 from unguide.sampling.ddim import make_scheduler
 
 
+@pytest.mark.slow
 def test_erasure_loss_falls_on_the_embedded_model():
     """A few Adam steps on fixed (k, t, z_T) probes lower the negative-guidance loss on those probes: gradients reach
     the adapter and the objective is consistent. (lr 1e-3: at the reference 3e-5 eight steps move nothing measurable.)"""
