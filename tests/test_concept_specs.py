@@ -85,3 +85,34 @@ def test_a_spec_may_give_a_vocabulary_file_and_anchors_per_step(tmp_path, capsys
         assert main(["erase", "--concept-file", str(spec), "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists(), err
+
+
+def test_a_concept_without_anchors_gets_its_familys_anchors(tiny_sd, tmp_path, capsys):
+    """Stable Diffusion: the shipped everyday list, minus the concept's own words, said in one line at the start."""
+    from unguide.cli import main
+    from unguide.erasure.concepts import EVERYDAY_ANCHORS, read_anchor_file
+
+    spec = tmp_path / "lamp.json"
+    spec.write_text(json.dumps({"target": "a photo of the lamp", "reference": "a photo of the room",
+                                "synonyms": ["lamps on a desk"]}))
+    assert main(["erase", "--model", str(tiny_sd), "--concept-file", str(spec), "--iterations", "2",
+                 "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "lists no anchors: using the shipped everyday (Stable Diffusion) anchor list" in out
+    meta = json.loads((tmp_path / "run" / "erasure.json").read_text())
+    everyday = read_anchor_file(EVERYDAY_ANCHORS)
+    assert "a photo of the lamp" in everyday and "a photo of the lamp" not in meta["anchors"]
+    assert meta["anchors"] == [a for a in everyday if "lamp" not in a] and "" in meta["anchors"]
+    assert meta["concept"]["anchors"] == meta["anchors"] and meta["gate"]["image"]["anchor_candidates"]
+    # a rerun finds the same concept (its defaults filled the same way) and resumes instead of refusing
+    assert main(["erase", "--model", str(tiny_sd), "--concept-file", str(spec), "--iterations", "2",
+                 "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
+
+
+def test_the_toy_world_offers_its_class_prompts_as_default_anchors():
+    from unguide.erasure.concepts import ConceptSpec, default_anchors
+    from unguide.toyworld import plugin
+
+    kite = ConceptSpec(target="a photo of the star kite", reference="a photo of the sky", name="kite")
+    anchors, dropped = default_anchors(kite, plugin.default_anchors())
+    assert dropped == 1 and "a photo of the star" not in anchors and "a photo of the moon" in anchors and "" in anchors

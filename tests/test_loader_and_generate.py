@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -74,4 +76,18 @@ def test_bad_model_gives_one_line_and_exit_2(tmp_path, capsys, model, fragment):
     code = main(["generate", "--model", model, "--prompt", "x", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("index, fragment", [
+    ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "is an SDXL pipeline"),
+    ({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "has no UNet"),
+])
+def test_families_not_supported_yet_are_refused_in_one_line(tmp_path, capsys, index, fragment):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
+    code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "a photo of the dog", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0] and "docs/model-families.md" in err[0], err
     assert not (tmp_path / "o").exists()

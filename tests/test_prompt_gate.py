@@ -96,8 +96,6 @@ def test_recipe_and_gate_errors_are_one_line(tiny_sd, selective_run, tmp_path, c
     no_anchors = tmp_path / "c.json"
     no_anchors.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest"}))
     cases = [
-        (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--recipe", "selective",
-          "--out", str(tmp_path / "r1")], "has no anchors", tmp_path / "r1"),
         (["erase", "--model", str(tiny_sd), "--concept-file", str(no_anchors), "--recipe", "reference", "--lr=-1",
           "--out", str(tmp_path / "r2")], "--lr: must be above 0", tmp_path / "r2"),
         (["generate", "--model", str(tiny_sd), "--prompt", "a cat", "--erasure", str(selective_run), "--gate", "soon",

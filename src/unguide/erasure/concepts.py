@@ -167,3 +167,22 @@ def resolve_concept(name: Optional[str] = None, file: Optional[str] = None) -> C
     if bool(name) == bool(file):
         raise UnguideError("give exactly one of `concept` NAME or `concept_file` FILE")
     return load_preset(name) if name else load_concept_file(file)
+
+
+EVERYDAY_ANCHORS = PRESET_DIR / "anchors" / "sd_everyday.txt"  # Stable Diffusion families' shipped anchors
+_FILLER = {"a", "an", "the", "of", "photo", "picture", "image", "painting", "in", "on", "with", "and", "by"}
+
+
+def _content_words(prompt: str) -> set[str]:
+    words = {w.strip(".,;:!?\"'()").lower() for w in prompt.split()}
+    return {w.removesuffix("s") for w in words if w and w not in _FILLER}
+
+
+def default_anchors(concept: ConceptSpec, listed: Optional[list[str]] = None) -> tuple[list[str], int]:
+    """The anchors a concept gets when its spec lists none: ``listed`` (a world's own list) or the shipped everyday
+    list, minus every anchor that shares a content word with the concept's target or synonyms (an adapter cannot
+    both erase and keep them). Returns (anchors, how many were dropped)."""
+    pool = list(listed) if listed is not None else read_anchor_file(EVERYDAY_ANCHORS)
+    own = set().union(*(_content_words(p) for p in [concept.target, *concept.synonym_prompts()]))
+    kept = [a for a in pool if not (_content_words(a) & own)]
+    return kept, len(pool) - len(kept)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import platform
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
@@ -38,17 +39,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import A_INITS, LAYER_PRESETS, LORA_FILE, AdapterConfig, AInit, LayerPreset, make_adapter
-from .concepts import ConceptSpec
+from .concepts import ConceptSpec, default_anchors
 from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
 from ..guidance.unguidance import GATE_POSITION, calibrate_gate, check_gate_position
 from ..guidance.image_gate import DetectorConfig, calibrate_image_gate
+from ..models.worlds import world_of
 from ..sampling.ddim import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
 
 METADATA_FILE = "erasure.json"
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
+LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 
 # Recipes, registered by name: what each changes from the reference protocol's defaults (the EraseConfig defaults
@@ -219,6 +222,21 @@ def gate_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
     return list(cfg.anchors) if cfg.anchors is not None else list(concept.anchors)
 
 
+def with_default_anchors(bundle, concept: ConceptSpec, cfg: EraseConfig) -> ConceptSpec:
+    """A concept whose spec lists no anchors, erased by a recipe that trains on them, gets its model family's:
+    the world's own list (a plug-in's ``default_anchors``) or the shipped everyday list for Stable Diffusion, minus
+    the concept's own words; said in one line. Anchors given with ``cfg.anchors`` (--anchors) are left alone."""
+    if cfg.anchor_weight == 0 or cfg.anchors is not None or concept.anchors:
+        return concept
+    world = world_of(bundle)
+    listed = getattr(world, "default_anchors", None) if world is not None else None
+    anchors, dropped = default_anchors(concept, listed() if callable(listed) else listed)
+    source = f"the {world.NAME} world's" if listed is not None else "the shipped everyday (Stable Diffusion)"
+    LOG.info(f"concept {concept.name!r} lists no anchors: using {source} anchor list, {len(anchors)} prompts"
+             + (f" ({dropped} left out as the concept's own words)" if dropped else ""))
+    return replace(concept, anchors=anchors)
+
+
 def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
     """The prompts a run trains to keep: the gate's anchors, then the concept's vocabulary (none for the reference
     recipe)."""
@@ -242,6 +260,7 @@ def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = Eras
 
     ``stop_after`` ends the process-level run early after that many iterations (for tests of resume)."""
     out = Path(out)
+    concept = with_default_anchors(bundle, concept, cfg)
     run_anchors(concept, cfg)  # checked before anything is written
     with output_lock(out, "an erasure"):
         return _erase(bundle, concept, out, cfg, progress, stop_after)

@@ -271,6 +271,21 @@ def _saved_class(path: Path) -> Optional[str]:
         return None
 
 
+def _check_family(path: Path) -> None:
+    """Refuse, in one line, pipelines of a family unguide does not run yet (docs/model-families.md)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # diffusers says what is wrong with it
+    name = str(index.get("_class_name", ""))
+    if "text_encoder_2" in index or "XL" in name:
+        raise UnguideError(f"{path} is an SDXL pipeline ({name}; two text encoders): unguide runs SD 1.x and 2.x "
+                           "pipelines today, SDXL is not supported yet (docs/model-families.md)")
+    if "unet" not in index:
+        raise UnguideError(f"{path} has no UNet ({name or 'unknown pipeline'}; SD3 and Flux use a transformer): unguide "
+                           "runs SD 1.x and 2.x pipelines (docs/model-families.md)")
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -294,6 +309,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
         elif (path / "model_index.json").is_file() and _saved_class(path) == PIPELINE_CLASS:
             bundle = _load_saved_pipeline(path)
         elif (path / "model_index.json").is_file():
+            _check_family(path)
             bundle = _load_diffusers(str(path))
         else:
             raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "

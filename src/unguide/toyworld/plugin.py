@@ -67,6 +67,12 @@ class ToyJudge(ClassJudge):
 
 JUDGES = {"toy": ToyJudge}
 
+def default_anchors() -> list[str]:
+    """Anchors for a custom concept on the toy model whose spec lists none: every class's plain prompt and the
+    empty prompt (the concept's own words are left out by the caller)."""
+    return ["", *(f"a photo of the {name}" for name in OBJECTS)]
+
+
 def suite(concepts: Sequence[str]):
     """The toy benchmark: the 10 object presets; 4 anchor classes each, 5 held out (docs/protocol.md)."""
     from ..erasure.concepts import load_preset
