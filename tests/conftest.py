@@ -49,9 +49,56 @@ def build_tiny_sd(path):
     return path / "sd"
 
 
+def build_tiny_sdxl(path):
+    """A randomly initialised SDXL-shaped pipeline (two CLIP encoders, pooled embedding, time ids; 16x16 images)
+    saved as safetensors, runnable by the stock StableDiffusionXLPipeline."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(path / "_tok")
+    text_config = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, projection_dim=32, hidden_act="gelu")
+    text = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
+                        scaling_factor=0.13025)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.save_pretrained(str(path / "sdxl"), safe_serialization=True)
+    return path / "sdxl"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_v(tiny_sd, tmp_path_factory):
+    """The tiny SD directory with a v-prediction scheduler, as SD 2.x (768-v) ships it."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny_v") / "sd2"
+    shutil.copytree(tiny_sd, path)
+    config = path / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -80,8 +80,9 @@ def test_bad_model_gives_one_line_and_exit_2(tmp_path, capsys, model, fragment):
 
 
 @pytest.mark.parametrize("index, fragment", [
-    ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "is an SDXL pipeline"),
+    ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
+     "is an SDXL refiner"),
     ({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "has no UNet"),
 ])
 def test_families_not_supported_yet_are_refused_in_one_line(tmp_path, capsys, index, fragment):

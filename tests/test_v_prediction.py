@@ -1,10 +1,6 @@
 """SD 2.x-style UNets predict v, not noise: each place that reads the UNet's output is right for v (sampling, the
 erasure target, the image gate's noise estimate), shown with an oracle UNet that knows the clean latent; the same
 oracle read as epsilon fails every check."""
-import json
-import shutil
-
-import pytest
 import torch
 
 from unguide import load_model
@@ -38,16 +34,6 @@ class Oracle(torch.nn.Module):
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         out = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.kind == "v_prediction" else eps
         return type("Out", (), {"sample": out})()
-
-
-@pytest.fixture(scope="module")
-def tiny_v(tiny_sd, tmp_path_factory):
-    """The tiny SD directory with a v-prediction scheduler, as SD 2.x ships it."""
-    path = tmp_path_factory.mktemp("tiny_v") / "sd2"
-    shutil.copytree(tiny_sd, path)
-    config = path / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
-    return path
 
 
 def _oracle_bundle(path, kind_read, kind_predicted, **kw):

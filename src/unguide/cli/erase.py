@@ -32,6 +32,8 @@ def _cmd_erase(args) -> int:
     print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations) in "
           f"{time.time() - t0:.1f} s; final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
           f"metadata: {Path(args.out) / 'erasure.json'}")
+    if meta.get("lora_loads_with"):
+        print(f"the adapter loads in diffusers too: {meta['lora_loads_with']}.load_lora_weights('{args.out}')")
     gate = meta.get("gate") or {}
     if gate.get("threshold") is not None:
         print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "

@@ -348,8 +348,9 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
     meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "anchors": anchors,
-            "base_model": bundle.name, "base_fingerprint": fingerprint, "dtype": dtype_name, "weights": weights.name,
-            "losses": losses,
+            "base_model": bundle.name, "base_fingerprint": fingerprint, "base_family": bundle.family.name,
+            "lora_loads_with": bundle.family.pipeline_class if weights.name == LORA_FILE else None,
+            "dtype": dtype_name, "weights": weights.name, "losses": losses,
             "final_loss": losses[-1] if losses else None, "gate": gate,
             "train_seconds_this_process": train_seconds, "versions": _versions()}
     write_json(meta_path, meta)

@@ -6,7 +6,7 @@
     out.images[0], out.w, out.scores
     pipe.save_pretrained("my_model")  # the base model and its settings; UnGuidePipeline.from_pretrained("my_model")
 
-The components (unet, vae, text_encoder, tokenizer, scheduler) are registered as in any diffusers pipeline, and the
+The components (unet, vae, text_encoder, tokenizer, scheduler; SDXL's text_encoder_2 and tokenizer_2) are registered as in any diffusers pipeline, and the
 model's own settings (name, max_length, default_guidance, image_size, text_states, text_scale, info) are stored in its
 config, so a saved toy model loads back as itself. The rest of unguide works on the :class:`~unguide.models.loading.ModelBundle`
 the pipeline derives from its components (``pipe.bundle``). ``unguide generate`` runs through the same pipeline
@@ -36,7 +36,7 @@ from ..sampling.images import PlainGuide, sample_images, to_uint8
 from ..guidance.unguidance import GuidanceConfig, guide_for_run
 from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -52,19 +52,23 @@ class UnGuideOutput(BaseOutput):
 class UnGuidePipeline(DiffusionPipeline):
     """Stable-Diffusion-style components plus an optional erasure run; generation is :func:`sample_images`."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]  # SDXL's second encoder (models.families)
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: Optional[str] = None,
                  max_length: Optional[int] = None, default_guidance: float = 7.5, image_size: Optional[int] = None,
-                 text_states: str = "contextual", text_scale: float = 1.0, info: Optional[dict] = None):
+                 text_states: str = "contextual", text_scale: float = 1.0, info: Optional[dict] = None,
+                 text_encoder_2=None, tokenizer_2=None, zeros_for_empty: bool = False):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=normalised_scheduler(scheduler))
+                              scheduler=normalised_scheduler(scheduler), text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2)
         self.register_to_config(name=str(name or getattr(unet.config, "_name_or_path", "") or "model"),
                                 max_length=int(max_length or tokenizer.model_max_length),
                                 default_guidance=float(default_guidance),
                                 image_size=int(image_size or native_image_size(unet, vae)),
-                                text_states=str(text_states), text_scale=float(text_scale), info=dict(info or {}))
+                                text_states=str(text_states), text_scale=float(text_scale), info=dict(info or {}),
+                                zeros_for_empty=bool(zeros_for_empty))
         self._bundle: Optional[ModelBundle] = None
         self.adapter = None
         self.erasure: Optional[dict] = None  # the attached run's metadata (erasure.json)
@@ -86,7 +90,9 @@ class UnGuidePipeline(DiffusionPipeline):
         pipe = cls(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
                    scheduler=bundle.scheduler, name=bundle.name, max_length=bundle.max_length,
                    default_guidance=bundle.default_guidance, image_size=bundle.image_size,
-                   text_states=bundle.text_states, text_scale=bundle.text_scale, info=bundle.info)
+                   text_states=bundle.text_states, text_scale=bundle.text_scale, info=bundle.info,
+                   text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
+                   zeros_for_empty=bundle.zeros_for_empty)
         bundle.scheduler = pipe.scheduler
         pipe._bundle = bundle
         return pipe
@@ -97,11 +103,14 @@ class UnGuidePipeline(DiffusionPipeline):
         b = self._bundle
         if b is None or any(getattr(b, k) is not getattr(self, k) for k in COMPONENTS):
             c = self.config
-            self.text_encoder.requires_grad_(False)
-            self.vae.requires_grad_(False)
+            for m in (self.text_encoder, self.text_encoder_2, self.vae):
+                if m is not None:
+                    m.requires_grad_(False)
             b = ModelBundle(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, name=c.name,
                             max_length=c.max_length, default_guidance=c.default_guidance, image_size=c.image_size,
-                            info=dict(c.info), text_states=c.text_states, text_scale=c.text_scale)
+                            info=dict(c.info), text_states=c.text_states, text_scale=c.text_scale,
+                            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                            zeros_for_empty=bool(c.get("zeros_for_empty", False)))
             self._bundle = b
         return b
 

@@ -14,9 +14,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import UnguideError
+from .families import ModelFamily, check_sdxl_unet, encode_sdxl, family_of, install_sdxl_conditioning, sdxl_pooled_dim
 
 DEFAULT_MODEL = "toyworld"  # the embedded model, a world plug-in (unguide.models.worlds)
 SAVED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONAL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's, null in other families' model_index.json
 SAVED_LIBRARIES = ("diffusers", "transformers")  # the only libraries a saved directory may name for its components
 PIPELINE_CLASS = "UnGuidePipeline"  # model_index.json's _class_name in a directory written by UnGuidePipeline.save_pretrained
 
@@ -137,11 +139,28 @@ class ModelBundle:
     info: dict = field(default_factory=dict)
     text_states: str = "contextual"
     text_scale: float = 1.0  # toy models: states are scaled to CLIP's token norm (see toyworld.train.export_toyworld)
+    text_encoder_2: Any = None  # SDXL's second encoder and tokenizer (models.families)
+    tokenizer_2: Any = None
+    zeros_for_empty: bool = False  # SDXL's force_zeros_for_empty_prompt: "" is encoded as zeros
 
     def __post_init__(self):
         self.codec = LatentCodec(self.vae)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._fingerprint: Optional[str] = None  # pinned by keep_fingerprint before a cast
+        if self.text_encoder_2 is not None:
+            problem = check_sdxl_unet(self.unet, self.text_encoder_2)
+            if problem:
+                raise UnguideError(f"{self.name}: {problem} (docs/model-families.md)")
+            install_sdxl_conditioning(self.unet, sdxl_pooled_dim(self.text_encoder_2), self.codec.downsample)
+
+    @property
+    def family(self) -> ModelFamily:
+        """SD 1.x, SD 2.x or SDXL (models.families): recorded with every run and image."""
+        return family_of(self.unet, self.scheduler, self.text_encoder_2)
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +169,11 @@ class ModelBundle:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token states for prompts, cached per prompt string (prompts repeat a lot)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
+        if missing and self.text_encoder_2 is not None:
+            states = encode_sdxl((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), missing,
+                                 self.max_length, self.zeros_for_empty)
+            self._text_cache.update(zip(missing, states))
+        elif missing:
             states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length, self.text_states)
             if self.text_scale != 1.0:
                 states = states * self.text_scale
@@ -197,7 +220,7 @@ class ModelBundle:
         if dtype is not None and dtype != self.unet.dtype:
             self.keep_fingerprint()
         target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, *self.text_encoders, self.vae):
             m.to(**target)
         self.clear_text_cache()
         return self
@@ -228,16 +251,23 @@ def ddim_scheduler(scheduler_config: dict):
     return DDIMScheduler.from_config(cfg)
 
 
-def _load_diffusers(name_or_path: str) -> ModelBundle:
-    """A Stable Diffusion pipeline, in float32 (load_model casts, after pinning the fingerprint)."""
-    from diffusers import StableDiffusionPipeline
+def _load_diffusers(name_or_path: str, xl: bool = False) -> ModelBundle:
+    """A Stable Diffusion (or, ``xl``, SDXL) pipeline, in float32 (load_model casts, after pinning the fingerprint)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False,
-                                                   use_safetensors=True)
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(name_or_path, use_safetensors=True)
+        extra = dict(text_encoder_2=pipe.text_encoder_2.eval().requires_grad_(False), tokenizer_2=pipe.tokenizer_2,
+                     zeros_for_empty=bool(pipe.config.force_zeros_for_empty_prompt))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False,
+                                                       use_safetensors=True)
+        extra = {}
+    family = family_of(pipe.unet, pipe.scheduler, extra.get("text_encoder_2"))
     return ModelBundle(pipe.unet.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer,
                        ddim_scheduler(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
-                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=7.5,
-                       image_size=native_image_size(pipe.unet, pipe.vae))
+                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=family.default_guidance,
+                       image_size=native_image_size(pipe.unet, pipe.vae), **extra)
 
 
 def _load_saved_pipeline(path: Path) -> ModelBundle:
@@ -247,7 +277,8 @@ def _load_saved_pipeline(path: Path) -> ModelBundle:
 
     index = json.loads((path / "model_index.json").read_text())
     parts = {}
-    for name in SAVED_COMPONENTS:
+    optional = [n for n in OPTIONAL_COMPONENTS if (index.get(n) or [None])[0] is not None]
+    for name in (*SAVED_COMPONENTS, *optional):
         library, cls_name = index.get(name) or (None, None)
         if library not in SAVED_LIBRARIES or not str(cls_name).isidentifier():
             raise UnguideError(f"{path}/model_index.json names no loadable {name} ({library}.{cls_name}): "
@@ -255,13 +286,16 @@ def _load_saved_pipeline(path: Path) -> ModelBundle:
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {} if name in ("tokenizer", "scheduler") else {"use_safetensors": True}
         parts[name] = cls.from_pretrained(str(path / name), **kwargs)
-    parts["text_encoder"].eval().requires_grad_(False)
+    for encoder in ("text_encoder", "text_encoder_2"):
+        if encoder in parts:
+            parts[encoder].eval().requires_grad_(False)
     return ModelBundle(parts["unet"].eval(), parts["text_encoder"], parts["tokenizer"],
                        normalised_scheduler(parts["scheduler"]), parts["vae"].eval(),
                        name=str(index.get("name") or path.name), max_length=int(index["max_length"]),
                        default_guidance=float(index["default_guidance"]), image_size=int(index["image_size"]),
                        info=dict(index.get("info") or {}), text_states=str(index.get("text_states", "contextual")),
-                       text_scale=float(index.get("text_scale", 1.0)))
+                       text_scale=float(index.get("text_scale", 1.0)), text_encoder_2=parts.get("text_encoder_2"),
+                       tokenizer_2=parts.get("tokenizer_2"), zeros_for_empty=bool(index.get("zeros_for_empty", False)))
 
 
 def _saved_class(path: Path) -> Optional[str]:
@@ -271,19 +305,24 @@ def _saved_class(path: Path) -> Optional[str]:
         return None
 
 
-def _check_family(path: Path) -> None:
-    """Refuse, in one line, pipelines of a family unguide does not run yet (docs/model-families.md)."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return  # diffusers says what is wrong with it
+def _is_xl(path, index: Optional[dict] = None) -> bool:
+    """Whether a diffusers pipeline (a directory, or a hub id with its model_index.json given) is SDXL (two text
+    encoders); refuse, in one line, the families unguide does not run (SD3, Flux; SDXL refiners)
+    (docs/model-families.md)."""
+    if index is None:
+        try:
+            index = json.loads((Path(path) / "model_index.json").read_text())
+        except (OSError, ValueError):
+            return False  # diffusers says what is wrong with it
     name = str(index.get("_class_name", ""))
-    if "text_encoder_2" in index or "XL" in name:
-        raise UnguideError(f"{path} is an SDXL pipeline ({name}; two text encoders): unguide runs SD 1.x and 2.x "
-                           "pipelines today, SDXL is not supported yet (docs/model-families.md)")
     if "unet" not in index:
         raise UnguideError(f"{path} has no UNet ({name or 'unknown pipeline'}; SD3 and Flux use a transformer): unguide "
-                           "runs SD 1.x and 2.x pipelines (docs/model-families.md)")
+                           "runs SD 1.x, SD 2.x and SDXL pipelines (docs/model-families.md)")
+    xl = "text_encoder_2" in index or "XL" in name
+    if xl and (index.get("text_encoder") or [None])[0] is None:
+        raise UnguideError(f"{path} is an SDXL refiner ({name}; no first text encoder): unguide runs SDXL base "
+                           "pipelines (docs/model-families.md)")
+    return xl
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -309,8 +348,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
         elif (path / "model_index.json").is_file() and _saved_class(path) == PIPELINE_CLASS:
             bundle = _load_saved_pipeline(path)
         elif (path / "model_index.json").is_file():
-            _check_family(path)
-            bundle = _load_diffusers(str(path))
+            bundle = _load_diffusers(str(path), xl=_is_xl(path))
         else:
             raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "
                                "point `model` at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
@@ -322,7 +360,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
         raise UnguideError(f"model {name_or_path!r} not found: give 'toyworld', an existing diffusers pipeline directory, "
                            "or a hub id such as CompVis/stable-diffusion-v1-4")
     try:
-        return _load_diffusers(name_or_path).to(device, dtype)
+        from diffusers import DiffusionPipeline
+
+        xl = _is_xl(name_or_path, dict(DiffusionPipeline.load_config(name_or_path)))
+        return _load_diffusers(name_or_path, xl=xl).to(device, dtype)
+    except UnguideError:
+        raise
     except Exception as exc:  # hub errors come in many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnguideError(f"could not load hub model {name_or_path!r} ({first}): check the id and your network, "

@@ -1,0 +1,142 @@
+"""Every model family through the product: tiny random SD 2.x (v-prediction) and SDXL directories erase, generate with
+UnGuidance (both gates), run the cifar10 suite with the tiny CLIP judge and the attack, and their LoRA file loads with
+the family's stock diffusers pipeline class and draws what our adapter draws. SDXL sampling equals the stock
+StableDiffusionXLPipeline's (pooled embedding, time ids and zeroed unconditional input included)."""
+import json
+
+import pytest
+import torch
+
+from unguide import GuidanceConfig, UnGuidePipeline, load_model
+from unguide.cli import main
+
+
+def _stock(path, family):
+    """The family's stock diffusers pipeline on the same directory, with unguide's DDIM sampler."""
+    import diffusers
+
+    cls = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd2": "StableDiffusionPipeline"}[family])
+    kwargs = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(str(path), **kwargs)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _noise(seed=0):
+    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sdxl_loads_as_its_family_and_samples_as_the_stock_pipeline(tiny_sdxl):
+    pipe = UnGuidePipeline.from_pretrained(str(tiny_sdxl))
+    bundle = pipe.bundle
+    assert bundle.family.name == "sdxl" and bundle.default_guidance == 5.0 and bundle.zeros_for_empty
+    assert float(bundle.encode_prompts([""]).abs().max()) == 0  # force_zeros_for_empty_prompt, as the stock pipeline
+    ours = pipe("a photo of the dog", num_inference_steps=4, guidance_scale=5.0, latents=_noise(),
+                output_type="latent", progress=False).images
+    stock = _stock(tiny_sdxl, "sdxl")("a photo of the dog", num_inference_steps=4, guidance_scale=5.0, latents=_noise(),
+                                      output_type="latent").images
+    assert torch.allclose(ours, stock, atol=1e-4), float((ours - stock).abs().max())
+    # the check can fail: the same prompt without its pooled embedding (or with other time ids) draws something else
+    packed = bundle.encode_prompts(["a photo of the dog"])
+    no_pool = packed.clone()
+    no_pool[:, -1] = 0
+    x, t = _noise(), torch.tensor([500])
+    with torch.no_grad():
+        full = bundle.unet(x, t, encoder_hidden_states=packed).sample
+        assert not torch.allclose(full, bundle.unet(x, t, encoder_hidden_states=no_pool).sample, atol=1e-4)
+        big = bundle.unet(torch.nn.functional.interpolate(x, scale_factor=2), t, encoder_hidden_states=packed).sample
+        assert big.shape[-1] == 16  # time ids follow the latent's size
+
+
+def test_sdxl_pipeline_saves_and_loads_back_as_sdxl(tiny_sdxl, tmp_path):
+    pipe = UnGuidePipeline.from_pretrained(str(tiny_sdxl))
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["text_encoder_2"][1] == "CLIPTextModelWithProjection" and index["zeros_for_empty"] is True
+    again = UnGuidePipeline.from_pretrained(str(tmp_path / "saved"))
+    assert again.bundle.family.name == "sdxl"
+    a = pipe("a dog", num_inference_steps=3, latents=_noise(1), output_type="latent", progress=False).images
+    b = again("a dog", num_inference_steps=3, latents=_noise(1), output_type="latent", progress=False).images
+    assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module", params=["tiny_v", "tiny_sdxl"])
+def family_run(request, tmp_path_factory):
+    """A selective erasure of a custom concept (no anchors: the family's everyday list) on the family's directory."""
+    model = request.getfixturevalue(request.param)
+    family = {"tiny_v": "sd2", "tiny_sdxl": "sdxl"}[request.param]
+    tmp = tmp_path_factory.mktemp(family)
+    spec = tmp / "dog.json"
+    spec.write_text(json.dumps({"name": "dog", "target": "a photo of the dog", "reference": "a photo",
+                                "synonyms": ["a photo of the puppy"]}))
+    run = tmp / "run"
+    assert main(["erase", "--model", str(model), "--concept-file", str(spec), "--recipe", "selective", "--iterations",
+                 "3", "--calibration-steps", "2", "--out", str(run)]) == 0
+    return model, family, run, tmp
+
+
+@pytest.mark.slow
+def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
+    model, family, run, tmp = family_run
+    meta = json.loads((run / "erasure.json").read_text())
+    want_class = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
+    assert meta["base_family"] == family and meta["lora_loads_with"] == want_class
+    assert meta["gate"]["threshold"] is not None and meta["gate"]["image"]["threshold"] is not None
+    for gate in ("image", "calibrated", "empty"):
+        out = tmp / f"gen-{gate}"
+        assert main(["generate", "--model", str(model), "--erasure", str(run), "--gate", gate, "--prompt",
+                     "a photo of the dog", "--prompt", "a photo of a chair", "--n", "1", "--steps", "3",
+                     "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["w"] is not None for r in rows)
+        assert ("image_flagged" in rows[0]) == (gate == "image")
+    # the run's LoRA file in the stock pipeline draws what the adapter draws in ours (w = 0: the adapter alone)
+    stock = _stock(model, family)
+    stock.load_lora_weights(str(run))
+    theirs = stock("a photo of the dog", num_inference_steps=3, guidance_scale=5.0, latents=_noise(2),
+                   output_type="latent").images
+    pipe = UnGuidePipeline.from_pretrained(str(model))
+    base = pipe("a photo of the dog", num_inference_steps=3, guidance_scale=5.0, latents=_noise(2),
+                output_type="latent", progress=False).images
+    pipe.load_erasure(run)
+    ours = pipe("a photo of the dog", num_inference_steps=3, guidance_scale=5.0, latents=_noise(2), output_type="latent",
+                progress=False, unguidance=GuidanceConfig(mode="lora")).images
+    assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+    assert not torch.allclose(ours, base, atol=1e-4)  # the adapter did change the drawing
+
+
+@pytest.mark.slow
+def test_family_runs_the_cifar10_suite_and_the_attack(family_run, tiny_clip):
+    model, family, run, tmp = family_run
+    bench = tmp / "bench"
+    assert main(["benchmark", "--model", str(model), "--suite", "cifar10", "--concepts", "cat", "--methods",
+                 "base,selective,selective-unguide,selective-image", "--samples", "1", "--steps", "2", "--iterations",
+                 "2", "--clip-model", str(tiny_clip), "--out", str(bench)]) == 0
+    report = json.loads((bench / "report.json").read_text())
+    cat = report["per_concept"]["sd-cat"]
+    assert set(cat) == {"base", "selective", "selective-unguide", "selective-image"}
+    assert all(m["n_images"] == 13 for m in cat.values())  # target, 3 synonyms, 9 other classes
+    assert "image_flagged_other" in cat["selective-image"]
+    assert all(0 <= m["h_o"] <= 1 for m in report["average"].values())
+    assert main(["attack", "--model", str(model), "--suite", "cifar10", "--clip-model", str(tiny_clip), "--benchmark",
+                 str(bench), "--concepts", "cat", "--methods", "selective-image", "--iterations", "1", "--candidates",
+                 "3", "--pairs", "2", "--renders", "2", "--keep", "1", "--inversion-steps", "2", "--samples", "1",
+                 "--steps", "2", "--images", str(_pictures(tmp))]) == 0
+    attack = json.loads((bench / "attack" / "report.json").read_text())
+    assert 0 <= attack["results"]["sd-cat"]["selective-image"]["inversion"]["mean_p"] <= 1
+
+
+def _pictures(tmp):
+    from PIL import Image
+
+    pics = tmp / "cats"
+    pics.mkdir(exist_ok=True)
+    for k in range(3):
+        Image.new("RGB", (24, 24), (60 * k, 120, 90)).save(pics / f"{k}.png")
+    return pics
+
+
+def test_load_model_tells_the_family(tiny_sd, tiny_v, tiny_sdxl):
+    assert [load_model(str(p)).family.name for p in (tiny_sd, tiny_v, tiny_sdxl)] == ["sd1", "sd2", "sdxl"]
+    assert load_model("toyworld").family.name == "sd1"
