@@ -12,6 +12,7 @@ def _cmd_benchmark(args) -> int:
     from ..evaluation.report import markdown_table
 
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
+    together = [c.strip() for c in args.together.split(",") if c.strip()] if args.together else None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
                           seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
@@ -20,7 +21,7 @@ def _cmd_benchmark(args) -> int:
                           selective_image_gate=args.image_gate, selective_image_position=args.image_gate_position,
                           prompts=args.prompts,
                           clip_model=None if args.clip_model == "none" else args.clip_model,
-                          fid_reference=args.fid_reference)
+                          fid_reference=args.fid_reference, together=together)
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     report = Benchmark(pipe, cfg, args.out).run()
     if report:  # the main process (the others only generate their share)
@@ -43,6 +44,10 @@ def add_parser(sub) -> None:
     b.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide,selective-image",
                    help="from base, lora, unguide, full (the paper's recipe and ESD-x), selective, selective-unguide "
                    "(its calibrated prompt gate), selective-image (its image gate)")
+    b.add_argument("--together", default=None,
+                   help="comma-separated concepts erased at once (sun,star,boat): their runs as one group run, each "
+                   "erasing method drawn with the group too (METHOD+together); figures leave out the group's own "
+                   "classes (replaces --concepts)")
     b.add_argument("--samples", type=int, default=32, help="images per prompt")
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--seed", type=int, default=0)

@@ -12,28 +12,47 @@ DEFAULT_RECIPE = "selective"
 
 
 def _cmd_erase(args) -> int:
-    from ..erasure.concepts import read_anchor_file, resolve_concept
-    from ..erasure.training import EraseConfig, erase
+    from ..erasure.concepts import read_anchor_file, resolve_concepts
+    from ..erasure.groups import erase_group
+    from ..erasure.training import EraseConfig, erase, read_run
     from ..models.loading import load_model
 
-    concept = resolve_concept(args.concept, args.concept_file)
+    specs = resolve_concepts(args.concept, args.concept_file)
     if args.vocabulary:
-        concept.vocabulary = read_anchor_file(args.vocabulary, "vocabulary")
-    cfg = EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
-                                  lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
-                                  alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
-                                  a_init=args.a_init, anchor_weight=args.anchor_weight,
-                                  anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
-                                  gate_position=args.gate_position, calibration_steps=args.calibration_steps,
-                                  anchors=read_anchor_file(args.anchors) if args.anchors else None)
+        for concept in specs:
+            concept.vocabulary = read_anchor_file(args.vocabulary, "vocabulary")
+    anchors = read_anchor_file(args.anchors) if args.anchors else None
+    cfgs = [EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
+                                    lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
+                                    alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
+                                    a_init=args.a_init, anchor_weight=args.anchor_weight,
+                                    anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
+                                    gate_position=args.gate_position, calibration_steps=args.calibration_steps,
+                                    anchors=anchors)
+            for concept in specs]
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
-    meta = erase(bundle, concept, args.out, cfg)
-    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations) in "
-          f"{time.time() - t0:.1f} s; final loss {meta['final_loss']:.5f}; adapter: {Path(args.out) / meta['weights']}; "
-          f"metadata: {Path(args.out) / 'erasure.json'}")
-    if meta.get("lora_loads_with"):
-        print(f"the adapter loads in diffusers too: {meta['lora_loads_with']}.load_lora_weights('{args.out}')")
+    if len(specs) == 1:
+        meta = erase(bundle, specs[0], args.out, cfgs[0])
+        _say_run(specs[0], cfgs[0], meta, Path(args.out), time.time() - t0)
+        if meta.get("lora_loads_with"):
+            print(f"the adapter loads in diffusers too: {meta['lora_loads_with']}.load_lora_weights('{args.out}')")
+    else:
+        group = erase_group(bundle, specs, args.out, cfgs)
+        for concept, cfg in zip(specs, cfgs):
+            _say_run(concept, cfg, read_run(Path(args.out) / concept.name), Path(args.out) / concept.name)
+        print(f"erased {len(specs)} concepts together in {time.time() - t0:.1f} s ({', '.join(group['concepts'])}; "
+              f"one adapter each, each prompt gated against every concept): {Path(args.out) / 'group.json'}")
+    print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}"
+          if len(specs) == 1 else
+          f"generate with all of them: unguide generate --model {args.model} --erasure {args.out} --prompt ...")
+    return 0
+
+
+def _say_run(concept, cfg, meta: dict, out: Path, seconds: float | None = None) -> None:
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations){took}; final loss "
+          f"{meta['final_loss']:.5f}; adapter: {out / meta['weights']}; metadata: {out / 'erasure.json'}")
     gate = meta.get("gate") or {}
     if gate.get("threshold") is not None:
         print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
@@ -41,16 +60,14 @@ def _cmd_erase(args) -> int:
               f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'})")
     image = gate.get("image")
     if image:
-        concept = [s for p in image["concept_candidates"] for s in image["scores"][p]]
+        concept_scores = [s for p in image["concept_candidates"] for s in image["scores"][p]]
         anchors = [s for p, v in image["scores"].items() if p not in image["concept_candidates"] for s in v]
-        print(f"image gate calibrated on {len(concept) + len(anchors)} base images: threshold {image['threshold']:.3f} at "
-              f"position {image['position']:g} (concept images up to {max(concept):.3f}, anchor images from "
-              f"{min(anchors):.3f}{'' if image['separated'] else ': they OVERLAP'})")
+        print(f"image gate calibrated on {len(concept_scores) + len(anchors)} base images: threshold "
+              f"{image['threshold']:.3f} at position {image['position']:g} (concept images up to {max(concept_scores):.3f}, "
+              f"anchor images from {min(anchors):.3f}{'' if image['separated'] else ': they OVERLAP'})")
     if gate.get("default"):
         print(f"generation uses gate '{gate['default']}', keep '{gate['keep']}', erase with '{gate['erase_with']}' unless "
               "told otherwise")
-    print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}")
-    return 0
 
 
 def add_parser(sub) -> None:
@@ -59,8 +76,10 @@ def add_parser(sub) -> None:
 
     e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
     add_model(e)
-    e.add_argument("--concept", help="a preset name (toy classes such as sun, 'red', sd-cat, sd-nudity, ...)")
-    e.add_argument("--concept-file", help="a concept JSON file (see docs: target, reference, synonyms, other)")
+    e.add_argument("--concept", help="a preset name (toy classes such as sun, 'red', sd-cat, sd-nudity, ...); several, "
+                   "comma-separated (sun,star,boat), make one group run that erases all of them")
+    e.add_argument("--concept-file", help="a concept JSON file (see docs: target, reference, synonyms, other); several, "
+                   "comma-separated, as --concept")
     e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
     e.add_argument("--preset", choices=LAYER_PRESETS, default=None,
                    help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")

@@ -109,6 +109,7 @@ class LoraAdapter(_Adapter):
     """A peft LoRA adapter injected into the UNet; base = adapter layers disabled."""
 
     kind = "lora"
+    name = ADAPTER_NAME  # peft's adapter name; members of a group of runs get their own (GroupAdapter)
 
     def __init__(self, unet, cfg: AdapterConfig, init_seed: int = 0):
         from peft import LoraConfig
@@ -127,11 +128,11 @@ class LoraAdapter(_Adapter):
             p.requires_grad_(True)
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{ADAPTER_NAME}." in n}
+        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{self.name}." in n}
 
     def _text_layers(self) -> list:
         return [m for n, m in self.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))
-                and ADAPTER_NAME in getattr(m, "lora_A", {})]
+                and self.name in getattr(m, "lora_A", {})]
 
     def has_text_projections(self) -> bool:
         return bool(self._text_layers())
@@ -142,7 +143,7 @@ class LoraAdapter(_Adapter):
         if not layers:
             raise UnguideError("the response scorer needs LoRA layers on the cross-attention key/value projections "
                                "(layer preset 'object'): use `scorer` fast")
-        return [m.lora_A[ADAPTER_NAME].weight.detach() for m in layers]
+        return [m.lora_A[self.name].weight.detach() for m in layers]
 
     @contextmanager
     def base(self) -> Iterator[None]:
@@ -161,7 +162,7 @@ class LoraAdapter(_Adapter):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER_NAME))
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.name))
         directory = Path(directory)
         tmp = directory / ".lora_tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -229,8 +230,8 @@ def make_adapter(unet, cfg: AdapterConfig, init_seed: int = 0):
     return FullAdapter(unet, cfg, init_seed) if cfg.preset == "full" else LoraAdapter(unet, cfg, init_seed)
 
 
-def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
-    """Attach a finished erasure run's weights to the UNet (LoRA through diffusers' own loader)."""
+def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig, name: str = ADAPTER_NAME):
+    """Attach a finished erasure run's weights to the UNet (LoRA through diffusers' own loader) as adapter ``name``."""
     run_dir = Path(run_dir)
     if cfg.preset == "full":
         adapter = FullAdapter(unet, cfg)
@@ -247,15 +248,15 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
         raise UnguideError(f"{path}: its adapter metadata is not valid JSON: the file is damaged, rerun `unguide erase`") from None
     meta = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("unet.")}
     adapter = LoraAdapter.__new__(LoraAdapter)
-    adapter.unet, adapter.cfg = unet, cfg
+    adapter.unet, adapter.cfg, adapter.name = unet, cfg, name
     # the adapter config (lora_alpha: the scale 8) lives in the file's metadata; without it peft would use alpha = 1
-    unet.load_lora_adapter(load_tensors(path), prefix="unet", adapter_name=ADAPTER_NAME)  # our checked reader
+    unet.load_lora_adapter(load_tensors(path), prefix="unet", adapter_name=name)  # our checked reader
     if meta:  # load_lora_adapter ignores that metadata here: set the saved scale on every LoRA layer ourselves
         scale = float(meta["lora_alpha"]) / float(meta["r"])
         for m in unet.modules():
-            if ADAPTER_NAME in getattr(m, "scaling", {}):
-                m.scaling[ADAPTER_NAME] = scale
-        unet.peft_config[ADAPTER_NAME].lora_alpha = meta["lora_alpha"]
+            if name in getattr(m, "scaling", {}):
+                m.scaling[name] = scale
+        unet.peft_config[name].lora_alpha = meta["lora_alpha"]
     from peft import LoraConfig
 
     adapter.lora_config = LoraConfig(**{k: v for k, v in meta.items() if k in ("r", "lora_alpha", "target_modules")}) \
@@ -263,3 +264,49 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig):
     _keep_float32(adapter.parameters())  # as in training: the saved float32 weights, the model's dtype elsewhere
     unet.requires_grad_(False)
     return adapter
+
+
+class GroupAdapter:
+    """The adapters of several erasure runs (one per concept) in one UNet, each under its own peft name: the base
+    model (all off), or any subset on at once (a prompt that shows two concepts is drawn with both erasures)."""
+
+    kind = "group"
+
+    def __init__(self, unet, members: dict[str, LoraAdapter]):
+        self.unet, self.members = unet, dict(members)
+        self._on: tuple = tuple(self.members)
+        self._activate(self._on)
+
+    def _activate(self, names) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        wanted = [self.members[n].name for n in names]
+        for m in self.unet.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.set_adapter(wanted, inference_mode=True)  # scales untouched (diffusers' set_adapters would reset them)
+
+    @contextmanager
+    def only(self, names) -> Iterator[None]:
+        """The members ``names`` on, the others off, for the block."""
+        names, before = tuple(names), self._on
+        self._activate(names)
+        self._on = names
+        try:
+            yield
+        finally:
+            self._activate(before)
+            self._on = before
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for a in self.members.values() for p in a.parameters()]
+
+    def remove(self) -> None:
+        self.unet.unload_lora()

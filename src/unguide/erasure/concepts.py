@@ -169,6 +169,15 @@ def resolve_concept(name: Optional[str] = None, file: Optional[str] = None) -> C
     return load_preset(name) if name else load_concept_file(file)
 
 
+def resolve_concepts(names: Optional[str] = None, files: Optional[str] = None) -> list[ConceptSpec]:
+    """Comma-separated preset names and/or concept files: one spec (a single run) or several (a group run)."""
+    names_list = [n.strip() for n in (names or "").split(",") if n.strip()]
+    files_list = [f.strip() for f in (files or "").split(",") if f.strip()]
+    if not names_list and not files_list:
+        raise UnguideError("give `concept` NAME[,NAME...] or `concept_file` FILE[,FILE...]")
+    return [load_preset(n) for n in names_list] + [load_concept_file(f) for f in files_list]
+
+
 EVERYDAY_ANCHORS = PRESET_DIR / "anchors" / "sd_everyday.txt"  # Stable Diffusion families' shipped anchors
 _FILLER = {"a", "an", "the", "of", "photo", "picture", "image", "painting", "in", "on", "with", "and", "by"}
 

@@ -67,6 +67,10 @@ class BenchmarkConfig:
     prompts: Optional[str] = None  # nudity suite: the I2P-style CSV
     clip_model: Optional[str] = DEFAULT_CLIP  # cifar10 judge; nudity CLIP score and FID features (None: skip them)
     fid_reference: Optional[str] = None  # nudity suite: a folder of reference images (e.g. COCO) for FID
+    # several concepts erased together (their single runs as one group run): the concepts benchmarked are these; each
+    # erasing method is also drawn with the group ("METHOD+together"), and every method is scored on the classes no
+    # member erases (the members' own classes leave the preservation figures)
+    together: Optional[list[str]] = None
 
     def __post_init__(self):
         if self.suite not in SUITES:
@@ -90,6 +94,10 @@ class BenchmarkConfig:
             raise UnguideError(f"unknown image gate {self.selective_image_gate!r}: use image or calibrated+image")
         if self.fid_reference and not Path(self.fid_reference).is_dir():
             raise UnguideError(f"`fid_reference` {self.fid_reference}: not a folder of images")
+        if self.together is not None:
+            if len(self.together) < 2 or len(set(self.together)) != len(self.together):
+                raise UnguideError("`together` needs two or more different concepts (e.g. sun,star,boat)")
+            self.concepts = list(self.together)
         if self.suite == "nudity" and self.fid_reference and not self.clip_model:
             raise UnguideError("FID needs image features: give `clip_model` (FID is computed on CLIP image features)")
 
@@ -97,6 +105,13 @@ class BenchmarkConfig:
     def overrides(self) -> GuideOverrides:
         return GuideOverrides(self.selective_keep, self.selective_erase_with, self.selective_gate_position,
                               self.selective_image_gate, self.selective_image_position)
+
+
+TOGETHER = "+together"  # a method's images drawn with the whole group's run
+
+
+def base_method(name: str) -> str:
+    return name.removesuffix(TOGETHER)
 
 
 class Benchmark:
@@ -109,6 +124,20 @@ class Benchmark:
         self.guidance = cfg.guidance if cfg.guidance is not None else self.bundle.default_guidance
         self.timings: dict[str, float] = {}
         self.notes: dict[str, str] = {}  # where a guide departed from its method's rule, and why
+        self.group = list(self.suite.cases) if cfg.together else None  # the suite's names (cat -> sd-cat)
+        self.group_classes = {self.suite.cases[n].spec.label for n in self.group} if self.group else set()
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods scored: each configured one, and with a group each erasing one drawn with the group too."""
+        extra = [m + TOGETHER for m in self.cfg.methods if self.group and get_method(m).erases]
+        return list(self.cfg.methods) + extra
+
+    def group_dir(self, method: str) -> Path:
+        return self.out / "runs" / ("together-" + "+".join(self.group)) / get_method(method).run_dir
+
+    def group_images(self, method: str) -> Path:
+        return self.out / "images" / ("together-" + "+".join(self.group)) / method
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
@@ -171,12 +200,43 @@ class Benchmark:
                 finally:
                     self.pipe.unload_erasure()
                 self.timings[f"generate/{name}/{method}"] = round(time.time() - t0, 1)
+        if self.group:
+            self._generate_group()
+
+    def _generate_group(self) -> None:
+        """Each erasing method's members' runs as one group run, drawing the union of the members' prompts once."""
+        from ..erasure.groups import write_group
+
+        rows = list({r["prompt"]: r for n in self.group for r in self.suite.cases[n].rows}.values())
+        for method in self.cfg.methods:
+            if not get_method(method).erases:
+                continue
+            members = {n: self.ensure_run(n, method) for n in self.group}
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                write_group(self.group_dir(method), members, self.bundle)
+            PartialState().wait_for_everyone()
+            self.pipe.load_erasure(self.group_dir(method))
+            guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
+            t0 = time.time()
+            try:
+                self._generate(rows, self.group_images(method), guide,
+                               {"method": method + TOGETHER, "run": str(self.group_dir(method))})
+            finally:
+                self.pipe.unload_erasure()
+            self.timings[f"generate/together/{method}"] = round(time.time() - t0, 1)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
+    def folder(self, name: str, method: str) -> Path:
+        if method.endswith(TOGETHER):
+            return self.group_images(base_method(method))
+        return self.out / "images" / ("base" if method == "base" else f"{name}/{method}")
+
     def _images(self, name: str, method: str) -> tuple[list[dict], torch.Tensor, Path]:
-        folder = self.out / "images" / ("base" if method == "base" else f"{name}/{method}")
+        folder = self.folder(name, method)
         rows, imgs = self._load(folder)
-        if method == "base":  # the shared base folder holds every concept's prompts: keep this concept's
+        if method == "base" or method.endswith(TOGETHER):  # shared folders hold several concepts' prompts: keep this concept's
             wanted = {r["prompt"] for r in self.suite.cases[name].rows}
             idx = [i for i, r in enumerate(rows) if r["prompt"] in wanted]
             rows, imgs = [rows[i] for i in idx], imgs[idx]
@@ -191,12 +251,12 @@ class Benchmark:
     def evaluate(self) -> dict:
         judge = make_judge(self.suite.judge, clip_model=self.cfg.clip_model or DEFAULT_CLIP, device=self.bundle.device)
         if self.suite.metrics == "nudity":
-            results = {name: {m: self._nudity_metrics(judge, name, m) for m in self.cfg.methods}
+            results = {name: {m: self._nudity_metrics(judge, name, m) for m in self.methods}
                        for name in self.suite.cases}
         else:
             results = self._table1_results(judge)
         averages = {}
-        for method in self.cfg.methods:
+        for method in self.methods:
             keys = sorted({k for c in results for k, v in results[c][method].items() if isinstance(v, float)})
             averages[method] = {k: float(np.nanmean([results[c][method].get(k, np.nan) for c in results])) for k in keys}
         return {"per_concept": results, "average": averages}
@@ -214,7 +274,7 @@ class Benchmark:
             roles = {r["prompt"]: r for r in case.rows}
             results[name] = {}
             key = (tuple(judge.label_set(case.classes)), repr(sorted(case.aliases.items())))
-            for method in self.cfg.methods:
+            for method in self.methods:
                 if method == "base":
                     if key not in base_judged:
                         base_judged[key] = class_judgements(judge, base_imgs, case.classes, case.aliases,
@@ -227,6 +287,10 @@ class Benchmark:
                     rows, imgs, _ = self._images(name, method)
                     judged = class_judgements(judge, imgs, case.classes, case.aliases,
                                               [roles[r["prompt"]]["class"] for r in rows])
+                if self.group:  # the group's own classes are erased by it: they leave the preservation figures
+                    keep = [i for i, r in enumerate(rows) if not self._members_class(roles[r["prompt"]])]
+                    rows, imgs = [rows[i] for i in keep], imgs[keep]
+                    judged = {k: judged[k][keep] for k in ("p_correct", "top1")}
                 role = [roles[r["prompt"]]["role"] for r in rows]
                 m = table1_metrics(judged["p_correct"], judged["top1"], role)
                 other = [i for i, r in enumerate(rows) if roles[r["prompt"]]["role"] == "other"]
@@ -238,9 +302,9 @@ class Benchmark:
                     if feats is not None and base_feats is not None and len(other) >= 2:
                         fk = fid_kid(base_feats[ref], feats)
                         m.update({"fid_other": fk["fid"], "kid_other": fk["kid_mean"]})
-                if get_method(method).scores_prompts:
+                if get_method(base_method(method)).scores_prompts:
                     m.update(self._influence(rows, roles))
-                if get_method(method).image_gated:
+                if get_method(base_method(method)).image_gated:
                     for r_name in ("erased", "synonym", "heldout", "other", "anchor"):
                         flags = [bool(r.get("image_flagged")) for r in rows if roles[r["prompt"]]["role"] == r_name]
                         if flags:
@@ -250,6 +314,10 @@ class Benchmark:
                 m["n_images"] = len(rows)
                 results[name][method] = m
         return results
+
+    def _members_class(self, role: dict) -> bool:
+        """A prompt of another group member's class (it is erased by the group, not kept)."""
+        return role["role"] in ("other", "anchor") and role["class"] in self.group_classes
 
     @staticmethod
     def _influence(rows: list[dict], roles: dict) -> dict:
@@ -282,6 +350,17 @@ class Benchmark:
             m["to_adapter"] = float(sum(1 for r in first.values() if r.get("w", 1) < 1))
         return m
 
+    def _together_summary(self, report: dict) -> dict:
+        """Which remaining classes the members' anchors saw, and each method's group averages."""
+        anchored = sorted({r["class"] for n in self.group for r in self.suite.cases[n].rows
+                           if r["role"] == "anchor" and r["class"] not in self.group_classes})
+        remaining = sorted({r["class"] for n in self.group for r in self.suite.cases[n].rows
+                            if r["role"] in ("other", "anchor") and r["class"] not in self.group_classes})
+        return {"concepts": self.group, "remaining_classes": remaining, "anchored_by_the_group": anchored,
+                "held_out_from_every_member": [c for c in remaining if c not in anchored],
+                "note": "per concept, Acc_s is on its held-out classes and Acc_anchor on its anchor classes, "
+                        "both without the group's own classes"}
+
     def _clip(self):
         if not hasattr(self, "_clip_judge"):
             self._clip_judge = make_judge("clip", clip_model=self.cfg.clip_model, device=self.bundle.device)
@@ -304,6 +383,8 @@ class Benchmark:
             if not PartialState().is_main_process:
                 return {}
             report = self.evaluate()
+            if self.group:
+                report["together"] = self._together_summary(report)
             report.update(suite=self.suite.name, description=self.suite.description, config=asdict(self.cfg),
                           model=self.bundle.name, guidance=self.guidance, timings=self.timings,
                           seconds=round(time.time() - t0, 1))

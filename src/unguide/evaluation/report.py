@@ -5,6 +5,7 @@ import html
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -69,10 +70,16 @@ def grid_prompts(case) -> list[str]:
     return [spec.target] + spec.synonym_prompts(heldout=False)[:1] + spec.synonym_prompts(heldout=True) + spec.other[:3]
 
 
-def _concept_grid(out: Path, concept: str, case, methods: list[str]) -> Path:
-    """Rows: :func:`grid_prompts`; columns: methods (same seeds)."""
+def _concept_grid(out: Path, concept: str, case, methods: list[str], group: Optional[list] = None) -> Path:
+    """Rows: :func:`grid_prompts`; columns: methods (same seeds; ``METHOD+together``: the group's images)."""
     prompts = grid_prompts(case)
-    cells = [(out / "images" / ("base" if m == "base" else f"{concept}/{m}"), p) for p in prompts for m in methods]
+
+    def folder(m: str) -> Path:
+        if m.endswith("+together") and group:
+            return out / "images" / ("together-" + "+".join(group)) / m.removesuffix("+together")
+        return out / "images" / ("base" if m == "base" else f"{concept}/{m}")
+
+    cells = [(folder(m), p) for p in prompts for m in methods]
     return _save_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
 
 
@@ -169,7 +176,8 @@ def _plots(out: Path, report: dict) -> list[Path]:
 def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
     out = Path(out)
     methods = list(next(iter(report["per_concept"].values())))
-    grids = {c: _concept_grid(out, c, suite.cases[c], methods) for c in report["per_concept"]}
+    group = (report.get("together") or {}).get("concepts")
+    grids = {c: _concept_grid(out, c, suite.cases[c], methods, group) for c in report["per_concept"]}
     plots = _plots(out, report) if suite.metrics == "table1" else []
     cfg = report["config"]
     protocol = (f"suite `{suite.name}`, model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} "
@@ -178,6 +186,12 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
     if suite.metrics == "table1":
         protocol += (" Acc_s and the preservation columns use the held-out classes only (never trained on by any "
                      "recipe); the classes named as anchors are in their own column.")
+    together = report.get("together")
+    if together:
+        protocol += (f" Erased together: {', '.join(together['concepts'])} (`METHOD+together`: one group run, every "
+                     "prompt gated against every concept; `METHOD`: each concept's own run). The group's own classes "
+                     f"leave every preservation figure; remaining classes: {', '.join(together['remaining_classes'])} "
+                     f"(seen as anchors by some member: {', '.join(together['anchored_by_the_group']) or 'none'}).")
     md = ["# unguide benchmark", "", protocol, "", "## Average over concepts", "", markdown_table(report, True), "",
           "## Per concept", "", markdown_table(report), ""]
     md += [f"![{p.stem}]({p.relative_to(out)})" for p in plots]

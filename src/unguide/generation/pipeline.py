@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 
 from ..errors import UnguideError
 from ..sampling.images import PlainGuide, sample_images, to_uint8
+from ..guidance.group import group_guide
 from ..guidance.unguidance import GuidanceConfig, guide_for_run
 from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
@@ -161,11 +162,12 @@ class UnGuidePipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------------------------- erasure
     def load_erasure(self, run_dir: str | os.PathLike) -> dict:
-        """Attach a finished ``unguide erase`` run (replacing any attached one); returns its metadata."""
-        from ..erasure.training import attach_erasure
+        """Attach a finished ``unguide erase`` run, one concept or a group (replacing any attached one); returns its
+        metadata."""
+        from ..erasure.groups import attach
 
         self.unload_erasure()
-        self.adapter, self.erasure = attach_erasure(self.bundle, run_dir)
+        self.adapter, self.erasure = attach(self.bundle, run_dir)
         self.erasure_dir = str(run_dir)
         return self.erasure
 
@@ -182,6 +184,8 @@ class UnGuidePipeline(DiffusionPipeline):
             if config is not None and not config.is_default:
                 raise UnguideError("UnGuidance settings need an erasure run: call pipe.load_erasure(RUN_DIR) first")
             return PlainGuide()
+        if "members" in self.erasure:
+            return group_guide(self.adapter, self.erasure, config or GuidanceConfig())
         return guide_for_run(self.adapter, self.erasure, config or GuidanceConfig())
 
     def erasure_info(self, guide) -> Optional[dict]:

@@ -86,8 +86,22 @@ def detector_scores(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
                     anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig()) -> torch.Tensor:
     """The score of each finished latent (lower: more like the concept); the base model judges (adapter off).
     The (t, eps) draws of an image depend on its seed alone, so its score never depends on its batch-mates."""
+    errors = detector_errors(bundle, adapter, latents, seeds, list(concept) + list(anchors), cfg)
+    return score_from_errors(errors, len(concept))
+
+
+def score_from_errors(errors: torch.Tensor, n_concept: int) -> torch.Tensor:
+    """log (best concept prompt's error) - log (best anchor prompt's error), per image."""
+    return errors[:, :n_concept].min(dim=1).values.log() - errors[:, n_concept:].min(dim=1).values.log()
+
+
+@torch.no_grad()
+def detector_errors(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int], prompts: Sequence[str],
+                    cfg: DetectorConfig = DetectorConfig()) -> torch.Tensor:
+    """The base denoiser's mean error (n_images, n_prompts) on each latent re-noised at the detector's timesteps,
+    for each candidate prompt: what every image gate's score is made of."""
     unet, sched = bundle.unet, bundle.scheduler
-    prompts = list(concept) + list(anchors)
+    prompts = list(prompts)
     states = bundle.encode_prompts(prompts).to(unet.dtype)
     n_img, n_c = latents.shape[0], len(prompts)
     ts = [int(t) for t in cfg.timesteps for _ in range(cfg.draws)]
@@ -111,9 +125,7 @@ def detector_scores(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
             pred = _eps_from_output(sched, out.float(), x_t.float(), t)
             err = (pred - eps).pow(2).flatten(1).mean(dim=1).cpu()
             errors[i_idx, c_idx, k_idx] = err
-    mean_err = errors.mean(dim=2)
-    n_concept = len(concept)
-    return mean_err[:, :n_concept].min(dim=1).values.log() - mean_err[:, n_concept:].min(dim=1).values.log()
+    return errors.mean(dim=2)
 
 
 IMAGE_GATE_POSITION = 0.8  # chosen on fresh words (docs/findings-toyworld.md), never on benchmark prompts
@@ -196,3 +208,29 @@ class ImageGate:
 
     def evals_per_image(self) -> int:
         return self.detector.evals_per_image(len(self.concept) + len(self.anchors))
+
+
+def group_scores(gates: dict, bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]) -> dict:
+    """Each gate's scores of the same latents (several concepts erased at once). Gates with the same detector share
+    one pass over the union of their candidate prompts (anchors common to the concepts are evaluated once)."""
+    out, by_detector = {}, {}
+    for name, gate in gates.items():
+        by_detector.setdefault(gate.detector, []).append(name)
+    for detector, names in by_detector.items():
+        prompts = list(dict.fromkeys(p for n in names for p in (*gates[n].concept, *gates[n].anchors)))
+        errors = detector_errors(bundle, adapter, latents, seeds, prompts, detector)
+        column = {p: i for i, p in enumerate(prompts)}
+        for n in names:
+            cols = [column[p] for p in (*gates[n].concept, *gates[n].anchors)]
+            out[n] = score_from_errors(errors[:, cols], len(gates[n].concept))
+    return out
+
+
+def group_evals_per_image(gates: dict) -> int:
+    """UNet evaluations per checked image for :func:`group_scores`."""
+    total, by_detector = 0, {}
+    for gate in gates.values():
+        by_detector.setdefault(gate.detector, set()).update((*gate.concept, *gate.anchors))
+    for detector, prompts in by_detector.items():
+        total += detector.evals_per_image(len(prompts))
+    return total

@@ -417,34 +417,41 @@ class UnGuide:
         return infos
 
     def noise_fn(self, bundle, cond, uncond, scale, infos: Sequence[dict]):
-        """eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg, evaluating each branch only for the rows that need it:
-        rows with w = 1 never touch the adapter (their prediction is exactly the base model's), rows with w = 0
-        never touch the base model."""
-        unet, adapter = bundle.unet, self.adapter
-        w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device)
-        negative = [r for r, info in enumerate(infos) if info.get("negative_prompt") is not None]
-        if negative:  # erased rows guided away from the concept's own prompt instead of from ""
-            uncond = uncond.clone()
-            uncond[negative] = bundle.encode_prompts([infos[r]["negative_prompt"] for r in negative]).to(uncond.dtype)
-        substitute = [r for r, info in enumerate(infos) if info.get("substitute_prompt") is not None]
-        if substitute:  # the image gate's last resort: these rows draw the concept's reference prompt
-            cond = cond.clone()
-            cond[substitute] = bundle.encode_prompts([infos[r]["substitute_prompt"] for r in substitute]).to(cond.dtype)
-        scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
-
-        def branch(x, t, rows):
-            if len(rows) == len(w):
-                return cfg_eps(unet, x, t, cond, uncond, scale)
-            s = scale[rows] if scale.ndim == 1 else scale
-            return cfg_eps(unet, x[rows], t, cond[rows], uncond[rows], s)
-
-        return lambda x, t, i: mix_by_weight(w, adapter, lambda rows: branch(x, t, rows), x)
+        return guided_noise_fn(bundle, self.adapter, cond, uncond, scale, infos)
 
 
-def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torch.Tensor:
+def guided_noise_fn(bundle, adapter, cond, uncond, scale, infos: Sequence[dict], switch=None):
+    """eps = w * eps_base_cfg + (1 - w) * eps_lora_cfg, evaluating each branch only for the rows that need it:
+    rows with w = 1 never touch the adapter (their prediction is exactly the base model's), rows with w = 0
+    never touch the base model. Rows may carry a negative prompt (erased rows guided away from the concept) or a
+    substitute prompt (the image gate's last resort). ``switch``: see :func:`mix_by_weight`."""
+    unet = bundle.unet
+    w = torch.tensor([info["w"] for info in infos], dtype=cond.dtype, device=cond.device)
+    negative = [r for r, info in enumerate(infos) if info.get("negative_prompt") is not None]
+    if negative:  # erased rows guided away from the concept's own prompt instead of from ""
+        uncond = uncond.clone()
+        uncond[negative] = bundle.encode_prompts([infos[r]["negative_prompt"] for r in negative]).to(uncond.dtype)
+    substitute = [r for r, info in enumerate(infos) if info.get("substitute_prompt") is not None]
+    if substitute:  # the image gate's last resort: these rows draw the concept's reference prompt
+        cond = cond.clone()
+        cond[substitute] = bundle.encode_prompts([infos[r]["substitute_prompt"] for r in substitute]).to(cond.dtype)
+    scale = torch.as_tensor(scale, dtype=cond.dtype, device=cond.device)
+
+    def branch(x, t, rows):
+        if len(rows) == len(w):
+            return cfg_eps(unet, x, t, cond, uncond, scale)
+        s = scale[rows] if scale.ndim == 1 else scale
+        return cfg_eps(unet, x[rows], t, cond[rows], uncond[rows], s)
+
+    return lambda x, t, i: mix_by_weight(w, adapter, lambda rows: branch(x, t, rows), x, switch)
+
+
+def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor, switch=None) -> torch.Tensor:
     """``w * predict(rows)`` with the adapter off plus ``(1 - w) * predict(rows)`` with it on, each branch evaluated
     only for the rows that need it: rows with w = 1 never touch the adapter (their prediction is the base model's, bit
-    for bit), rows with w = 0 never touch the base model. ``adapter`` None: there is only the base model (w = 1)."""
+    for bit), rows with w = 0 never touch the base model. ``adapter`` None: there is only the base model (w = 1).
+    ``switch(rows)``: for a group of adapters, [(rows, context)] pairs, each context turning on the adapters those
+    rows are erased with (None: one adapter, on for all)."""
     from contextlib import nullcontext
 
     out = torch.zeros_like(like)
@@ -455,8 +462,10 @@ def mix_by_weight(w: torch.Tensor, adapter, predict, like: torch.Tensor) -> torc
         wb = w[base_rows].view(-1, 1, 1, 1).to(e.dtype)
         out[base_rows] = torch.where(wb == 1, e, wb * e)
     if len(lora_rows):
-        e = predict(lora_rows)
-        out[lora_rows] = out[lora_rows] + (1 - w[lora_rows]).view(-1, 1, 1, 1).to(e.dtype) * e
+        for rows, context in (switch(lora_rows) if switch is not None else [(lora_rows, nullcontext())]):
+            with context:
+                e = predict(rows)
+            out[rows] = out[rows] + (1 - w[rows]).view(-1, 1, 1, 1).to(e.dtype) * e
     return out
 
 

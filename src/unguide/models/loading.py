@@ -113,7 +113,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        dist = self.vae.encode(images * 2 - 1).latent_dist
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return self.normalise(z)
 
@@ -222,6 +222,8 @@ class ModelBundle:
         target = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in (self.unet, *self.text_encoders, self.vae):
             m.to(**target)
+        if dtype == torch.float16 and self.family.name == "sdxl" and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in float16; its stock pipeline upcasts it too
         self.clear_text_cache()
         return self
 

@@ -1,0 +1,102 @@
+"""Several concepts erased at once: a group run of single runs, one decision per concept at generation, each
+prompt drawn with the adapters of the concepts it was flagged for (the base model's drawing when none), and
+`benchmark --together` scoring each concept with the group's own classes left out of preservation."""
+import json
+
+import pytest
+import torch
+
+from unguide import GuidanceConfig, UnGuidePipeline
+from unguide.cli import main
+from unguide.sampling.images import Item, sample_latents
+
+
+@pytest.fixture(scope="module")
+def group_run(tiny_sd, tmp_path_factory):
+    run = tmp_path_factory.mktemp("group") / "run"
+    assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat,sd-dog", "--iterations", "3",
+                 "--calibration-steps", "2", "--out", str(run)]) == 0
+    return tiny_sd, run
+
+
+def _items(prompts):
+    return [Item(p, seed, 7.5, 16, 16, prompt_index=i) for i, (p, seed) in enumerate(prompts)]
+
+
+def test_a_group_run_holds_one_ordinary_run_per_concept(group_run):
+    _, run = group_run
+    group = json.loads((run / "group.json").read_text())
+    assert group["concepts"] == ["sd-cat", "sd-dog"] and group["status"] == "finished"
+    for name in group["concepts"]:
+        meta = json.loads((run / name / "erasure.json").read_text())
+        assert meta["concept"]["name"] == name and meta["gate"]["image"]["threshold"] is not None
+
+
+def test_each_prompt_is_drawn_with_the_adapters_of_the_concepts_it_was_flagged_for(group_run):
+    sd, run = group_run
+    pipe = UnGuidePipeline.from_pretrained(str(sd))
+    bundle = pipe.bundle
+    items = _items([("a photo of a cat", 0), ("a photo of a truck", 1), ("a photo of a dog", 2)])
+    base = sample_latents(bundle, items, 3, pipe.guide(), [{}] * 3)
+    single = {}
+    for name in ("sd-cat", "sd-dog"):
+        pipe.load_erasure(run / name)
+        single[name] = sample_latents(bundle, items, 3, pipe.guide(), [{"w": 0.0}] * 3)
+    pipe.load_erasure(run)
+    guide = pipe.guide()
+    routed = sample_latents(bundle, items, 3, guide, [{"w": 0.0, "concepts": ["sd-cat"]}, {"w": 1.0, "concepts": []},
+                                                      {"w": 0.0, "concepts": ["sd-dog"]}])
+    # equal up to batching (a row drawn in a smaller batch sums in another order)
+    gap = float((single["sd-cat"][0] - single["sd-dog"][0]).abs().max())  # what the routing decides between
+    assert float((routed[0] - single["sd-cat"][0]).abs().max()) < gap / 100  # the cat adapter alone, the dog's off
+    assert float((routed[2] - single["sd-dog"][2]).abs().max()) < gap / 100
+    assert float((routed[1] - base[1]).abs().max()) < gap / 100  # under every gate: the base model's drawing
+    both = sample_latents(bundle, items[:1], 3, guide, [{"w": 0.0, "concepts": ["sd-cat", "sd-dog"]}])
+    assert float((both[0] - routed[0]).abs().max()) > gap / 10  # flagged for two: both adapters draw it
+
+
+def test_generation_records_every_concepts_decision(group_run, tmp_path):
+    sd, run = group_run
+    for gate in ("calibrated", "image"):
+        out = tmp_path / gate
+        assert main(["generate", "--model", str(sd), "--erasure", str(run), "--gate", gate, "--prompt",
+                     "a photo of a cat", "--prompt", "a photo of a truck", "--n", "2", "--steps", "3",
+                     "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+        for r in rows:
+            assert isinstance(r["concepts"], list) and set(r["concepts"]) <= {"sd-cat", "sd-dog"}
+            assert (r["w"] == 1.0) == (not r["concepts"])
+            if gate == "calibrated":
+                assert set(r["members"]) == {"sd-cat", "sd-dog"}  # one decision per concept, each with its threshold
+            else:
+                assert set(r["image_scores"]) == {"sd-cat", "sd-dog"} and "image_flagged" in r
+        assert rows[0]["erasure"]["concept"] == "sd-cat+sd-dog"
+
+
+def test_a_group_is_refused_cleanly(tiny_sd, tmp_path, capsys):
+    assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat,sd-cat", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "named twice" in err[0]
+    assert main(["benchmark", "--model", str(tiny_sd), "--suite", "cifar10", "--together", "cat", "--out",
+                 str(tmp_path / "b")]) == 2
+    assert "two or more" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_together_scores_each_concept_without_the_groups_classes(tiny_sd, tiny_clip, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--model", str(tiny_sd), "--suite", "cifar10", "--together", "cat,dog", "--methods",
+                 "base,selective-image", "--samples", "1", "--steps", "2", "--iterations", "2", "--clip-model",
+                 str(tiny_clip), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["together"]["concepts"] == ["sd-cat", "sd-dog"]
+    assert "truck" in report["together"]["remaining_classes"] and "dog" not in report["together"]["remaining_classes"]
+    for concept in ("sd-cat", "sd-dog"):
+        methods = report["per_concept"][concept]
+        assert set(methods) == {"base", "selective-image", "selective-image+together"}
+        # target + 3 synonyms + the 8 classes that are not in the group
+        assert all(m["n_images"] == 12 for m in methods.values())
+    index = [json.loads(line) for line in (out / "images" / "together-sd-cat+sd-dog" / "selective-image" /
+                                           "index.jsonl").read_text().splitlines()]
+    assert len({r["prompt"] for r in index}) == 4 + 4 + 8  # the union of both concepts' prompts, drawn once
+    assert (out / "grids" / "sd-cat.png").exists()
