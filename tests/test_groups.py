@@ -100,3 +100,18 @@ def test_benchmark_together_scores_each_concept_without_the_groups_classes(tiny_
                                            "index.jsonl").read_text().splitlines()]
     assert len({r["prompt"] for r in index}) == 4 + 4 + 8  # the union of both concepts' prompts, drawn once
     assert (out / "grids" / "sd-cat.png").exists()
+
+
+def test_the_cost_of_a_group_is_measured_per_prompt_group(group_run, tmp_path, capsys):
+    sd, run = group_run
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\na photo of a dog\na photo of a truck\na photo of a ship\n")
+    out = tmp_path / "cost.json"
+    assert main(["benchmark-scorer", "--model", str(sd), "--erasure", str(run), "--prompts", str(prompts), "--steps",
+                 "3", "--gates-only", "--out", str(out)]) == 0
+    cost = json.loads(out.read_text())["image_gate"]["image"]
+    held = cost["held-out prompts"]
+    assert held["prompts"] == 2 and cost["gate"] == "none+image x 2 concepts"
+    assert held["evals_per_image_base"] == 2 * 3  # plain CFG: 2 evals a step
+    # both concepts' detectors in one pass: 2 timesteps x (4 + 4 concept prompts + 9 shared anchors) per image
+    assert held["evals_per_image_gated"] >= held["evals_per_image_base"] + 2 * (8 + 9)

@@ -91,6 +91,16 @@ def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance:
     return result
 
 
+def _run_guide(adapter, meta: dict, gate: Optional[str]):
+    """The guide of a single run or of a group run (several concepts), with its stored defaults but ``gate``."""
+    if "members" in meta:
+        from ..guidance.group import group_guide
+        from ..guidance.unguidance import GuidanceConfig
+
+        return group_guide(adapter, meta, GuidanceConfig(gate=gate))
+    return guide_for_run(adapter, meta, gate=gate)
+
+
 def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: float, gate: Optional[str] = None,
                        steps: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
     """UNet evaluations per image, decision and image gate included, for each named group of prompts (one image per
@@ -102,7 +112,7 @@ def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: floa
         if not prompts:
             continue
         items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts)]
-        guide = guide_for_run(adapter, meta, gate=gate)
+        guide = _run_guide(adapter, meta, gate)
         with adapter.base():
             t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
         t_gate, n_gate, infos = _timed(bundle, items, guide, steps, batch_size)
@@ -111,5 +121,9 @@ def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: floa
                         "erased": sum(1 for i in infos if i["w"] != guide.rule.w_keep or i.get("image_flagged")),
                         "image_flagged": sum(1 for i in infos if i.get("image_flagged")),
                         "substituted": sum(1 for i in infos if i.get("substitute_prompt"))}
-    result["gate"] = guide.settings()["gate"]["kind"] + ("+image" if guide.image_gate is not None else "")
+    if "members" in meta:
+        first = next(iter(guide.members.values()))
+        result["gate"] = first.gate.kind + ("+image" if guide.image_gates else "") + f" x {len(guide.members)} concepts"
+    else:
+        result["gate"] = guide.settings()["gate"]["kind"] + ("+image" if guide.image_gate is not None else "")
     return result
