@@ -105,7 +105,25 @@ class _Adapter:
                 p.copy_(tensors[n])
 
 
-class LoraAdapter(_Adapter):
+class _PeftLayers:
+    """LoRA layers peft injected into the UNet: switched off all at once for the base model, or taken out."""
+
+    unet: nn.Module
+
+    @contextmanager
+    def base(self) -> Iterator[None]:
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def remove(self) -> None:
+        """Take the adapter(s) out of the UNet, leaving the base model's modules as they were."""
+        self.unet.unload_lora()
+
+
+class LoraAdapter(_PeftLayers, _Adapter):
     """A peft LoRA adapter injected into the UNet; base = adapter layers disabled."""
 
     kind = "lora"
@@ -144,18 +162,6 @@ class LoraAdapter(_Adapter):
             raise UnguideError("the response scorer needs LoRA layers on the cross-attention key/value projections "
                                "(layer preset 'object'): use `scorer` fast")
         return [m.lora_A[self.name].weight.detach() for m in layers]
-
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-
-    def remove(self) -> None:
-        """Take the adapter out of the UNet, leaving the base model's modules as they were."""
-        self.unet.unload_lora()
 
     def save(self, directory: str | Path) -> Path:
         from diffusers import StableDiffusionPipeline
@@ -266,7 +272,7 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig, name: str = ADAP
     return adapter
 
 
-class GroupAdapter:
+class GroupAdapter(_PeftLayers):
     """The adapters of several erasure runs (one per concept) in one UNet, each under its own peft name: the base
     model (all off), or any subset on at once (a prompt that shows two concepts is drawn with both erasures)."""
 
@@ -297,16 +303,5 @@ class GroupAdapter:
             self._activate(before)
             self._on = before
 
-    @contextmanager
-    def base(self) -> Iterator[None]:
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-
     def parameters(self) -> list[torch.Tensor]:
         return [p for a in self.members.values() for p in a.parameters()]
-
-    def remove(self) -> None:
-        self.unet.unload_lora()
