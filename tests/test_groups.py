@@ -115,3 +115,17 @@ def test_the_cost_of_a_group_is_measured_per_prompt_group(group_run, tmp_path, c
     assert held["evals_per_image_base"] == 2 * 3  # plain CFG: 2 evals a step
     # both concepts' detectors in one pass: 2 timesteps x (4 + 4 concept prompts + 9 shared anchors) per image
     assert held["evals_per_image_gated"] >= held["evals_per_image_base"] + 2 * (8 + 9)
+
+
+def test_the_python_pipeline_returns_each_concepts_decision(group_run):
+    sd, run = group_run
+    pipe = UnGuidePipeline.from_pretrained(str(sd))
+    meta = pipe.load_erasure(run)
+    assert meta["group"] == ["sd-cat", "sd-dog"]
+    out = pipe(["a photo of a cat", "a photo of a truck"], num_inference_steps=3, progress=False,
+               unguidance=GuidanceConfig(gate="calibrated"))
+    assert len(out.images) == 2
+    for scores in out.scores:
+        assert set(scores["members"]) == {"sd-cat", "sd-dog"} and isinstance(scores["concepts"], list)
+    pipe.unload_erasure()
+    assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # every member's layers taken out

@@ -47,7 +47,8 @@ class UnGuideOutput(BaseOutput):
     prompts: list = field(default_factory=list)
     seeds: list = field(default_factory=list)
     w: list = field(default_factory=list)  # per image (equal for images of one prompt); None without an erasure run
-    scores: list = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's, ...}
+    scores: list = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's, ...}; a group run adds
+    # "concepts" (those the image was erased for) and each member's scores ("members", "image_scores")
 
 
 class UnGuidePipeline(DiffusionPipeline):
@@ -250,7 +251,8 @@ class UnGuidePipeline(DiffusionPipeline):
         out = UnGuideOutput(images=images, prompts=[it.prompt for it in items], seeds=[it.seed for it in items],
                             w=[i.get("w") for i in infos],
                             scores=[{k: i[k] for k in ("score", "threshold", "score_empty", "image_score",
-                                                        "image_threshold", "image_flagged") if k in i} for i in infos])
+                                                        "image_threshold", "image_flagged", "concepts", "members",
+                                                        "image_scores") if k in i} for i in infos])
         return out if return_dict else out.to_tuple()
 
     def _attach_inputs(self, items, rows, per_prompt: int, negative_prompt, latents) -> None:
