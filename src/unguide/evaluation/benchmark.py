@@ -43,6 +43,7 @@ from ..generation.prompts import PromptRow
 from ..generation.folders import plan_items
 from ..generation.pipeline import as_pipeline
 from .methods import METHODS, GuideOverrides, get_method
+from .report import TOGETHER, method_folder
 from .suites import SUITES, Suite, SuiteName, load_suite
 
 
@@ -107,9 +108,6 @@ class BenchmarkConfig:
                               self.selective_image_gate, self.selective_image_position)
 
 
-TOGETHER = "+together"  # a method's images drawn with the whole group's run
-
-
 def base_method(name: str) -> str:
     return name.removesuffix(TOGETHER)
 
@@ -136,8 +134,6 @@ class Benchmark:
     def group_dir(self, method: str) -> Path:
         return self.out / "runs" / ("together-" + "+".join(self.group)) / get_method(method).run_dir
 
-    def group_images(self, method: str) -> Path:
-        return self.out / "images" / ("together-" + "+".join(self.group)) / method
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
@@ -207,13 +203,13 @@ class Benchmark:
         """Each erasing method's members' runs as one group run, drawing the union of the members' prompts once."""
         from ..erasure.groups import write_group
 
+        from accelerate import PartialState
+
         rows = list({r["prompt"]: r for n in self.group for r in self.suite.cases[n].rows}.values())
         for method in self.cfg.methods:
             if not get_method(method).erases:
                 continue
             members = {n: self.ensure_run(n, method) for n in self.group}
-            from accelerate import PartialState
-
             if PartialState().is_main_process:
                 write_group(self.group_dir(method), members, self.bundle)
             PartialState().wait_for_everyone()
@@ -221,20 +217,15 @@ class Benchmark:
             guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
             t0 = time.time()
             try:
-                self._generate(rows, self.group_images(method), guide,
+                self._generate(rows, method_folder(self.out, "", method + TOGETHER, self.group), guide,
                                {"method": method + TOGETHER, "run": str(self.group_dir(method))})
             finally:
                 self.pipe.unload_erasure()
             self.timings[f"generate/together/{method}"] = round(time.time() - t0, 1)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def folder(self, name: str, method: str) -> Path:
-        if method.endswith(TOGETHER):
-            return self.group_images(base_method(method))
-        return self.out / "images" / ("base" if method == "base" else f"{name}/{method}")
-
     def _images(self, name: str, method: str) -> tuple[list[dict], torch.Tensor, Path]:
-        folder = self.folder(name, method)
+        folder = method_folder(self.out, name, method, self.group)
         rows, imgs = self._load(folder)
         if method == "base" or method.endswith(TOGETHER):  # shared folders hold several concepts' prompts: keep this concept's
             wanted = {r["prompt"] for r in self.suite.cases[name].rows}
@@ -350,8 +341,8 @@ class Benchmark:
             m["to_adapter"] = float(sum(1 for r in first.values() if r.get("w", 1) < 1))
         return m
 
-    def _together_summary(self, report: dict) -> dict:
-        """Which remaining classes the members' anchors saw, and each method's group averages."""
+    def _together_summary(self) -> dict:
+        """The group, the classes left when its own are taken out, and which of them some member's anchors saw."""
         anchored = sorted({r["class"] for n in self.group for r in self.suite.cases[n].rows
                            if r["role"] == "anchor" and r["class"] not in self.group_classes})
         remaining = sorted({r["class"] for n in self.group for r in self.suite.cases[n].rows
@@ -384,7 +375,7 @@ class Benchmark:
                 return {}
             report = self.evaluate()
             if self.group:
-                report["together"] = self._together_summary(report)
+                report["together"] = self._together_summary()
             report.update(suite=self.suite.name, description=self.suite.description, config=asdict(self.cfg),
                           model=self.bundle.name, guidance=self.guidance, timings=self.timings,
                           seconds=round(time.time() - t0, 1))

@@ -70,16 +70,21 @@ def grid_prompts(case) -> list[str]:
     return [spec.target] + spec.synonym_prompts(heldout=False)[:1] + spec.synonym_prompts(heldout=True) + spec.other[:3]
 
 
+TOGETHER = "+together"  # a method's images drawn with the whole group's run (benchmark --together)
+
+
+def method_folder(out: Path, concept: str, method: str, group: Optional[list] = None) -> Path:
+    """Where a benchmark keeps a method's images of a concept: the shared base folder, the concept's own, or the
+    group's (``METHOD+together``, one folder for the union of the members' prompts)."""
+    if method.endswith(TOGETHER) and group:
+        return Path(out) / "images" / ("together-" + "+".join(group)) / method.removesuffix(TOGETHER)
+    return Path(out) / "images" / ("base" if method == "base" else f"{concept}/{method}")
+
+
 def _concept_grid(out: Path, concept: str, case, methods: list[str], group: Optional[list] = None) -> Path:
     """Rows: :func:`grid_prompts`; columns: methods (same seeds; ``METHOD+together``: the group's images)."""
     prompts = grid_prompts(case)
-
-    def folder(m: str) -> Path:
-        if m.endswith("+together") and group:
-            return out / "images" / ("together-" + "+".join(group)) / m.removesuffix("+together")
-        return out / "images" / ("base" if m == "base" else f"{concept}/{m}")
-
-    cells = [(folder(m), p) for p in prompts for m in methods]
+    cells = [(method_folder(out, concept, m, group), p) for p in prompts for m in methods]
     return _save_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .image_gate import group_evals_per_image, group_scores
+from .image_gate import group_scores
 from .unguidance import GuidanceConfig, UnGuide, guide_for_run, guided_noise_fn
 
 
@@ -32,9 +32,6 @@ class GroupGuide:
     def settings(self) -> dict:
         return {"mode": self.mode, "group": list(self.members),
                 "members": {k: g.settings() for k, g in self.members.items()}}
-
-    def image_evals_per_image(self) -> int:
-        return group_evals_per_image(self.image_gates) if self.image_gates else 0
 
     # -- deciding ---------------------------------------------------------------------------------------------
     def prepare(self, bundle, items) -> list[dict]:

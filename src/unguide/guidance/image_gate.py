@@ -225,12 +225,3 @@ def group_scores(gates: dict, bundle, adapter, latents: torch.Tensor, seeds: Seq
             out[n] = score_from_errors(errors[:, cols], len(gates[n].concept))
     return out
 
-
-def group_evals_per_image(gates: dict) -> int:
-    """UNet evaluations per checked image for :func:`group_scores`."""
-    total, by_detector = 0, {}
-    for gate in gates.values():
-        by_detector.setdefault(gate.detector, set()).update((*gate.concept, *gate.anchors))
-    for detector, prompts in by_detector.items():
-        total += detector.evals_per_image(len(prompts))
-    return total
