@@ -10,7 +10,7 @@ import unguide
 SRC = Path(unguide.__file__).parent
 # lowest first; modules of one layer may import each other (without cycles)
 LAYERS = [("errors", "io"), ("models",), ("sampling",), ("guidance",), ("erasure",), ("generation",), ("evaluation",),
-          ("attack",), ("cli",), ("toyworld",)]
+          ("attack",), ("serve",), ("cli",), ("toyworld",)]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

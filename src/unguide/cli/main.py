@@ -6,10 +6,10 @@ import os
 import sys
 
 from ..errors import UnguideError
-from . import attack, benchmark, demo, erase, evaluate, generate, influence, scorer, toy
+from . import attack, benchmark, demo, erase, evaluate, generate, influence, scorer, serve, toy
 from .common import Parser, check_numbers, flag_words, show_library_log
 
-COMMANDS = (generate, erase, toy, benchmark, evaluate, scorer, influence, attack, demo)  # in --help order
+COMMANDS = (generate, erase, toy, benchmark, evaluate, scorer, influence, attack, demo, serve)  # in --help order
 
 
 def build_parser() -> Parser:

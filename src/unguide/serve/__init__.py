@@ -1,0 +1,1 @@
+"""``unguide serve``: a page over the library (run catalog, the studio that draws, the Gradio page)."""
