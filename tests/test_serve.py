@@ -120,6 +120,22 @@ def test_a_comparison_draws_the_same_seeds_three_ways_and_downloads_with_its_set
     assert read_png_metadata(c.rows[0].images["unguidance"][0])["seed"] == 3
 
 
+def test_erasing_a_preset_from_the_studio_adds_a_run_the_page_can_pick(runs, toy_bundle, tmp_path):
+    from unguide.generation.pipeline import UnGuidePipeline
+
+    studio = Studio(UnGuidePipeline.from_bundle(toy_bundle), RunCatalog(tmp_path / "runs"), tmp_path / "out")
+    assert studio.run_names() == []
+    assert "moon" in studio.presets() and "sd-cat" not in studio.presets()  # the loaded model's presets only
+    with pytest.raises(UnguideError, match="unknown preset '../sun'"):
+        studio.erase("../sun")
+    with pytest.raises(UnguideError, match="iterations must be a whole number"):
+        studio.erase("moon", "reference", "many")
+    name = studio.erase("moon", "reference", 2, calibration_steps=2)
+    assert name == "moon/reference-2" and studio.run_names() == [name]
+    assert studio.describe(name)["concept"] == "moon" and studio.describe(name)["gate"] == "empty"
+    assert studio.pipe.adapter is None  # training leaves the base model as it was
+
+
 def test_serve_without_gradio_says_how_to_get_it(monkeypatch, capsys):
     from unguide.cli import main
 
@@ -208,7 +224,7 @@ def test_the_page_in_a_real_browser(server, runs, tmp_path):
                 assert img.evaluate("el => el.complete && el.naturalWidth > 0")  # decoded, not a broken image
             decision = row.locator(".decision")
             assert decision.get_attribute("data-decision") in ("image-fired", "image-kept")
-            assert "image gate" in decision.inner_text() and "threshold" in decision.inner_text()
+            assert "image gate" in decision.inner_text() and "scores below" in decision.inner_text()
         assert page.locator("#download").get_by_text(".zip").count() >= 1
 
         # too many images for one request: the limit is named on the page, the last results stay
@@ -270,6 +286,15 @@ def test_a_run_name_with_dot_dot_is_refused_and_prompts_are_escaped(server, runs
                                       api_name="/compare")
     assert "Drew 1 prompt" in status
     assert "<script>" not in html_out and "&lt;script&gt;" in html_out
+
+
+def test_the_neighbours_button_draws_the_concepts_synonyms_and_neighbours(server, runs):
+    status, html_out, zip_file = client(server).predict(run_name(runs), 0, 5, "run's own", api_name="/neighbours")
+    rows = html_out.count("<tr data-prompt-index")
+    assert rows >= 6 and f"Drew {rows} prompt" in status and "gate run's own" in status and zip_file
+    for kind in ("target", "synonym", "unseen synonym", "neighbour"):
+        assert f"<div class='small'>{kind}</div>" in html_out
+    assert html_out.count("<img") == 3 * rows
 
 
 @pytest.mark.slow

@@ -40,9 +40,10 @@ def _cmd_serve(args) -> int:
               "model (the default, 127.0.0.1, serves this machine only)", flush=True)
     print(f"unguide serve: runs from {runs.root} ({len(runs.names())} found), requests kept in {out}; "
           f"open http://{'127.0.0.1' if args.host in LOOPBACK else args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    # run_history off: results hold inline images, too big for the browser's storage, and its page offers a hub upload
     page.launch(server_name=args.host, server_port=args.port, theme=theme(), css=CSS, ssr_mode=False,
                 allowed_paths=[str(out / "requests")], show_error=False, quiet=True, mcp_server=False,
-                inbrowser=False, share=False)
+                inbrowser=False, share=False, run_history=False, footer_links=["api", "settings"])
     return 0
 
 

@@ -37,7 +37,7 @@ def build_page(studio: Studio):
     limits = studio.limits
     names = studio.run_names()
     with gr.Blocks(title="unguide", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown(f"# unguide: erase a concept, then try prompts\nModel **{html.escape(studio.model_name)}**. "
+        gr.Markdown(f"# unguide: erase a concept, then try prompts\nModel **{_md(studio.model_name)}**. "
                     "Each prompt is drawn with the same seeds three ways: by the base model, by the erasure adapter "
                     "alone, and with UnGuidance (the run's gate decides, per prompt or per image, whether the "
                     "adapter or the base model guides).")
@@ -92,7 +92,7 @@ def build_page(studio: Studio):
             except UnguideError as exc:
                 return _problem(exc), gr.update(), gr.update()
             choices = studio.run_names()
-            return (f"Erased **{html.escape(preset_name)}** into run `{html.escape(name)}`; it is selected above.",
+            return (f"Erased **{_md(preset_name)}** into run `{_md(name)}`; it is selected above.",
                     gr.update(choices=choices, value=name), _describe(studio, name))
 
         def on_refresh(current):
@@ -160,7 +160,8 @@ def decision_text(row) -> str:
         threshold = row.scores[0].get("image_threshold")
         verdict = (f"<span class='fired'>image gate fired on {fired} of {len(flagged)}</span>" if fired
                    else f"<span class='kept'>image gate did not fire (0 of {len(flagged)})</span>")
-        parts.append(verdict + (f" (threshold {threshold:.3f})" if threshold is not None else ""))
+        parts.append(verdict + (f" (it fires when an image scores below {threshold:.3f}: the concept's prompts explain "
+                                f"the image better than the anchors)" if threshold is not None else ""))
     if s.get("concepts") is not None:
         parts.append("erased for: " + (", ".join(html.escape(x) for x in s["concepts"]) or "none"))
     return "<br>".join(parts) or "no gate scores (base model)"
@@ -179,7 +180,9 @@ def _image_verdict(s: dict) -> str:
     if "image_flagged" not in s or s.get("image_score") is None:
         return ""
     word = "<span class='fired'>fired</span>" if s["image_flagged"] else "<span class='kept'>kept</span>"
-    return f"{word} ({s['image_score']:.3f})"
+    threshold = s.get("image_threshold")
+    versus = "" if threshold is None else (" &lt; " if s["image_flagged"] else " &ge; ") + f"{threshold:.3f}"
+    return f"{word}: score {s['image_score']:.3f}{versus}"
 
 
 def _data_uri(path: Path) -> str:
@@ -199,14 +202,15 @@ def _gate(name: Optional[str]) -> Optional[str]:
 
 
 def _summary(c: Comparison) -> str:
-    n = c.settings["images_per_prompt"]
+    n, first = c.settings["images_per_prompt"], c.settings["seed"]
+    seeds = f"seed {first}" if n == 1 else f"seeds {first} to {first + n - 1}"
     return (f"Drew {len(c.rows)} prompt(s) x {n} image(s) three ways in {c.seconds:.1f} s "
-            f"(run `{html.escape(c.run)}`, seeds {c.settings['seed']}..{c.settings['seed'] + n - 1}, "
-            f"{c.settings['steps']} steps, gate {html.escape(c.settings['gate'])}).")
+            f"(run `{_md(c.run)}`, {seeds}, "
+            f"{c.settings['steps']} steps, gate {_md(c.settings['gate'])}).")
 
 
 def _problem(exc: Exception) -> str:
-    return f"**Cannot do that:** {html.escape(str(exc), quote=False)}"
+    return f"**Cannot do that:** {_md(str(exc))}"
 
 
 def _describe(studio: Studio, name: Optional[str]) -> str:
@@ -220,10 +224,15 @@ def _describe(studio: Studio, name: Optional[str]) -> str:
     if d["image_threshold"] is not None:
         gate += f", image threshold {d['image_threshold']:.3f}"
     members = f" (concepts: {', '.join(d['members'])})" if d["members"] else ""
-    return (f"Run `{html.escape(d['name'])}`: concept **{html.escape(d['concept'])}**{members}, "
+    return (f"Run `{_md(d['name'])}`: concept **{_md(d['concept'])}**{members}, "
             f"{d['recipe']} recipe, {gate}.")
 
 
 def _no_runs(studio: Studio) -> str:
-    return (f"No finished erasure runs under `{html.escape(str(studio.catalog.root))}` yet: erase one in the "
+    return (f"No finished erasure runs under `{_md(str(studio.catalog.root))}` yet: erase one in the "
             "*Erase a concept* tab, run `make demo`, or start with `--runs DIR`.")
+
+
+def _md(text: str) -> str:
+    """Text from a user or a file, shown in Markdown: no HTML gets through (quotes stay readable)."""
+    return html.escape(str(text), quote=False)

@@ -157,8 +157,10 @@ class Studio:
                 names.append(name)
         return names
 
-    def erase(self, preset: str, recipe: str = "selective", iterations: int = 200, progress: bool = False) -> str:
-        """Train a run for a preset into ``runs/<preset>/<recipe>`` (resumed if it was interrupted); returns its name."""
+    def erase(self, preset: str, recipe: str = "selective", iterations: int = 200, progress: bool = False,
+              **settings) -> str:
+        """Train a run for a preset into ``runs/<preset>/<recipe>`` (resumed if it was interrupted); returns its name.
+        ``settings`` go to :class:`~unguide.erasure.training.EraseConfig` (the page sends none)."""
         from ..erasure.training import RECIPES, EraseConfig, erase
 
         if preset not in self.presets():
@@ -173,7 +175,7 @@ class Studio:
         with self._lock:
             self.pipe.unload_erasure()
             erase(self.pipe.bundle, spec, self.catalog.new_run_path(name),
-                  EraseConfig.for_concept(recipe, spec, iterations=iterations), progress=progress)
+                  EraseConfig.for_concept(recipe, spec, iterations=iterations, **settings), progress=progress)
         self.catalog.refresh()
         return name
 
