@@ -160,7 +160,8 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
         LOG.info(f"calibrating the image gate on {len(items)} base images of {len(cand_concept)} concept prompts and "
                  f"{len(calib_anchors)} anchors ...")
     with adapter.base() if adapter is not None else nullcontext():
-        latents = sample_latents_batched(bundle, items, steps, batch_size=batch_size)
+        latents = sample_latents_batched(bundle, items, steps, batch_size=batch_size, progress=progress,
+                                         desc="calibrate image gate")
     scores = detector_scores(bundle, adapter, latents, [it.seed for it in items], cand_concept, cand_anchors, cfg).tolist()
     per_prompt: dict[str, list] = {}
     for it, s in zip(items, scores):

@@ -113,15 +113,18 @@ def sample_images(bundle, items: Sequence[Item], steps: int = 50, guide=None, ba
 
 
 @torch.no_grad()
-def sample_latents_batched(bundle, items: Sequence[Item], steps: int = 50, guide=None, batch_size: int = 32) -> torch.Tensor:
+def sample_latents_batched(bundle, items: Sequence[Item], steps: int = 50, guide=None, batch_size: int = 32,
+                           progress: bool = False, desc: str = "sample") -> torch.Tensor:
     """Final latents of items that share a size, in batches, without decoding (what a detector reads)."""
     steps = check_number("number of inference steps", steps, low=1, integer=True)
     batch_size = check_number("batch size", batch_size, low=1, integer=True)
     guide = guide or PlainGuide()
     out = []
-    for b in range(0, len(items), batch_size):
-        batch = list(items[b:b + batch_size])
-        out.append(sample_latents(bundle, batch, steps, guide, guide.prepare(bundle, batch)))
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+        for b in range(0, len(items), batch_size):
+            batch = list(items[b:b + batch_size])
+            out.append(sample_latents(bundle, batch, steps, guide, guide.prepare(bundle, batch)))
+            bar.update(len(batch))
     return torch.cat(out)
 
 
