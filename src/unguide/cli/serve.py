@@ -23,10 +23,8 @@ def _cmd_serve(args) -> int:
     from ..serve.page import CSS, build_page, theme
     from ..serve.studio import ServeLimits, Studio
 
-    if not 1 <= args.port <= 65535:
+    if args.port > 65535:  # int flags are checked >= 1 as they are parsed (cli.common.check_numbers)
         raise UnguideError(f"`port` must be 1 to 65535, not {args.port}")
-    if args.max_images < 1 or args.max_images_per_prompt < 1 or args.queue_size < 1:
-        raise UnguideError("`max_images`, `max_images_per_prompt` and `queue_size` must be >= 1")
     runs = RunCatalog(args.runs)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unguide-serve-"))
     limits = ServeLimits(max_images=args.max_images, max_images_per_prompt=args.max_images_per_prompt,

@@ -136,8 +136,7 @@ def render_comparison(c: Comparison, kinds: Optional[list[str]] = None) -> str:
                 imgs.append(f"<img src='{_data_uri(path)}' alt='{html.escape(caption)}' title='{html.escape(caption)}'"
                             f" data-view='{view}'>")
             if view == "unguidance":
-                imgs.append("<div class='small'>" + "; ".join(_image_verdict(s) for s in row.scores if _image_verdict(s))
-                            + "</div>")
+                imgs.append("<div class='small'>" + "; ".join(filter(None, map(_image_verdict, row.scores))) + "</div>")
             cells.append(f"<td>{''.join(imgs)}</td>")
         body.append(f"<tr data-prompt-index='{i}'><td>{kind}<b>{html.escape(row.prompt)}</b>"
                     f"<div class='decision' data-decision='{_decision_code(row.scores)}'>{decision_text(row)}</div>"

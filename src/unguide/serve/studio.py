@@ -15,13 +15,13 @@ import threading
 import time
 import uuid
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from .catalog import RunCatalog, RunEntry
 from ..erasure.concepts import ConceptSpec, concept_from_dict, load_preset, preset_names
-from ..errors import UnguideError
+from ..errors import UnguideError, check_number
 from ..guidance.unguidance import GATE_CHOICES, GuidanceConfig
 from ..io import atomic_path, write_json
 
@@ -79,19 +79,9 @@ def parse_prompts(text: Optional[str], limits: ServeLimits) -> list[str]:
     return prompts
 
 
-def whole(value, name: str) -> int:
-    """A whole number from a page field (which may send 2.0 or "2"), or one clear error."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UnguideError(f"{name} must be a whole number, not {str(value)[:40]!r}") from None
-    if number != number or number in (float("inf"), float("-inf")) or number != int(number):
-        raise UnguideError(f"{name} must be a whole number, not {value}")
-    return int(number)
-
-
 def check_numbers(n, seed, steps, limits: ServeLimits, prompts: int) -> tuple[int, int, int]:
-    n, seed, steps = whole(n, "images per prompt"), whole(seed, "seed"), whole(steps, "steps")
+    n, seed, steps = (check_number(name, value, integer=True)  # the page may send 2.0 or "2"
+                      for name, value in (("images per prompt", n), ("seed", seed), ("steps", steps)))
     if not 1 <= n <= limits.max_images_per_prompt:
         raise UnguideError(f"images per prompt must be 1 to {limits.max_images_per_prompt}, not {n}")
     if prompts * n > limits.max_images:
@@ -167,7 +157,7 @@ class Studio:
             raise UnguideError(f"unknown preset {str(preset)[:40]!r}: choose one of {', '.join(self.presets())}")
         if recipe not in RECIPES:
             raise UnguideError(f"unknown recipe {str(recipe)[:40]!r}: use {' or '.join(RECIPES)}")
-        iterations = whole(iterations, "iterations")
+        iterations = check_number("iterations", iterations, integer=True)
         if not 1 <= iterations <= 2000:
             raise UnguideError(f"iterations must be 1 to 2000, not {iterations}")
         name = f"{preset}/{recipe}" + ("" if iterations == 200 else f"-{iterations}")
@@ -266,6 +256,3 @@ def _specs(meta: dict) -> list[ConceptSpec]:
     metas = meta["members"].values() if "members" in meta else [meta]
     return [concept_from_dict(m["concept"], "the run's erasure.json") for m in metas]
 
-
-def settings_of(comparison: Comparison) -> dict:
-    return {**comparison.settings, "rows": [asdict(r) for r in comparison.rows]}
