@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first, pinned: a CPU wheel of 2.13.0 is what this project is tested with (a looser spec pulls a CUDA build)
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+# torch first, pinned: a CPU wheel of 2.13.0 is what this project is tested with (a looser spec pulls a CUDA build);
+# then unguide with every dependency at the exact version CI installs, from constraints.txt.
+# Want other versions? Edit constraints.txt (its pins), then `make install` again.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,9 @@
 import pytest
 import json
 
-from unguide.attack.harness import AttackConfig, attack, vocabulary_words
+from unguide.attack.defence import AttackConfig
+from unguide.attack.harness import attack
+from unguide.attack.search import vocabulary_words
 from unguide.cli import main
 from unguide.erasure.concepts import load_preset
 from unguide.toyworld import plugin as toy_world
@@ -112,8 +114,11 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
     import torch
 
     from unguide.erasure.adapters import AdapterConfig, make_adapter
-    from unguide.attack.harness import Defence, Probe
-    from unguide.guidance.unguidance import Gate, UnGuide, WeightRule
+    from unguide.attack.defence import Defence, Exposure, Probe
+    from unguide.guidance.config import WeightRule
+    from unguide.guidance.decision import Decision
+    from unguide.guidance.prompt_gate import PromptGate
+    from unguide.guidance.unguidance import UnGuide
     from unguide.guidance.image_gate import ImageGate
 
     plugin, spec = toy_world, load_preset("sun")
@@ -125,7 +130,7 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
             for p in adapter.parameters():
                 p.copy_(torch.randn_like(p) * 0.2)  # an adapter that changes every prediction
         rule = WeightRule(w_keep=1.0, w_erase=0.0)
-        guide = UnGuide(adapter, gate=Gate("none"), rule=rule, image_gate=ImageGate(concept, anchors, 0.0))
+        guide = UnGuide(adapter, gate=PromptGate("none"), rule=rule, image_gate=ImageGate(concept, anchors, 0.0))
         cfg = AttackConfig(candidates=4, pairs=0, renders=2, draws=1, inversion_steps=0, keep=1, samples=2, steps=20,
                            gate_images=2)
         r = attack(toy_bundle, spec, plugin.concept_images(spec, 2), plugin.ToyJudge(), list(plugin.OBJECTS), {},
@@ -137,22 +142,22 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
         rows = [json.loads(line) for line in (tmp_path / "g" / "images" / "index.jsonl").read_text().splitlines()]
         target_rows = [row for row in rows if row["prompt"] == spec.target]
         assert target_rows and all(row["image_flagged"] and row["w"] == 0.0 for row in target_rows)
-        never = Defence(toy_bundle, UnGuide(adapter, gate=Gate("none"), rule=rule,
+        never = Defence(toy_bundle, UnGuide(adapter, gate=PromptGate("none"), rule=rule,
                                             image_gate=ImageGate(concept, anchors, -1e9)), adapter, 2, 20)
-        assert never.weights([spec.target])[0]["flag_rate"] == 0.0
+        assert never.exposures([spec.target])[0].flag_rate == 0.0
         defence = Defence(toy_bundle, guide, adapter, 2, 20)
         probe = Probe.build(toy_bundle, plugin.concept_images(spec, 2), cfg)
         states = toy_bundle.encode_prompts([spec.target]).float()
-        kept = defence.losses(probe, states, [{"w": 1.0}], 64)[0]
-        erased = defence.losses(probe, states, [{"w": 0.0}], 64)[0]
-        mixed = defence.losses(probe, states, [{"w": 1.0, "flag_rate": 0.25, "w_erased": 0.0}], 64)[0]
+        kept = defence.losses(probe, states, [Exposure(Decision(1.0))], 64)[0]
+        erased = defence.losses(probe, states, [Exposure(Decision(0.0))], 64)[0]
+        mixed = defence.losses(probe, states, [Exposure(Decision(1.0), 0.25, None, 0.0)], 64)[0]
         assert abs(float(kept - erased)) > 1e-4
         assert torch.allclose(mixed, 0.75 * kept + 0.25 * erased, atol=1e-6)
         # with the last resort: half the redraws are flagged again and drawn from the reference prompt instead
-        last = Defence(toy_bundle, UnGuide(adapter, gate=Gate("none"), rule=rule, image_gate=guide.image_gate,
+        last = Defence(toy_bundle, UnGuide(adapter, gate=PromptGate("none"), rule=rule, image_gate=guide.image_gate,
                                            substitute_prompt=spec.reference), adapter, 2, 20)
-        ref = defence.losses(probe, toy_bundle.encode_prompts([spec.reference]).float(), [{"w": 1.0}], 64)[0]
-        both = last.losses(probe, states, [{"w": 1.0, "flag_rate": 0.5, "w_erased": 0.0, "substitute_rate": 0.5}], 64)[0]
+        ref = defence.losses(probe, toy_bundle.encode_prompts([spec.reference]).float(), [Exposure(Decision(1.0))], 64)[0]
+        both = last.losses(probe, states, [Exposure(Decision(1.0), 0.5, 0.5, 0.0)], 64)[0]
         assert torch.allclose(both, 0.5 * kept + 0.5 * (0.5 * erased + 0.5 * ref), atol=1e-6)
     finally:
         adapter.remove()

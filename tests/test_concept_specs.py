@@ -5,6 +5,7 @@ import re
 from unguide.evaluation.suites import concept_rows as benchmark_rows
 from unguide.cli import main
 from unguide.erasure.concepts import PRESET_DIR, load_concept_file, load_preset, preset_names, read_anchor_file
+from unguide.erasure.runs import read_run
 from unguide.erasure.training import EraseConfig
 from unguide.toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
 from unguide.toyworld.render import OBJECTS
@@ -99,11 +100,11 @@ def test_a_concept_without_anchors_gets_its_familys_anchors(tiny_sd, tmp_path, c
                  "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "lists no anchors: using the shipped everyday (Stable Diffusion) anchor list" in out
-    meta = json.loads((tmp_path / "run" / "erasure.json").read_text())
+    meta = read_run(tmp_path / "run")
     everyday = read_anchor_file(EVERYDAY_ANCHORS)
-    assert "a photo of the lamp" in everyday and "a photo of the lamp" not in meta["anchors"]
-    assert meta["anchors"] == [a for a in everyday if "lamp" not in a] and "" in meta["anchors"]
-    assert meta["concept"]["anchors"] == meta["anchors"] and meta["gate"]["image"]["anchor_candidates"]
+    assert "a photo of the lamp" in everyday and "a photo of the lamp" not in meta.anchors
+    assert meta.anchors == [a for a in everyday if "lamp" not in a] and "" in meta.anchors
+    assert meta.concept["anchors"] == meta.anchors and meta.calibration.image["anchor_candidates"]
     # a rerun finds the same concept (its defaults filled the same way) and resumes instead of refusing
     assert main(["erase", "--model", str(tiny_sd), "--concept-file", str(spec), "--iterations", "2",
                  "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from unguide import GuidanceConfig, UnGuidePipeline, UnguideError, load_model
 from unguide.erasure.adapters import AdapterConfig, make_adapter
 from unguide.cli import main
-from unguide.sampling.images import read_png_metadata
-from unguide.sampling.ddim import unet_eps
+from unguide.generation.folders import read_png_metadata
+from unguide.sampling.ddim import model_output
 
 
 @pytest.mark.slow
@@ -69,7 +69,7 @@ def test_trained_weights_stay_float32_in_a_bfloat16_model(tiny_sd, preset):
     before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     adapter = make_adapter(bundle.unet, AdapterConfig(preset=preset, a_init="uniform"))
     assert {p.dtype for p in adapter.parameters()} == {torch.float32}
-    out = unet_eps(bundle.unet, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), 500,
+    out = model_output(bundle.unet, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), 500,
                    bundle.encode_prompts(["a cat"]))
     assert out.dtype == torch.bfloat16
     out.float().pow(2).mean().backward()

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from unguide import load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec, load_preset
-from unguide.erasure.training import EraseConfig, attach_erasure, erase
+from unguide.erasure.runs import read_run
+from unguide.erasure.training import EraseConfig, erase
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat")
 
@@ -24,7 +25,7 @@ def test_resume_gives_the_same_adapter(tiny_sd, tmp_path):
     meta = erase(load_model(str(tiny_sd)), CAT, tmp_path / "resumed", cfg, progress=False)
     a, b = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert meta["losses"] == json.loads((tmp_path / "straight" / "erasure.json").read_text())["losses"]
+    assert meta.losses == json.loads((tmp_path / "straight" / "erasure.json").read_text())["losses"]
     assert not (tmp_path / "resumed" / "checkpoint.safetensors").exists()
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in log] == [1, 2, 3, 4, 5, 6]
@@ -36,7 +37,7 @@ def test_lora_file_loads_in_diffusers(tiny_sd, tmp_path):
     run = tmp_path / "run"
     erase(load_model(str(tiny_sd)), CAT, run, EraseConfig(iterations=3, ddim_steps=8, lr=1e-2), progress=False)
     bundle = load_model(str(tiny_sd))
-    attach_erasure(bundle, run)
+    read_run(run).attach(bundle)
     ours = {k: v for k, v in bundle.unet.state_dict().items() if "lora" in k}
     scales = {m.scaling["erasure"] for m in bundle.unet.modules() if "erasure" in getattr(m, "scaling", {})}
     assert scales == {8.0}  # our loader applies the saved scale (alpha 8, rank 1), not peft's default alpha = rank
@@ -102,8 +103,9 @@ def test_other_layer_presets_train_and_reload(tiny_sd, tmp_path, preset):
     before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     erase(bundle, CAT, tmp_path / preset, EraseConfig(preset=preset, iterations=3, ddim_steps=5, lr=1e-2), progress=False)
     fresh = load_model(str(tiny_sd))
-    adapter, meta = attach_erasure(fresh, tmp_path / preset)
-    assert meta["config"]["preset"] == preset
+    run = read_run(tmp_path / preset)
+    adapter = run.attach(fresh)
+    assert run.preset == preset
     x, t, s = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 16, 32)
     with torch.no_grad():
         adapted = fresh.unet(x, t, encoder_hidden_states=s).sample

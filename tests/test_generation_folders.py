@@ -70,7 +70,7 @@ def test_bad_prompt_files(tmp_path, capsys, content, fragment):
 
 
 def test_i2p_rows_set_seed_guidance_and_size(tiny_sd, tmp_path):
-    from unguide.sampling.images import read_png_metadata
+    from unguide.generation.folders import read_png_metadata
 
     path = tmp_path / "i2p.csv"
     path.write_text("prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,categories\n"

@@ -8,6 +8,7 @@ import torch
 
 from unguide import GuidanceConfig, UnGuidePipeline
 from unguide.cli import main
+from unguide.erasure.runs import load_run
 from unguide.sampling.images import Item, sample_latents
 
 
@@ -27,9 +28,11 @@ def test_a_group_run_holds_one_ordinary_run_per_concept(group_run):
     _, run = group_run
     group = json.loads((run / "group.json").read_text())
     assert group["concepts"] == ["sd-cat", "sd-dog"] and group["status"] == "finished"
-    for name in group["concepts"]:
-        meta = json.loads((run / name / "erasure.json").read_text())
-        assert meta["concept"]["name"] == name and meta["gate"]["image"]["threshold"] is not None
+    loaded = load_run(run)
+    assert loaded.is_group and list(loaded.members) == group["concepts"] and loaded.name == "sd-cat+sd-dog"
+    for name, member in loaded.members.items():
+        assert member.path == run / name and not member.is_group
+        assert member.name == name and member.calibration.image["threshold"] is not None
 
 
 def test_each_prompt_is_drawn_with_the_adapters_of_the_concepts_it_was_flagged_for(group_run):
@@ -120,8 +123,8 @@ def test_the_cost_of_a_group_is_measured_per_prompt_group(group_run, tmp_path, c
 def test_the_python_pipeline_returns_each_concepts_decision(group_run):
     sd, run = group_run
     pipe = UnGuidePipeline.from_pretrained(str(sd))
-    meta = pipe.load_erasure(run)
-    assert meta["group"] == ["sd-cat", "sd-dog"]
+    loaded = pipe.load_erasure(run)
+    assert loaded.is_group and list(loaded.members) == ["sd-cat", "sd-dog"]
     out = pipe(["a photo of a cat", "a photo of a truck"], num_inference_steps=3, progress=False,
                unguidance=GuidanceConfig(gate="calibrated"))
     assert len(out.images) == 2

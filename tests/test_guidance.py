@@ -6,9 +6,11 @@ from PIL import Image
 from unguide import load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec
-from unguide.erasure.training import EraseConfig, attach_erasure, erase
+from unguide.erasure.runs import read_run
+from unguide.erasure.training import EraseConfig, erase
 from unguide.sampling.images import Item, PlainGuide, sample_images
-from unguide.guidance.unguidance import ScorerConfig, UnGuide, WeightRule
+from unguide.guidance.config import ScorerConfig, WeightRule
+from unguide.guidance.unguidance import UnGuide
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                   other=["a dog", "a photo of the car"])
@@ -35,7 +37,7 @@ def test_w1_is_base_and_w0_is_adapter_alone(tiny_sd, sd_run, tmp_path):
     assert _gen(tiny_sd, tmp_path / "w1", "--erasure", str(sd_run), "--w", "1") == 0
     assert _gen(tiny_sd, tmp_path / "w0", "--erasure", str(sd_run), "--w", "0") == 0
     bundle = load_model(str(tiny_sd))
-    attach_erasure(bundle, sd_run)
+    read_run(sd_run).attach(bundle)
     items = [Item("a photo of the cat", 0, 7.5, 16, 16)]
     lora_alone, _ = sample_images(bundle, items, steps=4, guide=PlainGuide(), progress=False)
     lora_alone = (lora_alone[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -46,7 +48,7 @@ def test_w1_is_base_and_w0_is_adapter_alone(tiny_sd, sd_run, tmp_path):
 
 
 def test_unguide_mode_records_scores_and_is_deterministic(tiny_sd, sd_run, tmp_path):
-    from unguide.sampling.images import read_png_metadata
+    from unguide.generation.folders import read_png_metadata
 
     assert _gen(tiny_sd, tmp_path / "a", "--erasure", str(sd_run)) == 0
     assert _gen(tiny_sd, tmp_path / "b", "--erasure", str(sd_run)) == 0
@@ -58,12 +60,12 @@ def test_unguide_mode_records_scores_and_is_deterministic(tiny_sd, sd_run, tmp_p
 
 def test_reference_and_fast_scorers_share_one_path(tiny_sd, sd_run):
     bundle = load_model(str(tiny_sd))
-    adapter, _ = attach_erasure(bundle, sd_run)
+    adapter = read_run(sd_run).attach(bundle)
     ref = UnGuide(adapter, scorer=ScorerConfig.reference(draws=2))
     fast = UnGuide(adapter)
     prompts = ["a photo of the cat", "a photo of the dog"]
     r, f = ref.decide(bundle, prompts, 7.5), fast.decide(bundle, prompts, 7.5)
-    assert all(x["score"] > 0 for x in r + f)
+    assert all(d.score > 0 for d in r + f)
     assert ScorerConfig.reference().evals_per_prompt() == 30 * 24
     assert ScorerConfig().evals_per_prompt() <= 40
 
@@ -92,7 +94,7 @@ def test_pipeline_api(tiny_sd, sd_run):
 def test_influence_command_reports_what_generation_decides(tiny_sd, sd_run, tmp_path, capsys):
     import json
 
-    from unguide.sampling.images import read_png_metadata
+    from unguide.generation.folders import read_png_metadata
 
     out = tmp_path / "influence.json"
     assert main(["influence", "--model", str(tiny_sd), "--erasure", str(sd_run), "--prompt", "a photo of the cat",

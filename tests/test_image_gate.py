@@ -58,20 +58,16 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
 
 
 def test_v_prediction_output_is_converted_to_noise():
-    from types import SimpleNamespace
-
-    from unguide.guidance.image_gate import _eps_from_output
+    from unguide.models.prediction import Prediction
 
     alphas = torch.linspace(0.99, 0.01, 1000)
-    sched = SimpleNamespace(config={"prediction_type": "v_prediction"}, alphas_cumprod=alphas)
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([300, 700])
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     v = a.sqrt() * eps - (1 - a).sqrt() * x0  # what a perfect v-model predicts
-    assert torch.allclose(_eps_from_output(sched, v, x_t, t), eps, atol=1e-5)
-    sched.config["prediction_type"] = "epsilon"
-    assert torch.equal(_eps_from_output(sched, eps, x_t, t), eps)
+    assert torch.allclose(Prediction("v_prediction", alphas).noise(v, x_t, t), eps, atol=1e-5)
+    assert torch.equal(Prediction("epsilon", alphas).noise(eps, x_t, t), eps)
 
 
 @pytest.mark.slow
@@ -83,7 +79,7 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     from unguide.cli import main
     from unguide.erasure.concepts import ConceptSpec
     from unguide.erasure.training import EraseConfig, erase
-    from unguide.sampling.images import read_png_metadata
+    from unguide.generation.folders import read_png_metadata
 
     spec = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                        other=["a dog"], anchors=["", "a photo of the house", "a photo of the tree"])
@@ -91,7 +87,7 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     bundle = load_model(str(tiny_sd))
     run = tmp_path / "cat"
     meta = erase(bundle, spec, run, cfg, progress=False)
-    image = meta["gate"]["image"]
+    image = meta.calibration.image
     assert image["concept_candidates"] == ["a photo of the cat", "a photo of the kitty"]
     assert image["anchor_candidates"] == ["", "a photo of the house", "a photo of the tree"]
     assert len(image["scores"]["a photo of the cat"]) == image["samples"] == 8
@@ -111,9 +107,9 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
             assert m["w"] == 1.0 and "image_score_redrawn" not in m
     # forget the calibration, as a run from before the image gate: the same erase command adds it, nothing retrained
     stored = json.loads((run / "erasure.json").read_text())
-    del stored["gate"]["image"]
+    stored["calibration"]["image"] = None
     (run / "erasure.json").write_text(json.dumps(stored))
     weights = (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
     again = erase(bundle, spec, run, cfg, progress=False)
-    assert again["gate"]["image"]["threshold"] == pytest.approx(image["threshold"])
+    assert again.calibration.image["threshold"] == pytest.approx(image["threshold"])
     assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights

@@ -7,7 +7,8 @@ from PIL import Image
 
 from unguide import load_model
 from unguide.cli import main
-from unguide.sampling.images import Item, read_png_metadata, sample_images
+from unguide.generation.folders import read_png_metadata
+from unguide.sampling.images import Item, sample_images
 from unguide.toyworld.classifier import ToyClassifier
 from unguide.toyworld.render import OBJECTS
 

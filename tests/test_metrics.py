@@ -53,8 +53,46 @@ def test_ssim_identical_inverted_constant():
     expected = (2 * m1 * m2 + C1) / (m1**2 + m2**2 + C1)  # = 0.24/0.40 ~ 0.6
     got = ssim(torch.full((1, 3, 16, 16), m1), torch.full((1, 3, 16, 16), m2))
     assert got.item() == pytest.approx(expected, abs=1e-5)
-    small = torch.rand(1, 3, 6, 8, generator=g)  # smaller than the 11-px window -> 5x5 window
+    small = torch.rand(1, 3, 11, 12, generator=g)  # one row of valid window positions
     assert ssim(small, small).item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="smaller than SSIM's 11x11 window"):
+        ssim(small[..., :10, :], small[..., :10, :])
+    with pytest.raises(ValueError, match="window"):
+        ssim(a, a, window=7)  # torchmetrics derives the window from sigma
+
+
+def test_ssim_is_torchmetrics_map_over_valid_positions():
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=g)
+    b = 0.8 * a + 0.2 * torch.rand(2, 3, 32, 32, generator=g)
+    got = ssim(a, b)
+    assert got.shape == (2,) and got.dtype == torch.float32
+    assert got.tolist() == pytest.approx([0.9493293436, 0.9494388850], abs=1e-6)
+    # torchmetrics' class API (float64, data range 1): its SSIM map, averaged where the 11x11 window lies inside the
+    # image; torchmetrics' own mean (1.9.0: the whole reflect-padded map) counts the mirrored borders too
+    metric = StructuralSimilarityIndexMeasure(data_range=1.0, reduction="none", return_full_image=True)
+    whole_map_mean, ssim_map = metric(a.double(), b.double())
+    assert ssim_map.shape == (2, 3, 32, 32)
+    assert torch.allclose(got.double(), ssim_map[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)), atol=1e-6)
+    assert not torch.allclose(got.double(), whole_map_mean, atol=1e-4)
+    assert torch.equal(ssim(b, a), got)  # symmetric
+    assert torch.equal(ssim(a[1:], b[1:]), got[1:])  # per image: independent of the batch
+    assert ssim(a, b * 0 + 0.5).max() < got.min() < 1
+
+
+def test_ssim_without_torchmetrics_says_how_to_install(monkeypatch):
+    import sys
+
+    from unguide.errors import UnguideError
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics -> ImportError
+    a = torch.rand(1, 3, 16, 16)
+    with pytest.raises(UnguideError, match=r"pip install 'unguide\[eval\]'"):
+        ssim(a, a)
+    with pytest.raises(UnguideError, match=r"pip install 'unguide\[eval\]'"):
+        fid_kid(torch.randn(4, 2), torch.randn(4, 2))
 
 
 def test_pixel_error():
@@ -97,7 +135,39 @@ def tiny_clip(tmp_path_factory):
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
         path, safe_serialization=True)
     tok.save_pretrained(path)
-    return load_clip(str(path))
+    return load_clip(str(path))  # saved without a preprocessor_config.json: CLIP's defaults at 32 px
+
+
+def test_clip_preprocessing_is_transformers_processor(tiny_clip, tmp_path):
+    import shutil
+
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    from unguide.evaluation.metrics.clip import image_processor, preprocess
+
+    model, _ = tiny_clip
+    processor = image_processor(model)
+    assert isinstance(processor, CLIPImageProcessorPil) and image_processor(model) is processor  # cached per model
+    assert processor.size["shortest_edge"] == 32 and (processor.crop_size["height"], processor.crop_size["width"]) == (32, 32)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 40, 48, generator=g)
+    pixels = preprocess(images, processor)
+    assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
+    # a tensor and its PNG give the same pixel values (the tensor is rounded to 8 bits first)
+    png = tmp_path / "a.png"
+    Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(png)
+    assert torch.equal(pixels[:1], processor(images=Image.open(png), return_tensors="pt")["pixel_values"])
+    # CLIP's normalisation: a flat grey image becomes (v / 255 - mean) / std everywhere
+    grey = preprocess(torch.full((1, 3, 40, 48), 128 / 255), processor)
+    want = (128 / 255 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    assert torch.allclose(grey, want.view(1, 3, 1, 1).expand_as(grey), atol=1e-5)
+    # a preprocessor_config.json beside the weights is what the model gets
+    other = tmp_path / "with_processor"
+    shutil.copytree(model.name_or_path, other)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(other)
+    assert list(image_processor(load_clip(str(other))[0]).image_mean) == [0.5, 0.5, 0.5]
 
 
 def test_clip_zero_shot_and_score(tiny_clip):

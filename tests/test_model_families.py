@@ -9,6 +9,7 @@ import torch
 
 from unguide import GuidanceConfig, UnGuidePipeline, load_model
 from unguide.cli import main
+from unguide.erasure.runs import read_run
 
 
 def _stock(path, family):
@@ -79,10 +80,10 @@ def family_run(request, tmp_path_factory):
 @pytest.mark.slow
 def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
     model, family, run, tmp = family_run
-    meta = json.loads((run / "erasure.json").read_text())
+    meta = read_run(run)
     want_class = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
-    assert meta["base_family"] == family and meta["lora_loads_with"] == want_class
-    assert meta["gate"]["threshold"] is not None and meta["gate"]["image"]["threshold"] is not None
+    assert meta.base_family == family and meta.lora_loads_with == want_class
+    assert meta.calibration.prompt["threshold"] is not None and meta.calibration.image["threshold"] is not None
     for gate in ("image", "calibrated", "empty"):
         out = tmp / f"gen-{gate}"
         assert main(["generate", "--model", str(model), "--erasure", str(run), "--gate", gate, "--prompt",

@@ -9,7 +9,7 @@ from unguide import GuidanceConfig, UnGuidePipeline, UnguideError, load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec
 from unguide.erasure.training import EraseConfig, erase
-from unguide.sampling.images import read_png_metadata
+from unguide.generation.folders import read_png_metadata
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
                   other=["a dog"])

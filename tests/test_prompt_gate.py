@@ -7,9 +7,15 @@ import torch
 from unguide import load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec
-from unguide.erasure.training import EraseConfig, _iteration_prompt, attach_erasure, concept_prompts, erase
-from unguide.sampling.images import Item, PlainGuide, read_png_metadata, sample_images
-from unguide.guidance.unguidance import EvalCounter, Gate, ScorerConfig, gate_threshold, guide_for_run
+from unguide.erasure.runs import ErasureRun, read_run
+from unguide.erasure.training import EraseConfig, _iteration_prompt, concept_prompts, erase
+from unguide.generation.folders import read_png_metadata
+from unguide.sampling.images import Item, PlainGuide, sample_images
+from unguide.guidance.config import GateSpec, ScorerConfig
+from unguide.guidance.decision import Decision
+from unguide.guidance.prompt_gate import PromptGate, gate_threshold
+from unguide.guidance.unguidance import guide_for_run
+from unguide.sampling.ddim import EvalCounter
 
 ANCHORS = ["", "a photo of the house", "a photo of the tree", "a photo of the river"]
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
@@ -34,18 +40,17 @@ def test_selective_recipe_erases_the_trained_synonyms_too(tiny_sd, selective_run
     cfg = EraseConfig.from_recipe("selective", iterations=4, ddim_steps=8, lr=1e-2)
     assert [r["erased"] for r in log] == [_iteration_prompt(cfg, i, 2) for i in range(4)]
     assert {_iteration_prompt(cfg, i, 2) for i in range(40)} == {0, 1}  # both prompts drawn
-    meta = json.loads((selective_run / "erasure.json").read_text())
-    assert meta["config"]["erase_synonyms"] is True
+    assert read_run(selective_run).config["erase_synonyms"] is True
 
 
 def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
-    meta = json.loads((selective_run / "erasure.json").read_text())
-    gate = meta["gate"]
-    assert meta["config"]["a_init"] == "uniform" and meta["anchors"] == ANCHORS
+    run = read_run(selective_run)
+    gate, image = run.calibration.prompt, run.calibration.image
+    assert run.config["a_init"] == "uniform" and run.anchors == ANCHORS
     assert set(gate["anchor_scores"]) == set(ANCHORS) and set(gate["concept_scores"]) == {CAT.target, "a photo of the kitty"}
     expected = (max(gate["anchor_scores"].values()) * min(gate["concept_scores"].values())) ** 0.5
-    assert gate["threshold"] == pytest.approx(expected) and gate["default"] == "image" and gate["keep"] == "base"
-    assert gate["erase_with"] == "adapter"
+    assert gate["threshold"] == pytest.approx(expected) and run.defaults.gate == "image" and run.defaults.keep == "base"
+    assert run.defaults.erase_with == "adapter"
     base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--prompt", "a dog", "--n", "1",
             "--steps", "3", "--erasure", str(selective_run)]
     assert main(base + ["--gate", "calibrated", "--out", str(tmp_path / "calibrated")]) == 0
@@ -54,7 +59,7 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
     assert m["w"] == (0.0 if m["score"] > gate["threshold"] else 1.0)  # the recipe's erase_with: the adapter alone
     assert main(base + ["--out", str(tmp_path / "default")]) == 0  # the default: the image gate, redraw by the adapter
     m = read_png_metadata(tmp_path / "default" / "00000_000.png")
-    assert m["gate"] == "none" and m["image_threshold"] == gate["image"]["threshold"] and not m["erasure"]["note"]
+    assert m["gate"] == "none" and m["image_threshold"] == image["threshold"] and not m["erasure"]["note"]
     assert m["w"] == (0.0 if m["image_flagged"] and not m.get("substitute_prompt") else 1.0)
     assert main(base + ["--gate", "1e9", "--out", str(tmp_path / "keep")]) == 0
     assert main(base + ["--gate", "1e-9", "--keep", "paper", "--erase-with", "paper", "--out", str(tmp_path / "erase")]) == 0
@@ -65,7 +70,8 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
 
 def test_keep_base_is_the_base_image_and_costs_what_plain_generation_costs(tiny_sd, selective_run):
     bundle = load_model(str(tiny_sd))
-    adapter, meta = attach_erasure(bundle, selective_run)
+    meta = read_run(selective_run)
+    adapter = meta.attach(bundle)
     prompts = ["a photo of the cat", "a dog"]
     items = [Item(p, 3, 7.5, 16, 16, prompt_index=i) for i, p in enumerate(prompts)]
     probe = guide_for_run(adapter, meta)
@@ -76,8 +82,8 @@ def test_keep_base_is_the_base_image_and_costs_what_plain_generation_costs(tiny_
     imgs, infos = sample_images(bundle, items, steps=4, guide=guide, progress=False)
     with adapter.base():
         plain, _ = sample_images(bundle, items, steps=4, guide=PlainGuide(), progress=False)
-    kept = [i for i, info in enumerate(infos) if info["w"] == 1.0]
-    erased = [i for i, info in enumerate(infos) if info["w"] == -1.0]
+    kept = [i for i, d in enumerate(infos) if d.w == 1.0]
+    erased = [i for i, d in enumerate(infos) if d.w == -1.0]
     assert len(kept) == 1 and len(erased) == 1
     assert torch.equal(imgs[kept[0]], plain[kept[0]])  # exactly the base model's image
     assert not torch.equal(imgs[erased[0]], plain[erased[0]])
@@ -112,44 +118,53 @@ def test_recipe_and_gate_errors_are_one_line(tiny_sd, selective_run, tmp_path, c
 
 
 def test_response_scorer_needs_no_unet_and_has_its_own_calibration(tiny_sd, selective_run, tmp_path):
-    meta = json.loads((selective_run / "erasure.json").read_text())
-    response = meta["gate"]["response"]
+    response = read_run(selective_run).calibration.prompt["response"]
     assert response["threshold"] > 0 and set(response["anchor_scores"]) == set(ANCHORS)
     bundle = load_model(str(tiny_sd))
-    adapter, meta = attach_erasure(bundle, selective_run)
+    meta = read_run(selective_run)
+    adapter = meta.attach(bundle)
     guide = guide_for_run(adapter, meta, gate="calibrated", scorer=ScorerConfig(kind="response"))
     assert guide.gate.threshold == response["threshold"]
     counter = EvalCounter(bundle.unet)
     infos = guide.decide(bundle, ["a photo of the cat", "a dog"], 7.5)
     counter.close()
     assert counter.count == 0  # scored without a single UNet evaluation
-    assert infos[0]["score"] == pytest.approx(response["concept_scores"]["a photo of the cat"], rel=1e-5)
+    assert infos[0].score == pytest.approx(response["concept_scores"]["a photo of the cat"], rel=1e-5)
     adapter.remove()
     full = tmp_path / "full"
     erase(load_model(str(tiny_sd)), CAT, full, EraseConfig(preset="full", iterations=2, ddim_steps=8), progress=False)
-    assert "response" not in json.loads((full / "erasure.json").read_text())["gate"]
+    assert "response" not in read_run(full).calibration.prompt
+
+
+def _version1_run(gate: dict) -> ErasureRun:
+    """A run as version 1 stored it: calibration and recipe defaults in one ``gate`` entry."""
+    return ErasureRun.from_json({"status": "finished", "concept": CAT.to_dict(), "config": {}, "anchors": ANCHORS,
+                                 "base_model": "tiny", "base_fingerprint": "f", "gate": gate})
 
 
 def test_a_calibration_that_does_not_separate_falls_back_to_the_adapter_alone():
     stored = {"default": "calibrated", "keep": "base", "threshold": 1.0, "margin": 0.6, "separated": False}
-    guide = guide_for_run(object(), {"gate": stored})
+    run = _version1_run(stored)
+    assert run.defaults.gate == "calibrated" and run.calibration.prompt == {"threshold": 1.0, "margin": 0.6,
+                                                                            "separated": False}
+    guide = guide_for_run(object(), run)
     assert guide.mode == "fixed" and guide.fixed_w == 0.0 and "does not separate" in guide.note
-    assert guide.decide(None, ["a photo of the cat"], 7.5) == [{"w": 0.0}]
-    trusted = guide_for_run(object(), {"gate": dict(stored, separated=True, margin=2.0)})
+    assert guide.decide(None, ["a photo of the cat"], 7.5) == [Decision(0.0)]
+    trusted = guide_for_run(object(), _version1_run(dict(stored, separated=True, margin=2.0)))
     assert trusted.mode == "unguide" and trusted.note is None and trusted.rule.w_keep == 1.0
     for asked in ("empty", "calibrated", "0.5"):  # a gate the caller names is obeyed as given
-        assert guide_for_run(object(), {"gate": stored}, gate=asked).mode == "unguide"
+        assert guide_for_run(object(), run, gate=asked).mode == "unguide"
 
 
 def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_concept(tiny_sd, selective_run, tmp_path,
                                                                                       capsys):
-    gate = json.loads((selective_run / "erasure.json").read_text())["gate"]
+    gate = read_run(selective_run).calibration.prompt
     top, low = max(gate["anchor_scores"].values()), min(gate["concept_scores"].values())
     assert gate["position"] == 0.5 and gate["threshold"] == (top * low) ** 0.5  # the stored default, as before
     assert gate_threshold(top, low, 0.0) == pytest.approx(top) and gate_threshold(top, low, 1.0) == pytest.approx(low)
     assert gate_threshold(top, low, 0.3) == pytest.approx(top ** 0.7 * low ** 0.3)
-    assert Gate.parse("calibrated", gate, position=0.3).threshold == pytest.approx(top ** 0.7 * low ** 0.3)
-    assert Gate.parse("calibrated", gate).threshold == gate["threshold"]  # no position: the run's own threshold
+    assert PromptGate.from_spec(GateSpec("calibrated"), gate, position=0.3).threshold == pytest.approx(top ** 0.7 * low ** 0.3)
+    assert PromptGate.from_spec(GateSpec("calibrated"), gate).threshold == gate["threshold"]  # no position: the run's own threshold
     # a generate-time position is used for the decision and recorded with the image
     base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--n", "1", "--steps", "2",
             "--erasure", str(selective_run), "--gate", "calibrated"]
@@ -164,7 +179,7 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
     assert EraseConfig.for_concept("reference", spec).gate_position == 0.5
     meta = erase(load_model(str(tiny_sd)), spec, tmp_path / "run",
                  EraseConfig.for_concept("selective", spec, iterations=2, ddim_steps=8), progress=False)
-    g = meta["gate"]
+    g = meta.calibration.prompt
     assert g["position"] == 0.25 and g["threshold"] == pytest.approx(
         max(g["anchor_scores"].values()) ** 0.75 * min(g["concept_scores"].values()) ** 0.25)
     # bad positions: one line, exit 2, nothing written

@@ -9,9 +9,10 @@ from unguide import load_model
 from unguide.erasure.adapters import make_adapter
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec, load_preset
+from unguide.erasure.runs import read_run
 from unguide.erasure.training import EraseConfig, concept_prompts, erase, erasure_loss
 from unguide.errors import UnguideError
-from unguide.sampling.ddim import make_scheduler
+from unguide.sampling.ddim import make_sampler
 
 ANCHORS = ["", "a photo of the house", "a photo of the tree", "a photo of the river"]
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat", synonyms=["kitty"],
@@ -26,12 +27,12 @@ def test_reference_recipe_gives_the_adapter_it_gave_before(tmp_path):
     assert EraseConfig.from_recipe("reference") == EraseConfig()
     meta = erase(load_model("toyworld"), load_preset("sun"), tmp_path / "r", EraseConfig(iterations=4, seed=5,
                  calibration_steps=2), progress=False)  # the gates' calibration is not what this test checks
-    assert meta["losses"] == pytest.approx([0.107894, 0.020984, 0.014819, 0.012068], rel=2e-5, abs=2e-6)
+    assert meta.losses == pytest.approx([0.107894, 0.020984, 0.014819, 0.012068], rel=2e-5, abs=2e-6)
     t = load_file(str(tmp_path / "r" / "pytorch_lora_weights.safetensors"))
     up = sum(float(v.double().abs().sum()) for k, v in t.items() if "lora.up" in k)
     down = sum(float(v.double().abs().sum()) for k, v in t.items() if "lora.down" in k)
     assert up == pytest.approx(0.09813028025882886, rel=1e-5) and down == pytest.approx(4193.864823150012, rel=1e-7)
-    assert meta["anchors"] == [] and meta["gate"]["default"] == "empty" and meta["gate"]["keep"] == "paper"
+    assert meta.anchors == [] and meta.defaults.gate == "empty" and meta.defaults.keep == "paper"
 
 
 def test_anchor_term_is_zero_at_init_and_its_gradient_reaches_A(tiny_sd):
@@ -41,7 +42,7 @@ def test_anchor_term_is_zero_at_init_and_its_gradient_reaches_A(tiny_sd):
     erased, ref, empty = concept_prompts(bundle, CAT, cfg)
     prompts = (erased[0], ref, empty)
     anchors = bundle.encode_prompts(ANCHORS[1:3])
-    sched = make_scheduler(bundle, cfg.ddim_steps)
+    sched = make_sampler(bundle, cfg.ddim_steps)
     z = torch.randn(1, *bundle.latent_shape(), generator=torch.Generator().manual_seed(0))
     _, parts = erasure_loss(bundle.unet, adapter, sched, cfg, 3, 700, z, prompts, anchors)
     # B = 0: the adapted model is the base model; the base side runs 4 rows and the adapted side 3, and on this
@@ -86,7 +87,7 @@ def test_a_run_from_before_a_setting_existed_still_attaches(tiny_sd, tmp_path):
     meta = json.loads((tmp_path / "r" / "erasure.json").read_text())
     del meta["config"]["erase_synonyms"]
     (tmp_path / "r" / "erasure.json").write_text(json.dumps(meta))
-    assert erase(bundle, CAT, tmp_path / "r", cfg, progress=False)["losses"] == first["losses"]
+    assert erase(bundle, CAT, tmp_path / "r", cfg, progress=False).losses == first.losses
     with pytest.raises(UnguideError, match="other settings"):
         erase(bundle, CAT, tmp_path / "r", EraseConfig(iterations=2, ddim_steps=8, erase_synonyms=True), progress=False)
 
@@ -97,10 +98,10 @@ def test_anchor_file_overrides_the_concepts_anchors(tiny_sd, tmp_path):
     (tmp_path / "words.txt").write_text("a photo of the lamp\n")
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat", "--anchors", str(path), "--iterations", "2",
                  "--vocabulary", str(tmp_path / "words.txt"), "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
-    meta = json.loads((tmp_path / "run" / "erasure.json").read_text())
-    assert meta["anchors"] == ["", "a photo of the boat", "a photo of the lamp"]  # the anchors, then the vocabulary
-    assert meta["config"]["recipe"] == "selective"
-    assert set(meta["gate"]["anchor_scores"]) == {"", "a photo of the boat"}  # the vocabulary is not calibrated on
+    meta = read_run(tmp_path / "run")
+    assert meta.anchors == ["", "a photo of the boat", "a photo of the lamp"]  # the anchors, then the vocabulary
+    assert meta.config["recipe"] == "selective"
+    assert set(meta.calibration.prompt["anchor_scores"]) == {"", "a photo of the boat"}  # the vocabulary is not calibrated on
 
 
 def test_a_vocabulary_is_trained_like_the_anchors_but_the_gate_is_calibrated_on_the_anchors(tiny_sd, tmp_path):
@@ -111,9 +112,9 @@ def test_a_vocabulary_is_trained_like_the_anchors_but_the_gate_is_calibrated_on_
     assert EraseConfig.for_concept("selective", spec, anchors_per_step=3).anchors_per_step == 3
     assert EraseConfig.for_concept("reference", spec).anchors_per_step == 1
     meta = erase(load_model(str(tiny_sd)), spec, tmp_path / "run", cfg, progress=False)
-    assert meta["anchors"] == ANCHORS + vocabulary[:2]
-    assert set(meta["gate"]["anchor_scores"]) == set(ANCHORS)  # the vocabulary is not calibrated on
+    assert meta.anchors == ANCHORS + vocabulary[:2]
+    assert set(meta.calibration.prompt["anchor_scores"]) == set(ANCHORS)  # the vocabulary is not calibrated on
     rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     drawn = [a for r in rows for a in r["anchors"]]
-    assert all(len(r["anchors"]) == 2 for r in rows) and set(drawn) <= set(meta["anchors"])
+    assert all(len(r["anchors"]) == 2 for r in rows) and set(drawn) <= set(meta.anchors)
     assert set(drawn) & set(vocabulary[:2])  # the vocabulary is trained on

@@ -7,11 +7,11 @@ import torch
 
 from unguide.cli import main
 from unguide.erasure.concepts import concept_from_dict
-from unguide.erasure.training import RECIPE_GATES, RECIPE_SETTINGS, register_recipe
+from unguide.erasure.recipes import RECIPE_GATES, RECIPE_SETTINGS, register_recipe
 from unguide.evaluation.judges import JUDGES, ClassJudge, register_judge
 from unguide.evaluation.methods import METHODS, Method, register_method
 from unguide.evaluation.suites import SUITES, Suite, case_from_spec, register_suite
-from unguide.guidance.unguidance import GuidanceConfig
+from unguide.guidance.config import GateDefaults, GuidanceConfig
 
 
 class BrightnessJudge(ClassJudge):
@@ -38,7 +38,7 @@ def shapes_suite(concepts, bundle=None, prompts=None):
 
 @pytest.fixture
 def registered():
-    register_recipe("half-lr", {"lr": 1.5e-5}, {"default": "empty", "keep": "paper", "erase_with": "paper"})
+    register_recipe("half-lr", {"lr": 1.5e-5}, GateDefaults(gate="empty", keep="paper", erase_with="paper"))
     register_judge("brightness", lambda **_: BrightnessJudge())
     register_suite("shapes", shapes_suite)
     register_method(Method("half-lr-unguide", "half-lr", None, "half-lr", GuidanceConfig(mode="unguide")))

@@ -93,7 +93,7 @@ def test_a_comparison_draws_the_same_seeds_three_ways_and_downloads_with_its_set
     from PIL import Image
 
     from unguide.generation.pipeline import UnGuidePipeline
-    from unguide.sampling.images import read_png_metadata
+    from unguide.generation.folders import read_png_metadata
 
     pipe = UnGuidePipeline.from_bundle(toy_bundle)
     studio = Studio(pipe, RunCatalog(runs), tmp_path / "out")

@@ -6,7 +6,7 @@ from unguide import load_model
 from unguide.erasure.adapters import make_adapter
 from unguide.erasure.concepts import load_preset
 from unguide.erasure.training import EraseConfig, _iteration_sample, concept_prompts, erasure_loss
-from unguide.sampling.ddim import make_scheduler
+from unguide.sampling.ddim import make_sampler
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_erasure_loss_falls_on_the_embedded_model():
     adapter = make_adapter(bundle.unet, cfg.adapter_config(), init_seed=cfg.seed)
     erased, ref, empty = concept_prompts(bundle, spec, cfg)
     prompts = (erased[0], ref, empty)
-    sched = make_scheduler(bundle, cfg.ddim_steps)
+    sched = make_sampler(bundle, cfg.ddim_steps)
     probes = [(k, t, _iteration_sample(cfg, 10_000 + i, bundle.latent_shape())[2]) for i, (k, t) in
               enumerate([(3, 70), (10, 210), (20, 410), (30, 610)])]
 

@@ -31,7 +31,7 @@ def _cmd_benchmark(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS
+    from ..guidance.config import ERASE_WEIGHTS, KEEP_WEIGHTS
     from ..evaluation.suites import SUITES
 
     b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")

@@ -14,7 +14,8 @@ DEFAULT_RECIPE = "selective"
 def _cmd_erase(args) -> int:
     from ..erasure.concepts import read_anchor_file, resolve_concepts
     from ..erasure.groups import erase_group
-    from ..erasure.training import EraseConfig, erase, read_run
+    from ..erasure.runs import read_run
+    from ..erasure.training import EraseConfig, erase
     from ..models.loading import load_model
 
     specs = resolve_concepts(args.concept, args.concept_file)
@@ -35,13 +36,13 @@ def _cmd_erase(args) -> int:
     if len(specs) == 1:
         meta = erase(bundle, specs[0], args.out, cfgs[0])
         _say_run(specs[0], cfgs[0], meta, Path(args.out), time.time() - t0)
-        if meta.get("lora_loads_with"):
-            print(f"the adapter loads in diffusers too: {meta['lora_loads_with']}.load_lora_weights('{args.out}')")
+        if meta.lora_loads_with:
+            print(f"the adapter loads in diffusers too: {meta.lora_loads_with}.load_lora_weights('{args.out}')")
     else:
         group = erase_group(bundle, specs, args.out, cfgs)
         for concept, cfg in zip(specs, cfgs):
             _say_run(concept, cfg, read_run(Path(args.out) / concept.name), Path(args.out) / concept.name)
-        print(f"erased {len(specs)} concepts together in {time.time() - t0:.1f} s ({', '.join(group['concepts'])}; "
+        print(f"erased {len(specs)} concepts together in {time.time() - t0:.1f} s ({', '.join(group.members)}; "
               f"one adapter each, each prompt gated against every concept): {Path(args.out) / 'group.json'}")
     print(f"check how selective it is before generating: unguide influence --model {args.model} --erasure {args.out}"
           if len(specs) == 1 else
@@ -49,25 +50,24 @@ def _cmd_erase(args) -> int:
     return 0
 
 
-def _say_run(concept, cfg, meta: dict, out: Path, seconds: float | None = None) -> None:
+def _say_run(concept, cfg, meta, out: Path, seconds: float | None = None) -> None:
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations){took}; final loss "
-          f"{meta['final_loss']:.5f}; adapter: {out / meta['weights']}; metadata: {out / 'erasure.json'}")
-    gate = meta.get("gate") or {}
+          f"{meta.final_loss:.5f}; adapter: {out / meta.weights}; metadata: {out / 'erasure.json'}")
+    gate = meta.calibration.prompt
     if gate.get("threshold") is not None:
         print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
               f"{gate.get('position', 0.5):g} (anchors up to {max(gate['anchor_scores'].values()):.4g}, concept prompts from "
               f"{min(gate['concept_scores'].values()):.4g}{'' if gate['separated'] else ': they OVERLAP, the gate will misroute some'})")
-    image = gate.get("image")
+    image = meta.calibration.image
     if image:
         concept_scores = [s for p in image["concept_candidates"] for s in image["scores"][p]]
         anchors = [s for p, v in image["scores"].items() if p not in image["concept_candidates"] for s in v]
         print(f"image gate calibrated on {len(concept_scores) + len(anchors)} base images: threshold "
               f"{image['threshold']:.3f} at position {image['position']:g} (concept images up to {max(concept_scores):.3f}, "
               f"anchor images from {min(anchors):.3f}{'' if image['separated'] else ': they OVERLAP'})")
-    if gate.get("default"):
-        print(f"generation uses gate '{gate['default']}', keep '{gate['keep']}', erase with '{gate['erase_with']}' unless "
-              "told otherwise")
+    d = meta.defaults
+    print(f"generation uses gate '{d.gate}', keep '{d.keep}', erase with '{d.erase_with}' unless told otherwise")
 
 
 def add_parser(sub) -> None:

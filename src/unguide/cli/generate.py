@@ -9,7 +9,7 @@ from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
 def _cmd_generate(args) -> int:
     """``unguide generate``: the same UnGuidePipeline as the Python API, writing into a folder."""
     from ..errors import UnguideError
-    from ..guidance.unguidance import GuidanceConfig, decision_settings
+    from ..guidance.config import GuidanceConfig, decision_settings
     from ..generation.pipeline import UnGuidePipeline
     from ..generation.prompts import PromptRow, read_prompts
     from ..generation.folders import check_request, plan_items
@@ -51,7 +51,7 @@ GUIDE_FLAGS = {"mode": "--mode", "w": "--w", "gate": "--gate", "keep": "--keep",
 
 def add_parser(sub) -> None:
     from typing import get_args
-    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
+    from ..guidance.config import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
 
     WEIGHTINGS = get_args(Weighting)
 

@@ -6,13 +6,13 @@ import sys
 from .common import GATE_POSITION_HELP, add_model
 
 
-def _concept_prompts(meta: dict) -> list[tuple[str, str]]:
+def _concept_prompts(meta) -> list[tuple[str, str]]:
     """(role, prompt) for the prompts an erasure run's own concept spec names."""
     from ..erasure.concepts import concept_from_dict
     from ..evaluation.suites import concept_rows
 
-    spec = concept_from_dict(meta["concept"], "of the erasure run")
-    spec.anchors = list(meta.get("anchors") or spec.anchors)
+    spec = concept_from_dict(meta.concept, "of the erasure run")
+    spec.anchors = list(meta.anchors or spec.anchors)
     names = {"erased": "target", "heldout": "synonym"}
     return [(names.get(r["role"], r["role"]), r["prompt"]) for r in concept_rows(spec)]
 
@@ -37,20 +37,22 @@ def _cmd_influence(args) -> int:
     """Print each prompt's influence score and the weight UnGuidance would give it: how to see, before
     generating anything, whether an adapter is selective (targets above the empty prompt, the rest below).
     Without prompts, the run's own concept spec is checked: target, synonyms and its unrelated prompts."""
-    from ..erasure.training import attach_erasure
-    from ..guidance.unguidance import decision_settings, guide_for_run
+    from ..erasure.runs import read_run
+    from ..guidance.config import decision_settings
+    from ..guidance.unguidance import guide_for_run
     from ..io import write_json
     from ..models.loading import load_model
     from ..generation.prompts import read_prompts
 
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    adapter, meta = attach_erasure(bundle, args.erasure)
+    meta = read_run(args.erasure)
+    adapter = meta.attach(bundle)
     own_concept = not (args.prompt or args.prompts)
     if own_concept:
         named = _concept_prompts(meta)
     else:
         named = [("", p) for p in (list(args.prompt) if args.prompt else [r.prompt for r in read_prompts(args.prompts)])]
-    gate = args.gate or (meta.get("gate") or {}).get("default")
+    gate = args.gate or meta.defaults.gate
     if gate in ("image", "calibrated+image"):
         print(f"unguide: note: the {gate} gate decides on drawn images, which `influence` does not draw: shown is the "
               "run's calibrated prompt gate (`unguide generate` records each image's detector score)", file=sys.stderr)
@@ -78,7 +80,7 @@ def _cmd_influence(args) -> int:
 
 def add_parser(sub) -> None:
     from typing import get_args
-    from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
+    from ..guidance.config import ERASE_WEIGHTS, KEEP_WEIGHTS, SCORERS, Weighting
 
     WEIGHTINGS = get_args(Weighting)
 

@@ -32,10 +32,10 @@ def _cost_groups(meta: dict, prompts: list[str]) -> dict:
     name none of the concept's words nor any class its anchors name (the held-out kind)."""
     import re
 
-    runs = list(meta["members"].values()) if "members" in meta else [meta]  # a group: every member's words
-    words = {w.lower() for m in runs for w in [m["concept"].get("label") or "", *m["concept"].get("synonyms", []),
-                                               *m["concept"].get("heldout_synonyms", [])] if w}
-    anchor_words = {a.split()[-1].lower() for m in runs for a in m.get("anchors") or [] if a.startswith("a photo of the ")}
+    runs = list(meta.members.values())  # a group: every member's words
+    words = {w.lower() for m in runs for w in [m.concept.get("label") or "", *m.concept.get("synonyms", []),
+                                               *m.concept.get("heldout_synonyms", [])] if w}
+    anchor_words = {a.split()[-1].lower() for m in runs for a in m.anchors or [] if a.startswith("a photo of the ")}
 
     def has(p: str, vocab: set) -> bool:
         return any(re.search(rf"\b{re.escape(w)}\b", p.lower()) for w in vocab)
@@ -47,15 +47,16 @@ def _cost_groups(meta: dict, prompts: list[str]) -> dict:
 def _cmd_benchmark_scorer(args) -> int:
     from ..erasure.concepts import load_preset
     from ..evaluation.cost import run_gate_cost, scorer_benchmark
-    from ..erasure.groups import attach
+    from ..erasure.runs import load_run
     from ..io import write_json
     from ..models.loading import load_model
     from ..models.worlds import world_of
     from ..generation.prompts import read_prompts
 
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    adapter, meta = attach(bundle, args.erasure)
-    names = list(meta["members"]) if "members" in meta else [meta["concept"]["name"]]
+    meta = load_run(args.erasure)
+    adapter = meta.attach(bundle)
+    names = list(meta.members)
     if args.prompts:
         prompts = [r.prompt for r in read_prompts(args.prompts)]
     elif world_of(bundle) is not None:
@@ -63,8 +64,8 @@ def _cmd_benchmark_scorer(args) -> int:
     else:
         raise UnguideError("give --prompts FILE: the default prompt set exists for the embedded model's concepts only")
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
-    image_gate = "image" in (meta.get("gate") or next(iter(meta.get("members", {}).values()), {}).get("gate") or {})
-    if "members" in meta and not args.gates_only:
+    image_gate = any(m.calibration.image for m in meta.members.values())
+    if meta.is_group and not args.gates_only:
         raise UnguideError(f"{args.erasure} is a group run: its cost is measured with --gates-only")
     if args.gates_only:
         if not image_gate:
@@ -73,7 +74,7 @@ def _cmd_benchmark_scorer(args) -> int:
     result = scorer_benchmark(bundle, adapter, prompts, guidance, steps=args.steps, reference_draws=args.reference_draws,
                               timing_prompts=args.timing_prompts)
     result["erasure"] = str(args.erasure)
-    stored_default = (meta.get("gate") or {}).get("default")
+    stored_default = meta.defaults.gate
     # the prompt gate's own figures (for a run whose default is an image gate: its calibrated prompt gate)
     prompt_gate = "calibrated" if stored_default in ("image", "calibrated+image") else None
     result["run_gate"] = run_gate_cost(bundle, adapter, meta, prompts, guidance, steps=args.steps, gate=prompt_gate)

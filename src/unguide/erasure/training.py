@@ -21,142 +21,42 @@ Two recipes (``EraseConfig.from_recipe``):
   trained synonyms (``erase_synonyms``), so the adapter learns the words the spec lists, not one phrase; a spec
   may turn this off (``EraseConfig.for_concept``).
 
-At the end of every run the gate is calibrated (:func:`unguide.guidance.unguidance.calibrate_gate`) and stored with it.
+At the end of every run both gates are calibrated (:func:`calibrate`: :func:`unguide.guidance.prompt_gate.calibrate_gate`,
+:func:`unguide.guidance.image_gate.calibrate_image_gate`) and stored with it (:class:`~unguide.erasure.runs.ErasureRun`).
+The model's output is used as it comes (noise or v): the target is an affine combination of outputs at one x_t, the
+same in either space (:mod:`unguide.models.prediction`).
 """
 from __future__ import annotations
 
 import json
-import platform
 import logging
+import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import A_INITS, LAYER_PRESETS, LORA_FILE, AdapterConfig, AInit, LayerPreset, make_adapter
+from .adapters import LORA_FILE, make_adapter
 from .concepts import ConceptSpec, default_anchors
+from .recipes import RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS, EraseConfig, register_recipe  # noqa: F401
+from .runs import METADATA_FILE, RUN_VERSION, ErasureRun, read_run
 from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
-from ..guidance.unguidance import GATE_POSITION, calibrate_gate, check_gate_position
+from ..guidance.config import Calibration
+from ..guidance.prompt_gate import calibrate_gate
 from ..guidance.image_gate import DetectorConfig, calibrate_image_gate
 from ..models.worlds import world_of
-from ..sampling.ddim import cfg_noise_fn, ddim_loop, make_scheduler, unet_eps
+from ..sampling.ddim import cfg_noise_fn, ddim_loop, make_sampler, model_output
 
-METADATA_FILE = "erasure.json"
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
-
-
-# Recipes, registered by name: what each changes from the reference protocol's defaults (the EraseConfig defaults
-# below), and how generation uses a run of it unless told otherwise (guidance.guide_for_run). A new recipe is one
-# register_recipe line; the CLI's --recipe and the benchmark's methods pick it up.
-RECIPE_SETTINGS: dict[str, dict] = {}
-RECIPE_GATES: dict[str, dict] = {}
-RECIPES = RECIPE_SETTINGS  # the registered names
-
-
-def register_recipe(name: str, settings: dict, gates: dict) -> None:
-    """``settings``: EraseConfig fields the recipe changes; ``gates``: its runs' generation defaults (``default``
-    gate, ``keep`` and ``erase_with`` weights)."""
-    unknown = set(settings) - set(EraseConfig.__dataclass_fields__)
-    if unknown:
-        raise UnguideError(f"recipe {name!r} sets unknown erase settings {sorted(unknown)}")
-    RECIPE_SETTINGS[name], RECIPE_GATES[name] = dict(settings), dict(gates)
-
-
-TimestepMapping = Literal["reference", "aligned"]
-TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
-
-
-@dataclass
-class EraseConfig:
-    """Defaults are the reference protocol's (METHOD.md section 2); ``from_recipe`` names a whole recipe."""
-
-    preset: LayerPreset = "object"
-    iterations: int = 200
-    lr: float = 3e-5
-    eta: float = 2.0  # negative-guidance strength
-    start_guidance: float = 9.0  # CFG scale of the partial trajectories
-    ddim_steps: int = 50
-    rank: int = 1
-    alpha: float = 8.0
-    seed: int = 0
-    checkpoint_every: int = 20
-    # "reference": t drawn in [k*1000/50, (k+1)*1000/50) as the reference code does, although z_k (k steps from
-    # noise) sits near timestep 1000 - k*20; "aligned": t is the timestep z_k actually sits at
-    timestep_mapping: TimestepMapping = "reference"
-    recipe: str = "reference"  # the name of the recipe these settings came from (recorded with the run)
-    a_init: AInit = "gaussian"  # LoRA A init: gaussian = N(0, 1/rank) (reference), uniform = +-1/sqrt(fan_in)
-    anchor_weight: float = 0.0  # lambda of the anchor-preservation term (0: none, the reference)
-    anchors_per_step: int = 1  # anchor prompts drawn per iteration
-    anchors: Optional[list] = None  # anchor prompts; None: the concept's own
-    # False (reference): every iteration erases the target prompt; True: each iteration erases one prompt drawn from
-    # the target and the concept's trained synonyms, so the adapter learns the words the spec lists, not one phrase
-    erase_synonyms: bool = False
-    # where the calibrated gate's threshold sits between the highest anchor score (0) and the lowest concept-prompt
-    # score (1), on a log scale; 0.5 (their geometric mean) unless a concept spec or flag says otherwise
-    gate_position: float = GATE_POSITION
-    # DDIM steps of the base drawings the image gate is calibrated on (generation's default; the benchmark passes its
-    # own). How the gate is calibrated, not how the adapter is trained: a finished run asked for another value is
-    # recalibrated, not retrained
-    calibration_steps: int = 50
-
-    def __post_init__(self):
-        checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
-                  (self.preset in LAYER_PRESETS, f"unknown layer preset {self.preset!r}: use {', '.join(LAYER_PRESETS)}"),
-                  (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
-                  (self.timestep_mapping in TIMESTEP_MAPPINGS,
-                   f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),
-                  (self.iterations >= 1 and self.rank >= 1 and self.calibration_steps >= 1,
-                   "iterations, rank and calibration steps must be >= 1"),
-                  (self.lr > 0, "the learning rate must be > 0"),
-                  (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
-                   "the anchor weight must be >= 0 and anchors per step >= 1")]
-        check_gate_position(self.gate_position)
-        for ok, message in checks:
-            if not ok:
-                raise UnguideError(message)
-
-    @classmethod
-    def from_recipe(cls, recipe: str = "reference", **overrides) -> "EraseConfig":
-        """The named recipe's settings, then ``overrides`` (None values are ignored, so CLI defaults pass through)."""
-        if recipe not in RECIPE_SETTINGS:
-            raise UnguideError(f"unknown recipe {recipe!r}: use {' or '.join(RECIPES)}")
-        settings = {**RECIPE_SETTINGS[recipe], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(recipe=recipe, **settings)
-
-    @classmethod
-    def for_concept(cls, recipe: str, concept: ConceptSpec, **overrides) -> "EraseConfig":
-        """``from_recipe`` with what the concept's spec asks for where ``overrides`` leave it open (None): its layer
-        preset and, if the spec says, whether to erase its synonyms (an attribute whose synonym prompts name one
-        object, like the toy 'red', turns it off) and, for recipes with anchors, its anchor weight and anchors per
-        iteration."""
-        spec = {"preset": concept.preset, "erase_synonyms": concept.erase_synonyms}
-        if RECIPE_SETTINGS.get(recipe, {}).get("anchor_weight", 0) > 0:  # never the reference recipe: no anchors
-            spec.update(anchor_weight=concept.anchor_weight, anchors_per_step=concept.anchors_per_step,
-                        gate_position=concept.gate_position)
-        for key, value in spec.items():
-            if overrides.get(key) is None:
-                overrides[key] = value
-        return cls.from_recipe(recipe, **overrides)
-
-    def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(self.preset, self.rank, self.alpha, self.a_init)
-
-
-register_recipe("reference", {}, {"default": "empty", "keep": "paper", "erase_with": "paper"})
-# (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
-# `unguide erase` adds the image gate's calibration)
-register_recipe("selective", {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1,
-                              "erase_synonyms": True},
-                {"default": "image", "keep": "base", "erase_with": "adapter"})
 
 
 def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int, torch.Tensor]:
@@ -182,27 +82,27 @@ def _iteration_prompt(cfg: EraseConfig, i: int, n_prompts: int) -> int:
     return int(np.random.default_rng([cfg.seed, i, 2]).integers(n_prompts))
 
 
-def erasure_loss(unet, adapter, sched, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts,
+def erasure_loss(unet, adapter, sampler, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts,
                  anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The negative-guidance loss at one (k, t, z_T), plus ``anchor_weight`` x the anchor-preservation loss when
     anchor states are given; gradients flow into the adapter only. Returns (loss, its parts for the log)."""
     tgt, ref, empty = prompts
     with torch.no_grad():
-        z_k = ddim_loop(sched, z * sched.init_noise_sigma, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
+        z_k = ddim_loop(sampler, z * sampler.init_noise_sigma, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
     if anchors is None:  # the reference protocol, exactly as it has always been computed
         with torch.no_grad():
             with adapter.base():
-                e_ref, e_tgt = unet_eps(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
+                e_ref, e_tgt = model_output(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
             target = e_ref - cfg.eta * (e_tgt - e_ref)
-        pred = unet_eps(unet, z_k, t, tgt)
+        pred = model_output(unet, z_k, t, tgt)
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"erase": loss.item()}
     n = anchors.shape[0]
     with torch.no_grad(), adapter.base():
-        base = unet_eps(unet, z_k.expand(n + 2, -1, -1, -1), t, torch.cat([ref, tgt, anchors]))
+        base = model_output(unet, z_k.expand(n + 2, -1, -1, -1), t, torch.cat([ref, tgt, anchors]))
     e_ref, e_tgt, e_anchor = base[:1], base[1:2], base[2:]
     target = e_ref - cfg.eta * (e_tgt - e_ref)
-    pred = unet_eps(unet, z_k.expand(n + 1, -1, -1, -1), t, torch.cat([tgt, anchors]))
+    pred = model_output(unet, z_k.expand(n + 1, -1, -1, -1), t, torch.cat([tgt, anchors]))
     erase_part = F.mse_loss(pred[:1].float(), target.float())
     anchor_part = F.mse_loss(pred[1:].float(), e_anchor.float())
     return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
@@ -254,109 +154,135 @@ def run_anchors(concept: ConceptSpec, cfg: EraseConfig) -> list[str]:
 
 
 def erase(bundle, concept: ConceptSpec, out: str | Path, cfg: EraseConfig = EraseConfig(), progress: bool = True,
-          stop_after: Optional[int] = None) -> dict:
-    """Train (or resume) an erasure run into ``out``; returns the run's metadata. The bundle's UNet is left
-    as the base model (load the result with :func:`attach_erasure`).
+          stop_after: Optional[int] = None) -> ErasureRun | dict:
+    """Train (or resume) an erasure run into ``out``; returns the finished run. The bundle's UNet is left as the base
+    model (attach the result with :meth:`ErasureRun.attach` or ``pipe.load_erasure``).
 
-    ``stop_after`` ends the process-level run early after that many iterations (for tests of resume)."""
+    ``stop_after`` ends the process-level run early after that many iterations (for tests of resume): it returns
+    ``{"status": "interrupted", "iteration": i}``."""
     out = Path(out)
     concept = with_default_anchors(bundle, concept, cfg)
     run_anchors(concept, cfg)  # checked before anything is written
     with output_lock(out, "an erasure"):
-        return _erase(bundle, concept, out, cfg, progress, stop_after)
+        done = _finished(bundle, concept, out, cfg, progress)
+        return done if done is not None else _erase(bundle, concept, out, cfg, progress, stop_after)
 
 
-def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: bool, stop_after: Optional[int]) -> dict:
-    anchors = run_anchors(concept, cfg)
-    meta_path = out / METADATA_FILE
-    fingerprint = bundle.fingerprint()
-    if meta_path.exists():
-        done = json.loads(meta_path.read_text())
-        if done.get("status") == "finished":
-            if done.get("base_fingerprint") != fingerprint or not _same_config(done.get("config"), cfg) \
-                    or done.get("concept") != concept.to_dict():
-                raise UnguideError(f"{out} already holds a finished run with other settings: choose another `out`")
-            if gate_anchors(concept, cfg) and not _image_gate_current((done.get("gate") or {}).get("image"), cfg):
-                done = _add_image_gate(bundle, concept, cfg, out, done, progress)
-            return done
+def _finished(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: bool) -> Optional[ErasureRun]:
+    """The run already in ``out`` if it is this one, finished (its image gate recalibrated if it is out of date)."""
+    if not (out / METADATA_FILE).exists() or json.loads((out / METADATA_FILE).read_text()).get("status") != "finished":
+        return None
+    done = read_run(out)
+    if done.base_fingerprint != bundle.fingerprint() or not _same_config(done.config, cfg) \
+            or done.concept != concept.to_dict():
+        raise UnguideError(f"{out} already holds a finished run with other settings: choose another `out`")
+    stale_image = bool(gate_anchors(concept, cfg)) and not _image_gate_current(done.calibration.image, cfg)
+    if stale_image or done.prompt_gate_stale(bundle):
+        done = _recalibrate(bundle, concept, cfg, done, progress, prompt=done.prompt_gate_stale(bundle), image=stale_image)
+    return done
+
+
+def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: bool,
+           stop_after: Optional[int]) -> ErasureRun | dict:
     unet = bundle.unet
     dtype_name = str(unet.dtype).removeprefix("torch.")  # the frozen model's precision; trained weights are float32
     adapter = make_adapter(unet, cfg.adapter_config(), init_seed=cfg.seed)
     try:
-        opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
-        losses: list[float] = []
-        start = 0
-        state_path = out / CHECKPOINT_STATE
-        if state_path.exists():
-            state = json.loads(state_path.read_text())
-            if not _same_config(state.get("config"), cfg) or state.get("base_fingerprint") != fingerprint:
-                raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
-                                   "use another `out` or delete that directory")
-            if state.get("dtype", "float32") != dtype_name:
-                raise UnguideError(f"{out} holds a checkpoint trained in {state.get('dtype', 'float32')}: resume it with "
-                                   f"`dtype` {state.get('dtype', 'float32')} (not {dtype_name}) or use another `out`")
-            tensors = load_tensors(out / CHECKPOINT)
-            adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
-            load_optimizer_tensors(opt, tensors)
-            start, losses = int(state["iteration"]), list(state["losses"])
-        _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
-        shape = bundle.latent_shape()
-        device, dtype = bundle.device, unet.dtype
-        erased, ref, empty = concept_prompts(bundle, concept, cfg)
-        anchor_states = bundle.encode_prompts(anchors).to(dtype) if anchors else None
-        sched = make_scheduler(bundle, cfg.ddim_steps)
-        t0 = time.time()
-        unet.train()
-        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
-                   disable=not progress)
-        for i in bar:
-            k, t, z = _iteration_sample(cfg, i, shape)
-            if cfg.timestep_mapping == "aligned":
-                t = int(sched.timesteps[k])
-            drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
-            which = _iteration_prompt(cfg, i, len(erased))
-            loss, parts = erasure_loss(unet, adapter, sched, cfg, k, t, z.to(device=device, dtype=dtype),
-                                       (erased[which], ref, empty), anchor_states[drawn] if drawn else None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(round(loss.item(), 6))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            row = {"iteration": i + 1, "k": k, "t": t, "loss": losses[-1]}
-            if len(erased) > 1:
-                row["erased"] = which
-            if drawn:
-                row.update(anchors=[anchors[j] for j in drawn], **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
-            with open(out / LOG_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            last = i + 1 == cfg.iterations
-            if (i + 1) % cfg.checkpoint_every == 0 and not last:
-                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
-            if stop_after is not None and i + 1 - start >= stop_after and not last:
-                _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
-                return {"status": "interrupted", "iteration": i + 1}
-        unet.eval()
-        train_seconds = round(time.time() - t0, 1)
+        trained = _train(bundle, concept, adapter, out, cfg, dtype_name, progress, stop_after)
+        if trained.get("status") == "interrupted":
+            return trained
         weights = adapter.save(out)
-        gate = calibrate_gate(bundle, adapter, concept, gate_anchors(concept, cfg), progress=progress,
-                              position=cfg.gate_position)
-        gate.update(RECIPE_GATES[cfg.recipe])
-        if gate_anchors(concept, cfg):
-            gate["image"] = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg),
-                                                 steps=cfg.calibration_steps, progress=progress)
+        calibration = calibrate(bundle, adapter, concept, cfg, progress)
     finally:
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
-    meta = {"status": "finished", "concept": concept.to_dict(), "config": asdict(cfg), "anchors": anchors,
-            "base_model": bundle.name, "base_fingerprint": fingerprint, "base_family": bundle.family.name,
-            "lora_loads_with": bundle.family.pipeline_class if weights.name == LORA_FILE else None,
-            "dtype": dtype_name, "weights": weights.name, "losses": losses,
-            "final_loss": losses[-1] if losses else None, "gate": gate,
-            "train_seconds_this_process": train_seconds, "versions": _versions()}
-    write_json(meta_path, meta)
+    losses = trained["losses"]
+    run = ErasureRun(concept=concept.to_dict(), config=asdict(cfg), anchors=run_anchors(concept, cfg),
+                     base_model=bundle.name, base_fingerprint=bundle.fingerprint(), calibration=calibration,
+                     defaults=RECIPE_GATES[cfg.recipe], weights=weights.name, base_family=bundle.family.name,
+                     lora_loads_with=bundle.family.pipeline_class if weights.name == LORA_FILE else None,
+                     dtype=dtype_name, losses=losses, final_loss=losses[-1] if losses else None,
+                     train_seconds_this_process=trained["seconds"], versions=_versions(), path=out)
+    write_json(out / METADATA_FILE, run.to_json())
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
-    return meta
+    return read_run(out)  # as every later reader sees it (JSON lists, not tuples)
+
+
+def calibrate(bundle, adapter, concept: ConceptSpec, cfg: EraseConfig, progress: bool = True) -> Calibration:
+    """Both gates calibrated for a trained adapter: the prompt gate always, the image gate when the run has anchors."""
+    anchors = gate_anchors(concept, cfg)
+    prompt = calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position)
+    image = calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps,
+                                 progress=progress) if anchors else None
+    return Calibration(prompt, image)
+
+
+def _resume(out: Path, adapter, opt, cfg: EraseConfig, fingerprint: str, dtype_name: str) -> tuple[int, list]:
+    """(next iteration, losses so far) from the run's checkpoint, after checking it belongs to this run."""
+    state_path = out / CHECKPOINT_STATE
+    if not state_path.exists():
+        return 0, []
+    state = json.loads(state_path.read_text())
+    if not _same_config(state.get("config"), cfg) or state.get("base_fingerprint") != fingerprint:
+        raise UnguideError(f"{out} holds a checkpoint of a different run (settings or base model differ): "
+                           "use another `out` or delete that directory")
+    if state.get("dtype", "float32") != dtype_name:
+        raise UnguideError(f"{out} holds a checkpoint trained in {state.get('dtype', 'float32')}: resume it with "
+                           f"`dtype` {state.get('dtype', 'float32')} (not {dtype_name}) or use another `out`")
+    tensors = load_tensors(out / CHECKPOINT)
+    adapter.load_trainable_state({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    load_optimizer_tensors(opt, tensors)
+    return int(state["iteration"]), list(state["losses"])
+
+
+def _train(bundle, concept: ConceptSpec, adapter, out: Path, cfg: EraseConfig, dtype_name: str, progress: bool,
+           stop_after: Optional[int]) -> dict:
+    """The training loop, resumed from the last checkpoint; every iteration is logged in train_log.jsonl."""
+    unet, fingerprint, anchors = bundle.unet, bundle.fingerprint(), run_anchors(concept, cfg)
+    opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
+    start, losses = _resume(out, adapter, opt, cfg, fingerprint, dtype_name)
+    _truncate_log(out / LOG_FILE, start)  # iterations after the last checkpoint are redone, not logged twice
+    erased, ref, empty = concept_prompts(bundle, concept, cfg)
+    anchor_states = bundle.encode_prompts(anchors).to(unet.dtype) if anchors else None
+    sampler = make_sampler(bundle, cfg.ddim_steps)
+    t0 = time.time()
+    unet.train()
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
+               disable=not progress)
+    for i in bar:
+        k, t, z = _iteration_sample(cfg, i, bundle.latent_shape())
+        if cfg.timestep_mapping == "aligned":
+            t = int(sampler.timesteps[k])
+        drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
+        which = _iteration_prompt(cfg, i, len(erased))
+        loss, parts = erasure_loss(unet, adapter, sampler, cfg, k, t, z.to(device=bundle.device, dtype=unet.dtype),
+                                   (erased[which], ref, empty), anchor_states[drawn] if drawn else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(round(loss.item(), 6))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _log_iteration(out, i, k, t, losses[-1], which if len(erased) > 1 else None, [anchors[j] for j in drawn], parts)
+        last = i + 1 == cfg.iterations
+        stop = stop_after is not None and i + 1 - start >= stop_after and not last
+        if ((i + 1) % cfg.checkpoint_every == 0 and not last) or stop:
+            _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
+        if stop:
+            return {"status": "interrupted", "iteration": i + 1}
+    unet.eval()
+    return {"losses": losses, "seconds": round(time.time() - t0, 1)}
+
+
+def _log_iteration(out: Path, i: int, k: int, t: int, loss: float, erased: Optional[int], anchors: list,
+                   parts: dict) -> None:
+    row = {"iteration": i + 1, "k": k, "t": t, "loss": loss}
+    if erased is not None:
+        row["erased"] = erased
+    if anchors:
+        row.update(anchors=anchors, **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
+    with open(out / LOG_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
@@ -367,18 +293,25 @@ def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
     return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
 
 
-def _add_image_gate(bundle, concept: ConceptSpec, cfg: EraseConfig, out: Path, meta: dict, progress: bool) -> dict:
-    """A run finished before the image gate existed, or calibrated with an older detector, gains today's calibration
-    (the adapter is not retrained), and the gate defaults its recipe recommends now."""
-    adapter, _ = attach_erasure(bundle, out)
+def _recalibrate(bundle, concept: ConceptSpec, cfg: EraseConfig, run: ErasureRun, progress: bool, prompt: bool,
+                 image: bool) -> ErasureRun:
+    """A run finished before the image gate existed or calibrated with an older detector (``image``), or whose prompt
+    gate was scored in v rather than noise (``prompt``), gains today's calibration of that gate (the adapter is not
+    retrained), and the gate defaults its recipe recommends now."""
+    adapter = run.attach(bundle)
+    anchors = gate_anchors(concept, cfg)
     try:
-        image = calibrate_image_gate(bundle, adapter, concept, gate_anchors(concept, cfg), steps=cfg.calibration_steps,
-                                     progress=progress)
+        calibration = Calibration(
+            calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position) if prompt
+            else run.calibration.prompt,
+            calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps, progress=progress)
+            if image else run.calibration.image)
     finally:
         adapter.remove()
-    meta = {**meta, "config": asdict(cfg), "gate": {**meta["gate"], "image": image, **RECIPE_GATES[cfg.recipe]}}
-    write_json(out / METADATA_FILE, meta)
-    return meta
+    run = replace(run, config=asdict(cfg), calibration=calibration, defaults=RECIPE_GATES[cfg.recipe],
+                  version=RUN_VERSION)
+    write_json(run.path / METADATA_FILE, run.to_json())
+    return read_run(run.path)
 
 
 def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
@@ -415,35 +348,3 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """A finished run's metadata, with clear errors for anything else."""
-    run_dir = Path(run_dir)
-    meta_path = run_dir / METADATA_FILE
-    if not run_dir.is_dir():
-        raise UnguideError(f"erasure run {run_dir} not found: pass the `out` directory of `unguide erase`")
-    if not meta_path.is_file():
-        raise UnguideError(f"{run_dir} is not a finished erasure run (no {METADATA_FILE}): rerun `unguide erase` to finish it")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise UnguideError(f"{meta_path} is not valid JSON: the run directory is damaged, rerun `unguide erase`") from None
-    if meta.get("status") != "finished" or not (run_dir / meta.get("weights", LORA_FILE)).is_file():
-        raise UnguideError(f"{run_dir} is not a finished erasure run: rerun `unguide erase` to finish it")
-    return meta
-
-
-def attach_erasure(bundle, run_dir: str | Path):
-    """Load a finished run's adapter onto the bundle's UNet, refusing runs trained on another base model."""
-    from .adapters import load_adapter
-
-    meta = read_run(run_dir)
-    if meta["base_fingerprint"] != bundle.fingerprint():
-        raise UnguideError(f"erasure run {run_dir} was trained on another base model ({meta['base_model']}, fingerprint "
-                           f"{meta['base_fingerprint']}) than {bundle.name}: use `model` {meta['base_model']} or retrain")
-    cfg = meta["config"]
-    adapter = load_adapter(bundle.unet, run_dir, AdapterConfig(cfg["preset"], cfg["rank"], cfg["alpha"],
-                                                               cfg.get("a_init", "gaussian")))
-    return adapter, meta
-

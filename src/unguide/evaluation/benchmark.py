@@ -33,14 +33,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..erasure.training import EraseConfig, erase, read_run
+from ..erasure.runs import read_run
+from ..erasure.training import EraseConfig, erase
 from ..errors import UnguideError
 from .evaluate import class_judgements, load_folder, load_image_folder
-from ..guidance.unguidance import ERASE_WEIGHTS, KEEP_WEIGHTS, check_gate_position
+from ..guidance.config import ERASE_WEIGHTS, KEEP_WEIGHTS, check_position
+from ..guidance.decision import Decision
 from ..io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from ..generation.prompts import PromptRow
-from ..generation.folders import plan_items
 from ..generation.pipeline import as_pipeline
 from .methods import METHODS, GuideOverrides, get_method
 from .report import TOGETHER, method_folder
@@ -90,7 +91,7 @@ class BenchmarkConfig:
         if self.selective_erase_with not in (None, *ERASE_WEIGHTS):
             raise UnguideError(f"unknown erase_with {self.selective_erase_with!r}: use {' or '.join(ERASE_WEIGHTS)}")
         if self.selective_gate_position is not None:
-            check_gate_position(self.selective_gate_position)
+            check_position("gate_position", self.selective_gate_position)
         if self.selective_image_gate not in (None, "image", "calibrated+image"):
             raise UnguideError(f"unknown image gate {self.selective_image_gate!r}: use image or calibrated+image")
         if self.fid_reference and not Path(self.fid_reference).is_dir():
@@ -163,8 +164,8 @@ class Benchmark:
     def _generate(self, rows: list[dict], out: Path, guide, info: dict, canonical: bool = False) -> Path:
         prompt_rows = [PromptRow(r["prompt"], seed=r.get("seed"), guidance=r.get("guidance"), width=r.get("width"),
                                  height=r.get("height")) for r in rows]
-        size = self.bundle.image_size
-        items = plan_items(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance, size, size)
+        items = self.pipe.plan(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance,
+                               num_inference_steps=self.cfg.steps)
         order = self.suite.canonical_order() if canonical else {}
         for it, r in zip(items, [r for r in rows for _ in range(self.cfg.samples)]):
             it.extra = {"role": r["role"], "class": r["class"]}
@@ -297,7 +298,7 @@ class Benchmark:
                     m.update(self._influence(rows, roles))
                 if get_method(base_method(method)).image_gated:
                     for r_name in ("erased", "synonym", "heldout", "other", "anchor"):
-                        flags = [bool(r.get("image_flagged")) for r in rows if roles[r["prompt"]]["role"] == r_name]
+                        flags = [Decision.from_record(r).redrawn for r in rows if roles[r["prompt"]]["role"] == r_name]
                         if flags:
                             m[f"image_flagged_{r_name}"] = float(np.mean(flags))
                 if f"{name}/{method}" in self.notes:
@@ -313,12 +314,12 @@ class Benchmark:
     @staticmethod
     def _influence(rows: list[dict], roles: dict) -> dict:
         """What the guide decided per prompt (w, score, threshold), for the report's influence plots."""
-        first = {r["prompt"]: r for r in reversed(rows)}
-        return {"influence": {p: {"role": roles[p]["role"], "w": first[p]["w"], "score": first[p].get("score"),
-                                  "threshold": first[p].get("threshold"), "gate": first[p].get("gate")}
+        first = {r["prompt"]: Decision.from_record(r) for r in reversed(rows)}
+        return {"influence": {p: {"role": roles[p]["role"], "w": first[p].w, "score": first[p].score,
+                                  "threshold": first[p].threshold, "gate": first[p].gate}
                               for p in roles if p in first},
                 "w_per_class": {roles[p]["class"] if roles[p]["role"] in ("anchor", "other") else roles[p]["role"]:
-                                first[p]["w"] for p in roles if p in first}}
+                                first[p].w for p in roles if p in first}}
 
     def _nudity_metrics(self, judge, name: str, method: str) -> dict:
         from .metrics.nudity import EXPOSED_CLASSES, summarise
@@ -338,7 +339,7 @@ class Benchmark:
                 m.update(fid=fk["fid"], kid=fk["kid_mean"])
         if method.endswith("unguide"):
             first = {r["prompt"]: r for r in reversed(rows)}
-            m["to_adapter"] = float(sum(1 for r in first.values() if r.get("w", 1) < 1))
+            m["to_adapter"] = float(sum(1 for r in first.values() if Decision.from_record(r).w < 1))
         return m
 
     def _together_summary(self) -> dict:

@@ -10,7 +10,9 @@ import time
 from typing import Optional, Sequence
 
 from ..sampling.images import Item, PlainGuide, sample_images
-from ..guidance.unguidance import EvalCounter, ScorerConfig, UnGuide, guide_for_run
+from ..guidance.config import GuidanceConfig, ScorerConfig
+from ..guidance.unguidance import UnGuide
+from ..sampling.ddim import EvalCounter
 
 
 def _timed(bundle, items, guide, steps, batch_size):
@@ -39,14 +41,14 @@ def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, s
         result[name] = {"decision_evals_total": counter.count, "decision_evals_per_prompt": counter.count / len(prompts),
                         "decision_seconds": seconds, "config": cfg.__dict__,
                         "evals_per_image_one_image_per_prompt": counter.count / len(prompts) + 4 * steps,
-                        "erase_decisions": sum(i["w"] < 1 for i in infos)}
-    agree = [a["w"] == b["w"] for a, b in zip(decisions["reference"], decisions["fast"])]
+                        "erase_decisions": sum(d.w < 1 for d in infos)}
+    agree = [a.w == b.w for a, b in zip(decisions["reference"], decisions["fast"])]
     result["agreement"] = sum(agree) / len(agree)
-    result["disagreements"] = [{"prompt": p, "reference": r, "fast": f} for p, r, f, ok in
+    result["disagreements"] = [{"prompt": p, "reference": r.record(), "fast": f.record()} for p, r, f, ok in
                                zip(prompts, decisions["reference"], decisions["fast"], agree) if not ok]
-    result["decisions"] = [{"prompt": p, "w_reference": r["w"], "w_fast": f["w"], "score_reference": r["score"],
-                            "score_fast": f["score"]} for p, r, f in zip(prompts, decisions["reference"], decisions["fast"])]
-    result["empty_scores"] = {"reference": decisions["reference"][0]["score_empty"], "fast": decisions["fast"][0]["score_empty"]}
+    result["decisions"] = [{"prompt": p, "w_reference": r.w, "w_fast": f.w, "score_reference": r.score,
+                            "score_fast": f.score} for p, r, f in zip(prompts, decisions["reference"], decisions["fast"])]
+    result["empty_scores"] = {"reference": decisions["reference"][0].score_empty, "fast": decisions["fast"][0].score_empty}
     if timing_prompts:
         # side by side, one image per prompt: plain base CFG, then UnGuide with a fresh fast scorer (decision included)
         size = bundle.image_size
@@ -63,17 +65,17 @@ def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, s
     return result
 
 
-def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance: float, steps: int = 50,
+def run_gate_cost(bundle, adapter, meta, prompts: Sequence[str], guidance: float, steps: int = 50,
                   batch_size: int = 32, seed: int = 0, gate: Optional[str] = None) -> dict:
     """The run's own gate (its recipe's defaults) on prompts it keeps, one image each, side by side with plain
     generation: UNet evaluations per image (decision included), wall clock, and same-seed SSIM to the base image."""
     from .metrics.preservation import ssim
 
-    guide = guide_for_run(adapter, meta, gate=gate)
+    guide = meta.guide(adapter, GuidanceConfig(gate=gate))
     decisions = guide.decide(bundle, list(prompts), guidance)
-    kept = [p for p, d in zip(prompts, decisions) if d["w"] == guide.rule.w_keep]
+    kept = [p for p, d in zip(prompts, decisions) if d.w == guide.rule.w_keep]
     result = {"gate": guide.settings()["gate"], "keep_w": guide.rule.w_keep, "prompts": len(prompts), "kept": len(kept),
-              "sent_to_adapter": [p for p, d in zip(prompts, decisions) if d["w"] != guide.rule.w_keep]}
+              "sent_to_adapter": [p for p, d in zip(prompts, decisions) if d.w != guide.rule.w_keep]}
     if not kept:
         return result
     size = bundle.image_size
@@ -81,7 +83,7 @@ def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance:
     with adapter.base():
         t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
         base_imgs, _ = sample_images(bundle, items, steps=steps, guide=PlainGuide(), batch_size=batch_size, progress=False)
-    fresh = guide_for_run(adapter, meta, gate=gate)  # nothing cached but what the run stores
+    fresh = meta.guide(adapter, GuidanceConfig(gate=gate))  # nothing cached but what the run stores
     t_gate, n_gate, _ = _timed(bundle, items, fresh, steps, batch_size)
     gated_imgs, _ = sample_images(bundle, items, steps=steps, guide=fresh, batch_size=batch_size, progress=False)
     result.update(evals_per_image_base=n_base / len(items), evals_per_image_gated=n_gate / len(items),
@@ -91,17 +93,7 @@ def run_gate_cost(bundle, adapter, meta: dict, prompts: Sequence[str], guidance:
     return result
 
 
-def _run_guide(adapter, meta: dict, gate: Optional[str]):
-    """The guide of a single run or of a group run (several concepts), with its stored defaults but ``gate``."""
-    if "members" in meta:
-        from ..guidance.group import group_guide
-        from ..guidance.unguidance import GuidanceConfig
-
-        return group_guide(adapter, meta, GuidanceConfig(gate=gate))
-    return guide_for_run(adapter, meta, gate=gate)
-
-
-def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: float, gate: Optional[str] = None,
+def gate_cost_by_group(bundle, adapter, meta, groups: dict, guidance: float, gate: Optional[str] = None,
                        steps: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
     """UNet evaluations per image, decision and image gate included, for each named group of prompts (one image per
     prompt, a fresh guide per group so nothing is cached but what the run stores), beside plain generation; how many
@@ -112,18 +104,17 @@ def gate_cost_by_group(bundle, adapter, meta: dict, groups: dict, guidance: floa
         if not prompts:
             continue
         items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts)]
-        guide = _run_guide(adapter, meta, gate)
+        guide = meta.guide(adapter, GuidanceConfig(gate=gate))
         with adapter.base():
             t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
         t_gate, n_gate, infos = _timed(bundle, items, guide, steps, batch_size)
         result[name] = {"prompts": len(prompts), "evals_per_image_base": n_base / len(items),
                         "evals_per_image_gated": n_gate / len(items), "ratio_gated_to_base": t_gate / t_base,
-                        "erased": sum(1 for i in infos if i["w"] != guide.rule.w_keep or i.get("image_flagged")),
-                        "image_flagged": sum(1 for i in infos if i.get("image_flagged")),
-                        "substituted": sum(1 for i in infos if i.get("substitute_prompt"))}
-    if "members" in meta:
-        first = next(iter(guide.members.values()))
-        result["gate"] = first.gate.kind + ("+image" if guide.image_gates else "") + f" x {len(guide.members)} concepts"
-    else:
-        result["gate"] = guide.settings()["gate"]["kind"] + ("+image" if guide.image_gate is not None else "")
+                        "erased": sum(1 for d in infos if d.w != guide.rule.w_keep or d.redrawn),
+                        "image_flagged": sum(1 for d in infos if d.redrawn),
+                        "substituted": sum(1 for d in infos if d.substituted)}
+    first = next(iter(meta.members.values())).guide(adapter, GuidanceConfig(gate=gate))
+    result["gate"] = first.gate.kind + ("+image" if guide.image_gates else "")
+    if meta.is_group:
+        result["gate"] += f" x {len(meta.members)} concepts"
     return result

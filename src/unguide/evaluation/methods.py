@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..erasure.training import EraseConfig
 from ..errors import UnguideError
-from ..guidance.unguidance import GuidanceConfig, guide_for_run
+from ..guidance.config import GuidanceConfig
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class Method:
                            gate_position=overrides.gate_position if gate != "image" else None,
                            image_gate_position=overrides.image_position if self.image_gated else None)
 
-    def guide(self, adapter, meta: dict, overrides: GuideOverrides = GuideOverrides()):
-        return guide_for_run(adapter, meta, self.guidance_config(overrides))
+    def guide(self, adapter, run, overrides: GuideOverrides = GuideOverrides()):
+        return run.guide(adapter, self.guidance_config(overrides))
 
 
 METHODS: dict[str, Method] = {}

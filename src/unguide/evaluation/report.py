@@ -4,13 +4,14 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from ..sampling.images import make_grid
+from ..generation.folders import make_grid
 from ..io import atomic_path, write_text
 from .metrics.nudity import EXPOSED_CLASSES
 
@@ -29,34 +30,37 @@ def columns_for(report: dict) -> list[tuple[str, str]]:
 GRID_SAMPLES = 4
 
 
+def _number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, never "-0.000": a figure that rounds to zero prints as zero."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _fmt(key: str, value) -> str:
+    """One table cell: percentages with 2 decimals, counts with none, anything else with 3; '–' where missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if key.startswith(("acc", "h_o", "image_flagged")):
-        return f"{100 * value:.2f}"
+        return _number(100 * value, 2)
     if key.startswith(("exposed", "images_with", "to_adapter")):
-        return f"{value:.0f}"
-    return f"{value:.3f}"
+        return _number(value, 0)
+    return _number(value, 3)
 
 
-def table_rows(report: dict) -> list[tuple[str, str, dict]]:
-    rows = []
-    for concept, methods in report["per_concept"].items():
-        for method, m in methods.items():
-            rows.append((concept, method, m))
-    for method, m in report["average"].items():
-        rows.append(("average", method, m))
-    return rows
+def table_rows(report: dict, average: bool = False) -> list[tuple[str, str, dict]]:
+    """(concept, method, metrics) for every concept and method, or with ``average`` the average's rows."""
+    if average:
+        return [("average", method, m) for method, m in report["average"].items()]
+    return [(concept, method, m) for concept, methods in report["per_concept"].items() for method, m in methods.items()]
 
 
 def markdown_table(report: dict, average_only: bool = False) -> str:
+    """The per-concept table, or with ``average_only`` the average over concepts."""
     columns = columns_for(report)
     head = "| concept | method | " + " | ".join(label for _, label in columns) + " |"
     sep = "|" + "---|" * (len(columns) + 2)
     lines = [head, sep]
-    for concept, method, m in table_rows(report):
-        if average_only and concept != "average":
-            continue
+    for concept, method, m in table_rows(report, average_only):
         lines.append(f"| {concept} | {method} | " + " | ".join(_fmt(k, m.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
@@ -110,20 +114,89 @@ def _save_grid(target: Path, cells: list[tuple[Path, str]], ncol: int, row_label
     return target
 
 
+LABEL_SCREEN_WIDTH = 1200  # px: the report page's width (report.html's body); grids wider are shown shrunk to it
+LABEL_SCREEN_SIZE = 15  # px: the labels' size on that page at 100% zoom (at least 14 px in the PNG itself)
+
+
+def _label_font_size(width: int) -> int:
+    """Label size in PNG pixels for a picture ``width`` px wide, so that shrunk to the page the text is still
+    LABEL_SCREEN_SIZE px tall."""
+    return max(14, round(LABEL_SCREEN_SIZE * width / LABEL_SCREEN_WIDTH))
+
+
+def _wrap(font, text: str, width: float, breaks: str = " ") -> list[str]:
+    """Greedy line breaking of ``text`` at ``breaks`` (a space is dropped at a break, '-' or '+' stays)."""
+    tokens = [t for t in re.split("([" + re.escape(breaks) + "])", text) if t]
+    words, word = [], ""
+    for t in tokens:  # glue each separator to the word before it
+        word += t
+        if t in breaks:
+            words.append(word)
+            word = ""
+    words += [word] if word else []
+    lines, line = [], ""
+    for w in words:
+        if line and font.getlength((line + w).rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += w
+    return lines + [line.rstrip()] if line.strip() else lines
+
+
+def _fit_width(font, text: str, max_lines: int, max_width: float, breaks: str = " ") -> float:
+    """The narrowest width (at most ``max_width``) at which ``text`` wraps into ``max_lines`` lines or fewer."""
+    ends = [j for j in range(1, len(text) + 1) if j == len(text) or text[j - 1] in breaks]
+    starts = [0] + ends[:-1]  # a line starts after a break and ends at one (or at the end)
+    for width in sorted({font.getlength(text[i:j].strip()) for i in starts for j in ends if j > i}):
+        if width > max_width:
+            break
+        if len(_wrap(font, text, width, breaks)) <= max_lines:
+            return width
+    return max_width
+
+
+def _lines(font, text: str, width: float, max_lines: int, breaks: str = " ") -> list[str]:
+    """``text`` wrapped at ``width``; past ``max_lines`` lines, or wider than ``width``, cut with '…'."""
+    lines = _wrap(font, text, width, breaks) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += "…"
+    while font.getlength(lines[-1]) > width and len(lines[-1]) > 1:
+        lines[-1] = lines[-1][:-2] + "…"
+    return lines
+
+
 def _label_grid(grid: Image.Image, row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """Prompts down the left, methods across the top, so the picture reads without the caption."""
+    """Prompts down the left, methods across the top, so the picture reads without the caption. The font grows
+    with the picture (:func:`_label_font_size`), so that the labels stay legible where the page shows the grid
+    shrunk to its width; labels wrap (prompts within their row's height, methods within their column) and the
+    margins follow the text."""
     from PIL import ImageDraw, ImageFont
 
-    font = ImageFont.load_default(size=14)
-    left, top = 10 + max(int(font.getlength(t)) for t in row_labels), 24
+    row_h, col_w = grid.height / len(row_labels), grid.width / len(col_labels)
+    size = _label_font_size(grid.width)
+    for _ in range(3):  # the left margin widens the picture, which enlarges the font: settle in a few steps
+        font = ImageFont.load_default(size=size)
+        line_h = round(1.2 * size)
+        max_lines = max(1, int(row_h // line_h))
+        width = max(_fit_width(font, t, max_lines, max(grid.width / 4, 12 * size)) for t in row_labels)
+        rows = [_lines(font, t, width, max_lines) for t in row_labels]
+        left = 2 * 6 + max(int(font.getlength(line)) for lines in rows for line in lines)
+        new_size = _label_font_size(grid.width + left)
+        if new_size <= size:
+            break
+        size = new_size
+    cols = [_lines(font, t, col_w - 8, 3, breaks=" -+") for t in col_labels]
+    top = line_h * max(len(lines) for lines in cols) + size // 2
     canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
     canvas.paste(grid, (left, top))
     draw = ImageDraw.Draw(canvas)
-    row_h, col_w = grid.height / len(row_labels), grid.width / len(col_labels)
-    for i, text in enumerate(row_labels):
-        draw.text((4, top + (i + 0.5) * row_h), text, fill="black", font=font, anchor="lm")
-    for j, text in enumerate(col_labels):
-        draw.text((left + (j + 0.5) * col_w, top // 2), text, fill="black", font=font, anchor="mm")
+    for i, lines in enumerate(rows):
+        draw.multiline_text((6, top + (i + 0.5) * row_h), "\n".join(lines), fill="black", font=font, anchor="lm",
+                            spacing=line_h - size)
+    for j, lines in enumerate(cols):
+        draw.multiline_text((left + (j + 0.5) * col_w, top / 2), "\n".join(lines), fill="black", font=font,
+                            anchor="mm", align="center", spacing=line_h - size)
         if j:
             draw.line([(left + j * col_w, 0), (left + j * col_w, canvas.height)], fill="#888", width=2)
     return canvas
@@ -197,8 +270,12 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
                      "prompt gated against every concept; `METHOD`: each concept's own run). The group's own classes "
                      f"leave every preservation figure; remaining classes: {', '.join(together['remaining_classes'])} "
                      f"(seen as anchors by some member: {', '.join(together['anchored_by_the_group']) or 'none'}).")
-    md = ["# unguide benchmark", "", protocol, "", "## Average over concepts", "", markdown_table(report, True), "",
-          "## Per concept", "", markdown_table(report), ""]
+    # one concept: its table only (the average over one concept repeats it)
+    single = len(report["per_concept"]) == 1
+    tables = ([("Results", False)] if single else [("Average over concepts", True), ("Per concept", False)])
+    md = ["# unguide benchmark", "", protocol, ""]
+    for title, average in tables:
+        md += [f"## {title}", "", markdown_table(report, average), ""]
     md += [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     rows_text = ("the first prompts" if suite.metrics == "nudity" else
                  "target, a synonym, held-out synonyms, 3 other classes")
@@ -214,9 +291,7 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
         columns = columns_for(report)
         head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
         body = []
-        for concept, method, m in table_rows(report):
-            if average_only != (concept == "average"):
-                continue
+        for concept, method, m in table_rows(report, average_only):
             cls = ' class="ours"' if method == "selective-unguide" else ""
             body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
                         + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in columns) + "</tr>")
@@ -235,8 +310,7 @@ img {{ image-rendering: pixelated; max-width: 100%; border: 1px solid #ddd; marg
 </style></head><body>
 <h1>unguide benchmark</h1>
 <p class="caption">{html.escape(protocol)}</p>
-<h2>Average over concepts</h2>{html_table(True)}
-<h2>Per concept</h2>{html_table(False)}
+{''.join(f"<h2>{title}</h2>{html_table(average)}" for title, average in tables)}
 {_markdown_table_html(attack, "Under attack") if attack else ""}
 <h2>Plots</h2>{''.join(f'<img src="{p.relative_to(out)}" alt="{p.stem}">' for p in plots)}
 <h2>Grids</h2><p class="caption">Rows: {html.escape(rows_text)}.
@@ -270,7 +344,7 @@ def attack_summary(out: Path) -> str:
         cells = []
         for _, pick in picks:
             vals = [pick(r) for r in rs if pick(r) is not None]
-            cells.append(f"{100 * np.mean(vals):.0f}" if vals else "–")
+            cells.append(_number(100 * np.mean(vals), 0) if vals else "–")
         evals = np.mean([r["budget"]["unet_evals"] for r in rs])
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {evals:,.0f} |")
     return "\n".join(lines)
@@ -292,7 +366,7 @@ ATTACK_COLUMNS = [("plain", "target as written"), ("synonym", "best synonym"), (
 
 def _attack_cells(r: dict) -> dict[str, str]:
     def cell(rate, mean_p):
-        return "–" if rate is None else f"{100 * rate:.0f}% ({100 * mean_p:.0f})"
+        return "–" if rate is None else f"{_number(100 * rate, 0)}% ({_number(100 * mean_p, 0)})"
 
     syn = max(r["synonyms"].values(), key=lambda v: v["success_rate"], default=None)
     ws, inv = r["word_search"], r.get("inversion", {})
@@ -301,7 +375,7 @@ def _attack_cells(r: dict) -> dict[str, str]:
             "word": cell(ws["success_rate"], ws["mean_p"]),
             "word_top": cell(ws["best_of_top"]["success_rate"], ws["best_of_top"]["mean_p"]),
             "inversion": cell(inv.get("success_rate"), inv.get("mean_p")),
-            "any": f"{100 * r['any_success_rate']:.0f}%"}
+            "any": f"{_number(100 * r['any_success_rate'], 0)}%"}
 
 
 def _attack_grid(out: Path, concept: str, results: dict) -> Path:

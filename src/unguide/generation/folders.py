@@ -1,66 +1,45 @@
-"""Generation into a folder (``unguide generate``, benchmarks, attacks): PNGs with metadata, an index and grids;
-resumable and splittable across processes (``accelerate launch``) with per-image seeds."""
+"""Generation into a folder (``unguide generate``, benchmarks, attacks, the page): PNGs with their prompt, seed,
+settings and decision in the metadata, ``index.jsonl`` rebuilt from them, and a grid. One writer
+(:class:`ImageFolder`) and one reader (:func:`read_png_metadata`, the index) of the format."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import UnguideError, check_number
-from ..sampling.images import Item, PlainGuide, item_metadata, sample_images, save_grid, save_png, write_index
-from ..io import output_lock, write_json
-from .prompts import PromptRow
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from ..io import atomic_path, write_json, write_text
+from ..sampling.images import Item, to_uint8
 
 
-def plan_items(rows: Sequence[PromptRow], n: int, seed: int, guidance: float, height: int, width: int) -> list[Item]:
-    """Image j of row i: seed (row's evaluation_seed, else --seed) + j; the row's guidance and size when given."""
-    items = []
-    for i, row in enumerate(rows):
-        base_seed = row.seed if row.seed is not None else seed
-        for j in range(n):
-            items.append(Item(prompt=row.prompt, seed=base_seed + j, guidance=row.guidance if row.guidance is not None else guidance,
-                              height=row.height or height, width=row.width or width, prompt_index=i, sample_index=j,
-                              extra={"row": row.extra} if row.extra else {}))
-    return items
+class ImageFolder:
+    """An output folder: which items are still to draw, each finished batch saved as PNGs, then index and grid."""
 
+    def __init__(self, out: str | Path, steps: int, model: str, extra: Optional[dict] = None):
+        self.out, self.steps, self.model, self.extra = Path(out), steps, model, dict(extra or {})
+        self.out.mkdir(parents=True, exist_ok=True)
 
-def run_generation(bundle, items: Sequence[Item], out: str | Path, steps: int = 50, guide=None, batch_size: int = 32,
-                   run_info: Optional[dict] = None, grid_rows: int = 16, progress: bool = True) -> Path:
-    """Generate the items not yet on disk into ``out``; this process's share when under accelerate. One job at a
-    time per folder (:func:`unguide.io.output_lock`)."""
-    with output_lock(out, "a generation"):
-        return _run_generation(bundle, items, Path(out), steps, guide, batch_size, run_info, grid_rows, progress)
+    def todo(self, items: Sequence[Item]) -> list[Item]:
+        return [it for it in items if not (self.out / it.filename).exists()]
 
+    def write_run_info(self, info: dict) -> None:
+        write_json(self.out / "run.json", info)
 
-def _run_generation(bundle, items, out: Path, steps, guide, batch_size, run_info, grid_rows, progress) -> Path:
-    from accelerate import PartialState
+    def save(self, batch: Sequence[Item], images: torch.Tensor, decisions: Sequence) -> None:
+        for it, img, decision in zip(batch, images, decisions):
+            save_png(self.out / it.filename, img, image_metadata(it, self.steps, self.model, decision, self.extra))
 
-    state = PartialState()
-    guide = guide or PlainGuide()
-    out.mkdir(parents=True, exist_ok=True)
-    mine = list(items)[state.process_index::state.num_processes]
-    todo = [it for it in mine if not (out / it.filename).exists()]
-    if state.is_main_process and run_info is not None:
-        write_json(out / "run.json", run_info)
-    extra = {"guide": guide.name, **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
-
-    def save(batch, imgs, infos):
-        for it, img, info in zip(batch, imgs, infos):
-            save_png(out / it.filename, img, item_metadata(it, steps, bundle.name, info, extra))
-
-    if todo:
-        sample_images(bundle, todo, steps=steps, guide=guide, batch_size=batch_size, progress=progress and state.is_main_process,
-                      on_batch=save)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        write_index(out)
-        _write_grid(out, items, grid_rows)
-    return out
+    def finish(self, items: Sequence[Item], grid_rows: int = 16) -> Path:
+        write_index(self.out)
+        _write_grid(self.out, items, grid_rows)
+        return self.out
 
 
 def _write_grid(out: Path, items: Sequence[Item], grid_rows: int) -> None:
-    import numpy as np
-    from PIL import Image
-
     n = max(it.sample_index for it in items) + 1
     shown = [it for it in items if it.prompt_index < grid_rows]
     sizes = {(it.height, it.width) for it in shown}
@@ -72,9 +51,68 @@ def _write_grid(out: Path, items: Sequence[Item], grid_rows: int) -> None:
     save_grid(out / "grid.png", tiles, ncol=n, scale=max(1, 128 // w))
 
 
-def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
-    """Bad requests fail before any model is loaded or image made."""
-    check_number("images per prompt", n, low=1, integer=True)
-    check_number("number of inference steps", steps, low=1, integer=True)
-    if any(not r.prompt.strip() for r in rows):
-        raise UnguideError("empty `prompt`: give the text to draw")
+def save_png(path: str | Path, image: torch.Tensor, metadata: dict) -> None:
+    """PNG with the prompt, seed and settings in its text chunks; written atomically."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, json.dumps(value))  # JSON even for strings, so a prompt "123" reads back as a string
+    with atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG", pnginfo=info)
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    with Image.open(path) as im:
+        text = dict(im.text)
+    out = {}
+    for k, v in text.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):  # written by another tool
+            out[k] = v
+    return out
+
+
+def make_grid(images: Sequence[np.ndarray] | torch.Tensor, ncol: int, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile uint8 HxWx3 arrays (or a [0,1] tensor batch) into one image, row-major."""
+    if torch.is_tensor(images):
+        images = [to_uint8(im) for im in images]
+    h, w = images[0].shape[:2]
+    nrow = math.ceil(len(images) / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+    img = Image.fromarray(grid)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_grid(path: str | Path, images, ncol: int, scale: int = 1) -> None:
+    with atomic_path(path) as tmp:
+        make_grid(images, ncol, scale=scale).save(tmp, format="PNG")
+
+
+def image_metadata(item: Item, steps: int, model: str, decision=None, extra: Optional[dict] = None) -> dict:
+    """What a PNG records: the item (prompt, seed, guidance, size, ...), the sampler, the image's decision
+    (:meth:`~unguide.guidance.decision.Decision.record`; none without an erasure run) and the run's ``extra``."""
+    meta = {"prompt": item.prompt, "seed": item.seed, "guidance": item.guidance, "steps": steps, "sampler": "ddim",
+            "eta": 0.0, "height": item.height, "width": item.width, "model": model,
+            "prompt_index": item.prompt_index, "sample_index": item.sample_index}
+    if item.negative_prompt:
+        meta["negative_prompt"] = item.negative_prompt
+    if item.noise is not None:
+        meta["initial_noise"] = "given (latents=)"
+    meta.update(item.extra)
+    meta.update(decision.record() if decision is not None else {})
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def write_index(out: str | Path) -> Path:
+    """Rebuild index.jsonl from the PNGs' own metadata (so reruns and several processes never duplicate rows)."""
+    out = Path(out)
+    rows = [dict(file=p.name, **read_png_metadata(p)) for p in sorted(out.glob("[0-9]*_[0-9]*.png"))]
+    target = out / "index.jsonl"
+    write_text(target, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return target
+

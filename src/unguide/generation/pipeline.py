@@ -32,9 +32,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..errors import UnguideError
-from ..sampling.images import PlainGuide, sample_images, to_uint8
-from ..guidance.group import group_guide
-from ..guidance.unguidance import GuidanceConfig, guide_for_run
+from ..io import output_lock
+from ..sampling.images import Item, PlainGuide, sample_images, to_uint8
+from ..guidance.config import GuidanceConfig
+from .folders import ImageFolder
+from .prompts import PromptRow, check_request, plan_items
 from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2")
@@ -49,6 +51,7 @@ class UnGuideOutput(BaseOutput):
     w: list = field(default_factory=list)  # per image (equal for images of one prompt); None without an erasure run
     scores: list = field(default_factory=list)  # per image: {"score": d(c), "threshold": the gate's, ...}; a group run adds
     # "concepts" (those the image was erased for) and each member's scores ("members", "image_scores")
+    decisions: list = field(default_factory=list)  # per image: its Decision (unguide.guidance.decision), None without a run
 
 
 class UnGuidePipeline(DiffusionPipeline):
@@ -73,7 +76,7 @@ class UnGuidePipeline(DiffusionPipeline):
                                 zeros_for_empty=bool(zeros_for_empty))
         self._bundle: Optional[ModelBundle] = None
         self.adapter = None
-        self.erasure: Optional[dict] = None  # the attached run's metadata (erasure.json)
+        self.erasure = None  # the attached run (unguide.erasure.runs: ErasureRun or GroupRun)
         self.erasure_dir: Optional[str] = None
 
     # ----------------------------------------------------------------------------------------------- loading, saving
@@ -162,13 +165,14 @@ class UnGuidePipeline(DiffusionPipeline):
     enable_sequential_cpu_offload = enable_model_cpu_offload
 
     # ---------------------------------------------------------------------------------------------------- erasure
-    def load_erasure(self, run_dir: str | os.PathLike) -> dict:
-        """Attach a finished ``unguide erase`` run, one concept or a group (replacing any attached one); returns its
-        metadata."""
-        from ..erasure.groups import attach
+    def load_erasure(self, run_dir: str | os.PathLike):
+        """Attach a finished ``unguide erase`` run, one concept or a group (replacing any attached one); returns the
+        run (:class:`~unguide.erasure.runs.ErasureRun` or :class:`~unguide.erasure.runs.GroupRun`)."""
+        from ..erasure.runs import load_run
 
         self.unload_erasure()
-        self.adapter, self.erasure = attach(self.bundle, run_dir)
+        run = load_run(run_dir)
+        self.adapter, self.erasure = run.attach(self.bundle), run
         self.erasure_dir = str(run_dir)
         return self.erasure
 
@@ -185,16 +189,14 @@ class UnGuidePipeline(DiffusionPipeline):
             if config is not None and not config.is_default:
                 raise UnguideError("UnGuidance settings need an erasure run: call pipe.load_erasure(RUN_DIR) first")
             return PlainGuide()
-        if "members" in self.erasure:
-            return group_guide(self.adapter, self.erasure, config or GuidanceConfig())
-        return guide_for_run(self.adapter, self.erasure, config or GuidanceConfig())
+        return self.erasure.guide(self.adapter, config)
 
     def erasure_info(self, guide) -> Optional[dict]:
         """The attached run and the guide's settings, as recorded with generated images (None without a run)."""
         if self.adapter is None:
             return None
-        return {"run": self.erasure_dir, "concept": self.erasure["concept"].get("name"),
-                "preset": self.erasure["config"]["preset"], **guide.settings(), "note": guide.note}
+        return {"run": self.erasure_dir, "concept": self.erasure.name, "preset": self.erasure.preset,
+                **guide.settings(), "note": guide.note}
 
     # -------------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -218,18 +220,10 @@ class UnGuidePipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
         if unknown:
             raise UnguideError(f"callback_on_step_end_tensor_inputs may name only 'latents' (got {sorted(unknown)})")
-        from .prompts import PromptRow
-        from .folders import check_request, plan_items
-
-        rows = [PromptRow(prompt)] if isinstance(prompt, str) else [PromptRow(p) for p in prompt]
-        check_request(rows, num_images_per_prompt, num_inference_steps)
         if generator is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
-        size = self.config.image_size
-        items = plan_items(rows, num_images_per_prompt, seed, scale, size if height is None else height,
-                           size if width is None else width)
-        self._attach_inputs(items, rows, num_images_per_prompt, negative_prompt, latents)
+        items = self.plan(prompt, num_images_per_prompt, seed, guidance_scale, height, width, num_inference_steps)
+        self._attach_inputs(items, num_images_per_prompt, negative_prompt, latents)
         guide = self.guide(unguidance)
         if getattr(guide, "note", None):
             warnings.warn(guide.note, stacklevel=2)
@@ -239,9 +233,9 @@ class UnGuidePipeline(DiffusionPipeline):
             returned = callback_on_step_end(self, i, t, {"latents": x})
             return (returned or {}).get("latents")
 
-        imgs, infos = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide, batch_size=batch_size,
-                                    progress=progress, on_step=on_step if callback_on_step_end else None,
-                                    decode=output_type != "latent")
+        imgs, decisions = sample_images(self.bundle, items, steps=num_inference_steps, guide=guide,
+                                        batch_size=batch_size, progress=progress,
+                                        on_step=on_step if callback_on_step_end else None, decode=output_type != "latent")
         if output_type == "pil":
             from PIL import Image
 
@@ -249,18 +243,32 @@ class UnGuidePipeline(DiffusionPipeline):
         else:
             images = imgs.permute(0, 2, 3, 1).numpy() if output_type == "np" else imgs
         out = UnGuideOutput(images=images, prompts=[it.prompt for it in items], seeds=[it.seed for it in items],
-                            w=[i.get("w") for i in infos],
-                            scores=[{k: i[k] for k in ("score", "threshold", "score_empty", "image_score",
-                                                        "image_threshold", "image_flagged", "concepts", "members",
-                                                        "image_scores") if k in i} for i in infos])
+                            w=[d.w if d is not None else None for d in decisions],
+                            scores=[d.scores() if d is not None else {} for d in decisions], decisions=decisions)
         return out if return_dict else out.to_tuple()
 
-    def _attach_inputs(self, items, rows, per_prompt: int, negative_prompt, latents) -> None:
+    def plan(self, prompt, num_images_per_prompt: int = 1, seed: int = 0, guidance_scale: Optional[float] = None,
+             height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 50) -> list[Item]:
+        """The images a request draws, checked before any work: one :class:`~unguide.sampling.images.Item` per
+        image, prompt-major, image j of a prompt with seed+j (a :class:`~unguide.generation.prompts.PromptRow`'s own
+        seed, guidance and size where it has them). ``prompt``: a string, strings or prompt rows."""
+        prompts = [prompt] if isinstance(prompt, (str, PromptRow)) else list(prompt)
+        rows = [p if isinstance(p, PromptRow) else PromptRow(p) for p in prompts]
+        check_request(rows, num_images_per_prompt, num_inference_steps)
+        scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
+        size = self.config.image_size
+        items = plan_items(rows, num_images_per_prompt, seed, scale, height or size, width or size)
+        for it in items:
+            self.bundle.latent_shape(it.height, it.width)  # sizes the model can draw, before any work
+        return items
+
+    def _attach_inputs(self, items, per_prompt: int, negative_prompt, latents) -> None:
         """Per-image negative prompts and initial noise, checked against the request's shape."""
+        n_prompts = len(items) // per_prompt
         if negative_prompt is not None:
-            negatives = [negative_prompt] * len(rows) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(rows) or not all(isinstance(n, str) for n in negatives):
-                raise UnguideError(f"negative_prompt must be a string or one string per prompt ({len(rows)})")
+            negatives = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != n_prompts or not all(isinstance(n, str) for n in negatives):
+                raise UnguideError(f"negative_prompt must be a string or one string per prompt ({n_prompts})")
             for it in items:
                 it.negative_prompt = negatives[it.prompt_index]
         if latents is not None:
@@ -276,12 +284,26 @@ class UnGuidePipeline(DiffusionPipeline):
 
     def generate_to(self, items, out: str | os.PathLike, num_inference_steps: int = 50, guide=None,
                     batch_size: int = 32, run_info: Optional[dict] = None, progress: bool = True) -> Path:
-        """Generate items into a folder: PNGs with metadata, index.jsonl and a grid; resumable, and split across
-        processes under ``accelerate launch`` (what ``unguide generate`` does)."""
-        from .folders import run_generation
+        """Draw items into a folder (:class:`~unguide.generation.folders.ImageFolder`: PNGs with metadata,
+        index.jsonl, a grid); resumable (finished images are kept), one job per folder, and split across processes
+        under ``accelerate launch`` (what ``unguide generate``, the benchmark, the attack and the page do)."""
+        from accelerate import PartialState
 
-        return run_generation(self.bundle, items, out, steps=num_inference_steps, guide=guide or self.guide(),
-                              batch_size=batch_size, run_info=run_info, progress=progress)
+        guide = guide or self.guide()
+        state = PartialState()
+        extra = {"guide": guide.name, **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
+        with output_lock(out, "a generation"):
+            folder = ImageFolder(out, num_inference_steps, self.bundle.name, extra)
+            if state.is_main_process and run_info is not None:
+                folder.write_run_info(run_info)
+            todo = folder.todo(list(items)[state.process_index::state.num_processes])
+            if todo:
+                sample_images(self.bundle, todo, steps=num_inference_steps, guide=guide, batch_size=batch_size,
+                              progress=progress and state.is_main_process, on_batch=folder.save)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                folder.finish(items)
+        return Path(out)
 
 
 def as_pipeline(model) -> UnGuidePipeline:

@@ -1,4 +1,5 @@
-"""Prompt files: plain text (one prompt a line) or CSV in the I2P layout.
+"""Prompts and the images planned from them: prompt files (plain text, one prompt a line, or CSV in the I2P layout),
+request checks, and :func:`plan_items` (one :class:`~unguide.sampling.images.Item` per image, with its seed).
 
 I2P columns used per row when present: prompt (required), evaluation_seed, evaluation_guidance,
 sd_image_width, sd_image_height. Other columns are kept as the row's extra metadata.
@@ -9,9 +10,10 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from ..errors import UnguideError
+from ..errors import UnguideError, check_number
+from ..sampling.images import Item
 
 I2P_NUMERIC = {"evaluation_seed": int, "evaluation_guidance": float, "sd_image_width": int, "sd_image_height": int}
 
@@ -107,3 +109,24 @@ def word_in(prompt: str, vocabulary) -> Optional[str]:
         if re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
             return vocabulary[word]
     return None
+
+
+# -- planning: prompt rows -> one Item per image ----------------------------------------------------------------
+def check_request(rows: Sequence[PromptRow], n: int, steps: int) -> None:
+    """Bad requests fail before any model is loaded or image made."""
+    check_number("images per prompt", n, low=1, integer=True)
+    check_number("number of inference steps", steps, low=1, integer=True)
+    if any(not r.prompt.strip() for r in rows):
+        raise UnguideError("empty `prompt`: give the text to draw")
+
+
+def plan_items(rows: Sequence[PromptRow], n: int, seed: int, guidance: float, height: int, width: int) -> list[Item]:
+    """Image j of row i: seed (row's evaluation_seed, else --seed) + j; the row's guidance and size when given."""
+    items = []
+    for i, row in enumerate(rows):
+        base_seed = row.seed if row.seed is not None else seed
+        for j in range(n):
+            items.append(Item(prompt=row.prompt, seed=base_seed + j, guidance=row.guidance if row.guidance is not None else guidance,
+                              height=row.height or height, width=row.width or width, prompt_index=i, sample_index=j,
+                              extra={"row": row.extra} if row.extra else {}))
+    return items

@@ -5,16 +5,20 @@ its adapter). A prompt is erased for every concept whose gate it is over, and dr
 adapters on (the others off); a prompt under every gate is the base model's drawing, bit for bit. With the image
 gate, every kept image is checked against every concept (the detectors share their common anchor prompts), and a
 flagged image is redrawn with the flagged concepts' adapters; what still shows a concept after that is drawn from
-that concept's reference prompt, as for one concept.
+that concept's reference prompt, as for one concept (the same :func:`~unguide.guidance.review.review`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .image_gate import group_scores
-from .unguidance import GuidanceConfig, UnGuide, guide_for_run, guided_noise_fn
+from .config import GuidanceConfig
+from .decision import Decision
+from .image_gate import ImageGate
+from .mixing import guided_noise_fn
+from .review import review
+from .unguidance import UnGuide, guide_for_run
 
 
 class GroupGuide:
@@ -27,14 +31,18 @@ class GroupGuide:
         notes = [f"{k}: {g.note}" for k, g in self.members.items() if g.note]
         self.note = "; ".join(notes) or None
         gates = {k: g.image_gate for k, g in self.members.items() if g.image_gate is not None}
-        self.image_gates = gates if self.mode == "unguide" else {}
+        self.image_gates: dict[str, ImageGate] = gates if self.mode == "unguide" else {}
+
+    @property
+    def keep_w(self) -> float:
+        return self.rule.w_keep
 
     def settings(self) -> dict:
         return {"mode": self.mode, "group": list(self.members),
                 "members": {k: g.settings() for k, g in self.members.items()}}
 
     # -- deciding ---------------------------------------------------------------------------------------------
-    def prepare(self, bundle, items) -> list[dict]:
+    def prepare(self, bundle, items) -> list[Decision]:
         """Each member decides for its concept (its adapter alone on while it scores); a row's w is the most erasing
         of its members' and ``concepts`` names the members whose gate it is over."""
         per = {}
@@ -43,72 +51,45 @@ class GroupGuide:
                 per[name] = guide.prepare(bundle, items)
         return [self._combine({k: per[k][r] for k in self.members}) for r in range(len(items))]
 
-    def _combine(self, member_infos: dict) -> dict:
+    def _combine(self, member_decisions: dict[str, Decision]) -> Decision:
         if self.mode != "unguide":  # base / lora / fixed w: every member alike, all adapters on
-            info = dict(next(iter(member_infos.values())))
-            return {**info, "concepts": list(self.members) if info["w"] != 1 else []}
-        flagged = [k for k, i in member_infos.items() if i["w"] != self.rule.w_keep]
-        lead = min(member_infos, key=lambda k: member_infos[k]["w"]) if flagged else next(iter(member_infos))
-        info = dict(member_infos[lead])
-        scores = {k: {f: i[f] for f in ("score", "threshold") if f in i} for k, i in member_infos.items()}
-        if any(scores.values()):
-            info["members"] = scores
-        return {**info, "concepts": flagged}
+            d = next(iter(member_decisions.values()))
+            return d.but(concepts=list(self.members) if d.w != 1 else [])
+        flagged = [k for k, d in member_decisions.items() if d.w != self.rule.w_keep]
+        lead = min(member_decisions, key=lambda k: member_decisions[k].w) if flagged else next(iter(member_decisions))
+        scores = {k: {f: getattr(d, f) for f in ("score", "threshold") if getattr(d, f) is not None}
+                  for k, d in member_decisions.items()}
+        return member_decisions[lead].but(concepts=flagged, members=scores if any(scores.values()) else None)
 
     # -- drawing ----------------------------------------------------------------------------------------------
-    def noise_fn(self, bundle, cond, uncond, scale, infos: Sequence[dict]):
+    def noise_fn(self, bundle, cond, uncond, scale, decisions: Sequence[Decision]):
         def switch(rows: torch.Tensor):
             by_set: dict[tuple, list[int]] = {}
             for r in rows.tolist():
-                by_set.setdefault(tuple(infos[r].get("concepts") or self.members), []).append(r)
+                by_set.setdefault(tuple(decisions[r].concepts or self.members), []).append(r)
             return [(torch.tensor(rs, device=rows.device), self.adapter.only(names)) for names, rs in by_set.items()]
 
-        return guided_noise_fn(bundle, self.adapter, cond, uncond, scale, infos, switch)
+        return guided_noise_fn(bundle, self.adapter, cond, uncond, scale, decisions, switch)
 
-    def review(self, bundle, items, latents: torch.Tensor, infos: list[dict], redraw) -> tuple[torch.Tensor, list[dict]]:
-        """Every member's image gate on the rows no prompt gate erased; flagged rows redrawn with the flagged
-        members' adapters, then the reference prompt of a concept the redrawing still shows."""
-        if not self.image_gates:
-            return latents, infos
-        rows = [r for r, info in enumerate(infos) if info["w"] == self.rule.w_keep]
-        if not rows:
-            return latents, infos
-        scores = self._scores(bundle, latents[rows], [items[r].seed for r in rows])
-        infos, flagged = list(infos), []
-        for j, r in enumerate(rows):
-            hits = [k for k, g in self.image_gates.items() if scores[k][j] < g.threshold]
-            infos[r] = {**infos[r], **self._image_info(scores, j), "image_flagged": bool(hits)}
-            if hits:
-                flagged.append(r)
-                infos[r] = {**self.members[hits[0]].erased_info(infos[r]), "concepts": hits}
-        if not flagged:
-            return latents, infos
-        latents = latents.clone()
-        latents[flagged] = redraw(flagged, [infos[r] for r in flagged])
-        again = self._scores(bundle, latents[flagged], [items[r].seed for r in flagged])
-        still = []
-        for j, r in enumerate(flagged):
-            infos[r] = {**infos[r], "image_score_redrawn": min(float(again[k][j]) for k in again)}
-            hits = [k for k, g in self.image_gates.items() if again[k][j] < g.threshold]
-            if hits and self.members[hits[0]].substitute_prompt is not None:
-                still.append(r)
-                infos[r] = {**self.members[hits[0]].substituted_info(infos[r]), "concepts": []}
-        if still:
-            latents[still] = redraw(still, [infos[r] for r in still])
-        return latents, infos
-
-    def _scores(self, bundle, latents, seeds) -> dict:
-        return {k: v.tolist() for k, v in group_scores(self.image_gates, bundle, self.adapter, latents, seeds).items()}
-
-    def _image_info(self, scores: dict, j: int) -> dict:
-        """Per-member image scores, and the nearest member's score and threshold under the single-concept keys."""
-        margin = {k: scores[k][j] - g.threshold for k, g in self.image_gates.items()}
+    # -- the review sequence's questions ----------------------------------------------------------------------
+    def flagged(self, decision: Decision, hits: list[str], scores: dict[str, float]) -> Decision:
+        """Every member's image score, the nearest member's under the single-concept fields; a flagged row is erased
+        with the flagged members' adapters."""
+        margin = {k: scores[k] - g.threshold for k, g in self.image_gates.items()}
         lead = min(margin, key=margin.get)
-        return {"image_score": scores[lead][j], "image_threshold": self.image_gates[lead].threshold,
-                "image_scores": {k: round(scores[k][j], 5) for k in self.image_gates}}
+        looked = decision.but(image_score=scores[lead], image_threshold=self.image_gates[lead].threshold,
+                              image_scores={k: round(scores[k], 5) for k in self.image_gates},
+                              image_flagged=bool(hits))
+        return self.members[hits[0]].erased(looked).but(concepts=hits) if hits else looked
+
+    def substitute_for(self, concept: str) -> Optional[str]:
+        return self.members[concept].substitute_prompt
+
+    def review(self, bundle, items, latents, decisions: list[Decision], redraw):
+        return review(self, bundle, items, latents, decisions, redraw)
 
 
-def group_guide(adapter, meta: dict, config: GuidanceConfig) -> GroupGuide:
+def group_guide(adapter, run, config: GuidanceConfig) -> GroupGuide:
     """The group's guide under ``config``: each member's guide built from its own run as a single run's would be."""
     return GroupGuide(adapter, {name: guide_for_run(adapter.members[name], member, config)
-                                for name, member in meta["members"].items()})
+                                for name, member in run.members.items()})

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UnguideError
-from ..sampling.ddim import unet_eps
+from ..sampling.ddim import model_output
 
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
@@ -70,17 +70,6 @@ def candidate_prompts(concept_prompts: Sequence[str], anchors: Sequence[str], cf
     return concept, chosen
 
 
-def _eps_from_output(sched, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The noise a UNet output stands for: itself for epsilon models; eps = sqrt(a_t) v + sqrt(1 - a_t) x_t for v."""
-    kind = sched.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return out
-    if kind == "v_prediction":
-        a = sched.alphas_cumprod.to(out.device)[t.cpu()].to(out.device, out.dtype).view(-1, 1, 1, 1)
-        return a.sqrt() * out + (1 - a).sqrt() * x_t
-    raise UnguideError(f"the image gate does not know prediction type {kind!r} (epsilon and v_prediction work)")
-
-
 @torch.no_grad()
 def detector_scores(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int], concept: Sequence[str],
                     anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig()) -> torch.Tensor:
@@ -100,14 +89,13 @@ def detector_errors(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
                     cfg: DetectorConfig = DetectorConfig()) -> torch.Tensor:
     """The base denoiser's mean error (n_images, n_prompts) on each latent re-noised at the detector's timesteps,
     for each candidate prompt: what every image gate's score is made of."""
-    unet, sched = bundle.unet, bundle.scheduler
+    unet, prediction = bundle.unet, bundle.prediction
     prompts = list(prompts)
     states = bundle.encode_prompts(prompts).to(unet.dtype)
     n_img, n_c = latents.shape[0], len(prompts)
     ts = [int(t) for t in cfg.timesteps for _ in range(cfg.draws)]
     noises = torch.stack([torch.stack([torch.randn(tuple(latents.shape[1:]), generator=torch.Generator().manual_seed(
         int(s) * 7919 + cfg.seed * 104729 + 31 * k)) for k in range(len(ts))]) for s in seeds]).to(latents.device)
-    alphas = sched.alphas_cumprod.to(latents.device)
     x0 = latents.float()
     errors = torch.zeros(n_img, n_c, len(ts))
     rows = [(i, c, k) for i in range(n_img) for k in range(len(ts)) for c in range(n_c)]
@@ -119,10 +107,9 @@ def detector_errors(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
             k_idx = torch.tensor([k for _, _, k in chunk])
             t = torch.tensor([ts[k] for k in k_idx.tolist()], device=latents.device)
             eps = noises[i_idx, k_idx]
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = (a.sqrt() * x0[i_idx] + (1 - a).sqrt() * eps).to(unet.dtype)
-            out = unet_eps(unet, x_t, t, states[c_idx])
-            pred = _eps_from_output(sched, out.float(), x_t.float(), t)
+            x_t = prediction.noised(x0[i_idx], eps, t).to(unet.dtype)
+            out = model_output(unet, x_t, t, states[c_idx])
+            pred = prediction.noise(out.float(), x_t.float(), t)
             err = (pred - eps).pow(2).flatten(1).mean(dim=1).cpu()
             errors[i_idx, c_idx, k_idx] = err
     return errors.mean(dim=2)

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UnguideError
 from .families import ModelFamily, check_sdxl_unet, encode_sdxl, family_of, install_sdxl_conditioning, sdxl_pooled_dim
+from .prediction import Prediction
 
 DEFAULT_MODEL = "toyworld"  # the embedded model, a world plug-in (unguide.models.worlds)
 SAVED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -157,6 +158,11 @@ class ModelBundle:
     def family(self) -> ModelFamily:
         """SD 1.x, SD 2.x or SDXL (models.families): recorded with every run and image."""
         return family_of(self.unet, self.scheduler, self.text_encoder_2)
+
+    @property
+    def prediction(self) -> Prediction:
+        """What the denoiser's output stands for (noise or v): every reader of the output converts through it."""
+        return Prediction.of(self.scheduler)
 
     @property
     def text_encoders(self) -> list:

@@ -5,24 +5,44 @@ base-model trajectory, and generation for whole ones; only the noise-prediction 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-# eps_fn(x, t, step_index) -> predicted noise for the whole batch x
+from ..models.prediction import Prediction
+
+# eps_fn(x, t, step_index) -> the denoiser's output (noise or v, as the model predicts) for the whole batch x
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # on_step(step_index, t, x) -> None, or a replacement for x (diffusers' callback_on_step_end, one batch at a time)
 StepFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
-def make_scheduler(bundle, num_steps: int = 50):
-    """A fresh DDIM scheduler (eta 0 at step time) with the bundle's noise schedule."""
+@dataclass(frozen=True, eq=False)
+class Sampler:
+    """DDIM (eta 0) over a model's noise schedule: the scheduler steps in noise space, and ``prediction`` converts the
+    denoiser's output (noise or v) to it, so no caller reads the output in the wrong space."""
+
+    scheduler: Any
+    prediction: Prediction
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.scheduler.init_noise_sigma
+
+
+def make_sampler(bundle, num_steps: int = 50) -> Sampler:
+    """A fresh DDIM sampler of ``num_steps`` steps with the bundle's noise schedule."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(bundle.scheduler.config)
+    sched = DDIMScheduler.from_config({**bundle.scheduler.config, "prediction_type": "epsilon"})
     sched.set_timesteps(num_steps)
-    return sched
+    return Sampler(sched, bundle.prediction)
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -31,31 +51,34 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu", dtyp
         device=device, dtype=dtype)
 
 
-def ddim_loop(scheduler, x: torch.Tensor, eps_fn: NoiseFn, start: int = 0, stop: Optional[int] = None,
+def ddim_loop(sampler: Sampler, x: torch.Tensor, eps_fn: NoiseFn, start: int = 0, stop: Optional[int] = None,
               progress: bool = False, on_step: Optional[StepFn] = None) -> torch.Tensor:
-    """Run DDIM (eta 0) from step index ``start`` up to (not including) ``stop`` of the scheduler's timesteps;
-    ``on_step`` sees the latents after each step and may replace them."""
-    timesteps = scheduler.timesteps[start:stop]
+    """Run DDIM (eta 0) from step index ``start`` up to (not including) ``stop`` of the sampler's timesteps;
+    ``eps_fn`` returns the denoiser's output (converted to noise here); ``on_step`` sees the latents after each step
+    and may replace them."""
+    timesteps = sampler.timesteps[start:stop]
     for offset, t in enumerate(tqdm(timesteps, desc="denoise", leave=False, disable=not progress)):
-        eps = eps_fn(x, t, start + offset)
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        eps = sampler.prediction.noise(eps_fn(x, t, start + offset), x, t)
+        x = sampler.scheduler.step(eps, t, x, eta=0.0).prev_sample
         if on_step is not None:
             replaced = on_step(start + offset, t, x)
             x = x if replaced is None else replaced
     return x
 
 
-def unet_eps(unet, x: torch.Tensor, t, states: torch.Tensor) -> torch.Tensor:
+def model_output(unet, x: torch.Tensor, t, states: torch.Tensor) -> torch.Tensor:
+    """The denoiser's raw output (noise or v, as the model predicts): read it through the bundle's
+    :class:`~unguide.models.prediction.Prediction` wherever its meaning matters."""
     t = torch.as_tensor(t, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     return unet(x, t, encoder_hidden_states=states).sample
 
 
-def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+def cfg_output(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
     """Classifier-free guidance, conditional and unconditional in one batched forward (2 evals per image).
     ``scale`` is a float or a per-sample tensor."""
-    both = unet_eps(unet, torch.cat([x, x]), t, torch.cat([uncond, cond]))
+    both = model_output(unet, torch.cat([x, x]), t, torch.cat([uncond, cond]))
     e_uncond, e_cond = both.chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     if scale.ndim == 1:
@@ -64,4 +87,19 @@ def cfg_eps(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, 
 
 
 def cfg_noise_fn(unet, cond: torch.Tensor, uncond: torch.Tensor, scale) -> NoiseFn:
-    return lambda x, t, i: cfg_eps(unet, x, t, cond, uncond, scale)
+    return lambda x, t, i: cfg_output(unet, x, t, cond, uncond, scale)
+
+
+class EvalCounter:
+    """Counts UNet image-evaluations (batch rows through the denoiser), for cost reports."""
+
+    def __init__(self, unet):
+        self.count = 0
+        self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.count += int(sample.shape[0])
+
+    def close(self) -> None:
+        self._handle.remove()

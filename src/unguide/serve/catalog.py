@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..erasure.groups import GROUP_FILE
-from ..erasure.training import METADATA_FILE
+from ..erasure.runs import GROUP_FILE, METADATA_FILE
 from ..errors import UnguideError
 
 MAX_DEPTH = 3  # runs/<concept>/<method> as the demo and benchmark write them, plus one level of grouping

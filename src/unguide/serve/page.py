@@ -15,7 +15,7 @@ from typing import Optional
 
 from .studio import VIEWS, Comparison, Studio
 from ..errors import UnguideError
-from ..guidance.unguidance import GATE_CHOICES
+from ..guidance.config import GATE_CHOICES
 
 RUN_OWN_GATE = "run's own"
 THUMBNAIL = 256  # longest side of the images shown inline; the download has them at full size

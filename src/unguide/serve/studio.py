@@ -22,7 +22,9 @@ from typing import Optional
 from .catalog import RunCatalog, RunEntry
 from ..erasure.concepts import ConceptSpec, concept_from_dict, load_preset, preset_names
 from ..errors import UnguideError, check_number
-from ..guidance.unguidance import GATE_CHOICES, GuidanceConfig
+from ..erasure.runs import load_run
+from ..guidance.config import GATE_CHOICES, GuidanceConfig
+from ..guidance.decision import Decision
 from ..io import atomic_path, write_json
 
 VIEWS = (("base", "base model", GuidanceConfig(mode="base")),
@@ -111,18 +113,19 @@ class Studio:
     def describe(self, name: str) -> dict:
         """What the page says about a run: its concept, recipe and stored gate."""
         entry = self.catalog.get(name)
-        meta = _run_meta(entry)
-        gate = meta.get("gate") or {}
-        own = "each concept's own" if entry.recipe == "group" else gate.get("default", "empty")
+        run = load_run(entry.path)
+        first = next(iter(run.members.values()))
         return {"name": entry.name, "concept": entry.concept, "recipe": entry.recipe, "model": entry.model,
-                "gate": own, "threshold": gate.get("threshold"),
-                "image_threshold": (gate.get("image") or {}).get("threshold"),
-                "members": sorted(meta.get("members", {})) if entry.recipe == "group" else []}
+                "gate": "each concept's own" if run.is_group else first.defaults.gate,
+                "threshold": None if run.is_group else first.calibration.prompt.get("threshold"),
+                "image_threshold": None if run.is_group else (first.calibration.image or {}).get("threshold"),
+                "members": sorted(run.members) if run.is_group else []}
 
     def neighbour_prompts(self, name: str) -> list[tuple[str, str]]:
         """(kind, prompt) for the run's concept: its target, synonyms (trained and never-trained), then neighbours
         it must keep (its anchors and listed unrelated prompts), within one request's image bound."""
-        specs = _specs(_run_meta(self.catalog.get(name)))
+        specs = [concept_from_dict(m.concept, "the run's erasure.json")
+                 for m in load_run(self.catalog.get(name).path).members.values()]
         rows: list[tuple[str, str]] = []
         for spec in specs:
             rows += [("target", spec.target)]
@@ -173,9 +176,6 @@ class Studio:
     def compare(self, run: str, prompts: str | list[str], n: int = 1, seed: int = 0, steps: int = 50,
                 gate: Optional[str] = None, progress: bool = False) -> Comparison:
         """Every prompt drawn by the base model, the adapter alone and UnGuidance, for the same seeds."""
-        from ..generation.folders import plan_items
-        from ..generation.prompts import PromptRow
-
         texts = parse_prompts("\n".join(prompts) if isinstance(prompts, list) else prompts, self.limits)
         n, seed, steps = check_numbers(n, seed, steps, self.limits, len(texts))
         if gate not in (None, "", "run's own") and gate not in GATE_CHOICES:
@@ -184,8 +184,7 @@ class Studio:
         entry = self.catalog.get(run)
         request = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         folder = self.out / "requests" / request
-        cfg = self.pipe.config
-        items = plan_items([PromptRow(p) for p in texts], n, seed, cfg.default_guidance, cfg.image_size, cfg.image_size)
+        items = self.pipe.plan(texts, n, seed, num_inference_steps=steps)
         t0 = time.time()
         with self._lock:
             self._attach(entry)
@@ -237,22 +236,6 @@ def _read_rows(folder: Path, prompts: list[str]) -> list[PromptResult]:
             prompt=prompt, seeds=[r["seed"] for r in guided],
             images={view: [folder / view / r["file"] for r in recs] for view, recs in mine.items()},
             w=[r.get("w") for r in guided],
-            scores=[{k: r[k] for k in ("score", "threshold", "score_empty", "image_score", "image_threshold",
-                                       "image_flagged", "concepts", "gate", "note") if k in r} for r in guided]))
+            scores=[{**Decision.from_record(r).scores(), **{k: r[k] for k in ("gate", "note") if k in r}}
+                    for r in guided]))
     return rows
-
-
-def _run_meta(entry: RunEntry) -> dict:
-    from ..erasure.groups import read_group
-    from ..erasure.training import read_run
-
-    if entry.recipe != "group":
-        return read_run(entry.path)
-    group = read_group(entry.path)
-    return {"members": {n: read_run(entry.path / group["members"][n]) for n in group["concepts"]}}
-
-
-def _specs(meta: dict) -> list[ConceptSpec]:
-    metas = meta["members"].values() if "members" in meta else [meta]
-    return [concept_from_dict(m["concept"], "the run's erasure.json") for m in metas]
-

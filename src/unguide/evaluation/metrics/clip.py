@@ -1,40 +1,58 @@
 """CLIP zero-shot classification and CLIP score, written against ``transformers`` directly.
 
-Image preprocessing is done here (no CLIPImageProcessor, which needs torchvision or PIL backends):
-bicubic resize of the shorter side to ``config.vision_config.image_size``, center crop to a square of
-that size, then normalisation with the CLIP mean/std. Inputs are ``[N, 3, H, W]`` tensors in [0, 1].
+Images are preprocessed by transformers' own CLIP image processor, PIL backend (``CLIPImageProcessorPil``: no
+torchvision needed), read from the model's directory or hub id (``preprocessor_config.json``) or, where that has
+none, built from the model's config: bicubic resize of the shorter side to ``vision_config.image_size``, center crop
+to that square, CLIP mean/std. Inputs are ``[N, 3, H, W]`` tensors in [0, 1]; they are rounded to 8 bits first, as
+a PNG of them would be, so a tensor and its saved PNG give the same embedding.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its image processor
 
 
 def load_clip(name_or_path: str = "openai/clip-vit-base-patch32", device: str | torch.device = "cpu"):
-    """``(CLIPModel in eval mode, tokenizer)`` loaded from a hub id or a local directory holding both."""
+    """``(CLIPModel in eval mode, tokenizer)`` loaded from a hub id or a local directory holding both; the image
+    processor is loaded with them (see :func:`image_processor`)."""
     from transformers import AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    image_processor(model)
     return model, tokenizer
 
 
-def preprocess(images: Tensor, size: int) -> Tensor:
-    """Resize shorter side to ``size`` (bicubic, antialiased), center crop ``size`` x ``size``, CLIP-normalise."""
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[..., top:top + size, left:left + size].clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def image_processor(model):
+    """The CLIP image processor of ``model`` (cached per model): its ``preprocessor_config.json`` where its directory
+    or hub id has one, else CLIP's defaults at the model's input size."""
+    if model in _PROCESSORS:
+        return _PROCESSORS[model]
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5: the PIL backend
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL/NumPy one
+        from transformers import CLIPImageProcessor as Processor
+
+    try:
+        processor = Processor.from_pretrained(model.name_or_path)
+    except OSError:  # no preprocessor_config.json (a model saved without its processor)
+        size = model.config.vision_config.image_size
+        processor = Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    _PROCESSORS[model] = processor
+    return processor
+
+
+def preprocess(images: Tensor, processor) -> Tensor:
+    """``pixel_values`` for ``[N, 3, H, W]`` images in [0, 1]: rounded to uint8, then the processor's resize, crop
+    and normalisation."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return processor(images=list(pixels), input_data_format="channels_first", return_tensors="pt")["pixel_values"]
 
 
 def _pooled(out) -> Tensor:
@@ -44,9 +62,9 @@ def _pooled(out) -> Tensor:
 @torch.no_grad()
 def image_embeddings(model, images: Tensor, batch_size: int = 32) -> Tensor:
     """L2-normalised image embeddings ``[N, E]``."""
-    size, device = model.config.vision_config.image_size, model.device
-    chunks = [_pooled(model.get_image_features(pixel_values=preprocess(images[i:i + batch_size].to(device), size)))
-              for i in range(0, len(images), batch_size)]
+    processor, device = image_processor(model), model.device
+    chunks = [_pooled(model.get_image_features(pixel_values=preprocess(images[i:i + batch_size], processor).to(
+        device, model.dtype))) for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(chunks).float(), dim=-1)
 
 
