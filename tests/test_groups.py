@@ -4,10 +4,10 @@ prompt drawn with the adapters of the concepts it was flagged for (the base mode
 import json
 
 import pytest
-import torch
 
 from unguide import GuidanceConfig, UnGuidePipeline
 from unguide.cli import main
+from unguide.guidance.decision import Decision
 from unguide.erasure.runs import load_run
 from unguide.sampling.images import Item, sample_latents
 
@@ -44,17 +44,17 @@ def test_each_prompt_is_drawn_with_the_adapters_of_the_concepts_it_was_flagged_f
     single = {}
     for name in ("sd-cat", "sd-dog"):
         pipe.load_erasure(run / name)
-        single[name] = sample_latents(bundle, items, 3, pipe.guide(), [{"w": 0.0}] * 3)
+        single[name] = sample_latents(bundle, items, 3, pipe.guide(), [Decision(0.0)] * 3)
     pipe.load_erasure(run)
     guide = pipe.guide()
-    routed = sample_latents(bundle, items, 3, guide, [{"w": 0.0, "concepts": ["sd-cat"]}, {"w": 1.0, "concepts": []},
-                                                      {"w": 0.0, "concepts": ["sd-dog"]}])
+    routed = sample_latents(bundle, items, 3, guide, [Decision(0.0, concepts=["sd-cat"]), Decision(1.0, concepts=[]),
+                                                      Decision(0.0, concepts=["sd-dog"])])
     # equal up to batching (a row drawn in a smaller batch sums in another order)
     gap = float((single["sd-cat"][0] - single["sd-dog"][0]).abs().max())  # what the routing decides between
     assert float((routed[0] - single["sd-cat"][0]).abs().max()) < gap / 100  # the cat adapter alone, the dog's off
     assert float((routed[2] - single["sd-dog"][2]).abs().max()) < gap / 100
     assert float((routed[1] - base[1]).abs().max()) < gap / 100  # under every gate: the base model's drawing
-    both = sample_latents(bundle, items[:1], 3, guide, [{"w": 0.0, "concepts": ["sd-cat", "sd-dog"]}])
+    both = sample_latents(bundle, items[:1], 3, guide, [Decision(0.0, concepts=["sd-cat", "sd-dog"])])
     assert float((both[0] - routed[0]).abs().max()) > gap / 10  # flagged for two: both adapters draw it
 
 

@@ -96,9 +96,9 @@ def test_call_options_and_errors(tiny_sd):
     pipe.set_progress_bar_config(disable=True)
     arr = pipe(PROMPTS, num_inference_steps=2, output_type="np")
     assert arr.images.shape == (2, 16, 16, 3) and arr.w == [None, None]
-    tensors, prompts, seeds, w, scores = pipe("a dog", num_inference_steps=2, height=24, output_type="pt",
-                                              return_dict=False)
-    assert tensors.shape == (1, 3, 24, 16) and seeds == [0] and prompts == ["a dog"]
+    tensors, prompts, seeds, w, scores, decisions = pipe("a dog", num_inference_steps=2, height=24, output_type="pt",
+                                                         return_dict=False)
+    assert tensors.shape == (1, 3, 24, 16) and seeds == [0] and prompts == ["a dog"] and decisions == [None]
     drawn = pipe("a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(3))
     assert drawn.seeds == [int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(3)))]
     pipe.enable_vae_slicing()

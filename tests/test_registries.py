@@ -60,7 +60,7 @@ def test_dummy_recipe_judge_suite_and_method_run_through_benchmark(registered, t
         assert 0.0 <= method["acc_e"] <= 1.0 and method["n_images"] == 2 * 4  # target, synonym, two other classes
     run = json.loads((out / "runs" / "dog" / "half-lr" / "erasure.json").read_text())
     assert run["config"]["recipe"] == "half-lr" and run["config"]["lr"] == 1.5e-5
-    assert run["gate"]["default"] == "empty"
+    assert run["defaults"]["gate"] == "empty" and run["version"] == 2
     assert "w_per_class" in dog["half-lr-unguide"]  # the method guided with UnGuidance: each prompt scored
 
 

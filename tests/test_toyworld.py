@@ -43,7 +43,6 @@ def test_committed_classifier_accuracy_on_fresh_renders():
 
 
 def test_train_toy_rejects_bad_unet_widths(capsys):
-    import pytest
 
     from unguide.cli import main
 

@@ -11,8 +11,7 @@ def _cmd_generate(args) -> int:
     from ..errors import UnguideError
     from ..guidance.config import GuidanceConfig, decision_settings
     from ..generation.pipeline import UnGuidePipeline
-    from ..generation.prompts import PromptRow, read_prompts
-    from ..generation.folders import check_request, plan_items
+    from ..generation.prompts import PromptRow, check_request, read_prompts
 
     rows = [PromptRow(p) for p in args.prompt] if args.prompt else read_prompts(args.prompts)
     check_request(rows, args.n, args.steps)
@@ -27,12 +26,9 @@ def _cmd_generate(args) -> int:
     guide = pipe.guide(config if args.erasure else None)
     if getattr(guide, "note", None):
         print(f"unguide: note: {guide.note}", file=sys.stderr)
-    bundle = pipe.bundle
-    guidance = args.guidance if args.guidance is not None else bundle.default_guidance
-    items = plan_items(rows, args.n, args.seed, guidance, args.height or bundle.image_size, args.width or bundle.image_size)
-    for it in items:
-        bundle.latent_shape(it.height, it.width)  # validate sizes before any work
-    info = {"model": bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
+    items = pipe.plan(rows, args.n, args.seed, args.guidance, args.height, args.width, args.steps)
+    guidance = args.guidance if args.guidance is not None else pipe.bundle.default_guidance
+    info = {"model": pipe.bundle.name, "steps": args.steps, "n": args.n, "seed": args.seed, "guidance": guidance,
             "prompts": args.prompts or args.prompt, "guide": guide.name, "erasure": pipe.erasure_info(guide)}
     if args.dtype not in (None, "float32"):
         info["dtype"] = args.dtype  # float32 (the default) goes unrecorded, as in runs made before --dtype

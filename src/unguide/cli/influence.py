@@ -61,9 +61,9 @@ def _cmd_influence(args) -> int:
                           gate_position=args.gate_position, **decision_settings(args.scorer, args.weighting))
     guidance = args.guidance if args.guidance is not None else bundle.default_guidance
     infos = guide.decide(bundle, [p for _, p in named], guidance)
-    rows = [{"prompt": p, "role": role, **info} for (role, p), info in zip(named, infos)]
+    rows = [{"prompt": p, "role": role, **d.record()} for (role, p), d in zip(named, infos)]
     source = {"empty": 'd("")', "calibrated": "the run's calibration", "value": "given"}[guide.gate.kind]
-    print(f"gate: {guide.gate.kind} (threshold {infos[0]['threshold']:.4g} = {source}); prompts above it get "
+    print(f"gate: {guide.gate.kind} (threshold {infos[0].threshold:.4g} = {source}); prompts above it get "
           f"w = {guide.rule.w_erase:g}, the rest w = {guide.rule.w_keep:g}")
     print(f"{'d(c)/threshold':>14}  {'w':>5}  {'role':7}  prompt")
     for r in rows:

@@ -257,7 +257,8 @@ class UnGuidePipeline(DiffusionPipeline):
         check_request(rows, num_images_per_prompt, num_inference_steps)
         scale = guidance_scale if guidance_scale is not None else self.config.default_guidance
         size = self.config.image_size
-        items = plan_items(rows, num_images_per_prompt, seed, scale, height or size, width or size)
+        items = plan_items(rows, num_images_per_prompt, seed, scale, size if height is None else height,
+                           size if width is None else width)
         for it in items:
             self.bundle.latent_shape(it.height, it.width)  # sizes the model can draw, before any work
         return items

@@ -57,9 +57,12 @@ class GateSpec:
             return {"empty": cls("empty"), "calibrated": cls("calibrated"), "image": cls(None, image=True),
                     "calibrated+image": cls("calibrated", image=True)}[gate]
         try:
-            return cls("value", value=check_number("`gate`", gate, above=0))
-        except UnguideError:
-            raise UnguideError(f"`gate` {gate!r}: use {', '.join(GATE_CHOICES)} or a positive number") from None
+            value = float(gate)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise UnguideError(f"`gate` {gate!r}: use {', '.join(GATE_CHOICES)} or a positive number")
+        return cls("value", value=check_number("`gate`", value, above=0))
 
     def spelling(self) -> str | float:
         if self.prompt == "value":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .catalog import RunCatalog, RunEntry
-from ..erasure.concepts import ConceptSpec, concept_from_dict, load_preset, preset_names
+from ..erasure.concepts import concept_from_dict, load_preset, preset_names
 from ..errors import UnguideError, check_number
 from ..erasure.runs import load_run
 from ..guidance.config import GATE_CHOICES, GuidanceConfig
@@ -195,7 +195,7 @@ class Studio:
                                       progress=progress)
         settings = {"model": self.model_name, "run": entry.name, "concept": entry.concept, "recipe": entry.recipe,
                     "gate": gate or "run's own", "prompts": texts, "images_per_prompt": n, "seed": seed,
-                    "steps": steps, "guidance_scale": cfg.default_guidance, "sampler": "ddim",
+                    "steps": steps, "guidance_scale": self.pipe.config.default_guidance, "sampler": "ddim",
                     "views": {view: label for view, label, _ in VIEWS}, "request": request}
         write_json(folder / "settings.json", settings)
         comparison = Comparison(request, folder, entry.name, entry.concept, settings, seconds=time.time() - t0)
