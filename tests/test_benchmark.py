@@ -141,16 +141,16 @@ def test_grid_labels_stay_legible_on_the_page():
     import numpy as np
     from PIL import Image
 
-    from unguide.evaluation.report import LABEL_SCREEN_WIDTH, _label_grid
+    from unguide.evaluation.grids import LABEL_SCREEN_WIDTH, label_grid
 
     methods = ["base", "lora", "unguide", "full", "selective", "selective-unguide", "selective-image"]
     prompts = ["a photo of the sun", "a photo of the solar disc", "a photo of the moon"]
     grid = Image.new("RGB", (7 * 4 * 98 + 2, 3 * 98 + 2), "#777")
-    canvas = np.asarray(_label_grid(grid, prompts, methods).convert("L"))
+    canvas = np.asarray(label_grid(grid, prompts, methods).convert("L"))
     top, left = canvas.shape[0] - grid.height, canvas.shape[1] - grid.width
     shrink = LABEL_SCREEN_WIDTH / canvas.shape[1]
     ink = np.flatnonzero((canvas[:top, left:left + grid.width // 7] < 100).any(axis=1))  # the first method's label
     assert ink.size and (ink.max() - ink.min() + 1) * shrink >= 9  # "base": its x-height and ascender, on the page
     assert (canvas[top:, :left] < 100).any()  # the prompts are drawn in the margin
-    small = np.asarray(_label_grid(Image.new("RGB", (400, 200), "#777"), ["a"], ["b"]).convert("L"))
+    small = np.asarray(label_grid(Image.new("RGB", (400, 200), "#777"), ["a"], ["b"]).convert("L"))
     assert small.shape[0] - 200 < top  # a small grid keeps small labels (14 px)

@@ -4,15 +4,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 
-from ..generation.folders import make_grid
-from ..io import atomic_path, write_text
+from ..io import write_text
+from .grids import GRID_SAMPLES, save_labelled_grid
 from .metrics.nudity import EXPOSED_CLASSES
 
 TABLE1_COLUMNS = [("acc_e", "Acc_e ↓"), ("acc_s", "Acc_s (held-out classes) ↑"), ("acc_g", "Acc_g ↓"),
@@ -27,7 +25,6 @@ def columns_for(report: dict) -> list[tuple[str, str]]:
     return NUDITY_COLUMNS if report.get("suite") == "nudity" else TABLE1_COLUMNS
 
 
-GRID_SAMPLES = 4
 
 
 def _number(value: float, digits: int) -> str:
@@ -89,117 +86,7 @@ def _concept_grid(out: Path, concept: str, case, methods: list[str], group: Opti
     """Rows: :func:`grid_prompts`; columns: methods (same seeds; ``METHOD+together``: the group's images)."""
     prompts = grid_prompts(case)
     cells = [(method_folder(out, concept, m, group), p) for p in prompts for m in methods]
-    return _save_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
-
-
-def _save_grid(target: Path, cells: list[tuple[Path, str]], ncol: int, row_labels: list[str],
-               col_labels: list[str]) -> Path:
-    """Up to GRID_SAMPLES images of each (folder, prompt) cell, row-major with ncol cells a row; white where images
-    are missing; labelled."""
-    from .evaluate import read_index
-
-    tiles, size, indexes = [], None, {}
-    for folder, prompt in cells:
-        index = indexes.setdefault(folder, read_index(folder))
-        files = [r["file"] for r in index if r["prompt"] == prompt][:GRID_SAMPLES]
-        for f in files:
-            tiles.append(np.asarray(Image.open(folder / f).convert("RGB")))
-            size = size or tiles[-1].shape
-        tiles += [None] * (GRID_SAMPLES - len(files))
-    size = size or (32, 32, 3)
-    tiles = [t if t is not None and t.shape == size else np.full(size, 255, np.uint8) for t in tiles]
-    grid = make_grid(tiles, ncol=GRID_SAMPLES * ncol, scale=max(1, 96 // size[1]))
-    with atomic_path(target) as tmp:
-        _label_grid(grid, row_labels, col_labels).save(tmp, format="PNG")
-    return target
-
-
-LABEL_SCREEN_WIDTH = 1200  # px: the report page's width (report.html's body); grids wider are shown shrunk to it
-LABEL_SCREEN_SIZE = 15  # px: the labels' size on that page at 100% zoom (at least 14 px in the PNG itself)
-
-
-def _label_font_size(width: int) -> int:
-    """Label size in PNG pixels for a picture ``width`` px wide, so that shrunk to the page the text is still
-    LABEL_SCREEN_SIZE px tall."""
-    return max(14, round(LABEL_SCREEN_SIZE * width / LABEL_SCREEN_WIDTH))
-
-
-def _wrap(font, text: str, width: float, breaks: str = " ") -> list[str]:
-    """Greedy line breaking of ``text`` at ``breaks`` (a space is dropped at a break, '-' or '+' stays)."""
-    tokens = [t for t in re.split("([" + re.escape(breaks) + "])", text) if t]
-    words, word = [], ""
-    for t in tokens:  # glue each separator to the word before it
-        word += t
-        if t in breaks:
-            words.append(word)
-            word = ""
-    words += [word] if word else []
-    lines, line = [], ""
-    for w in words:
-        if line and font.getlength((line + w).rstrip()) > width:
-            lines.append(line.rstrip())
-            line = ""
-        line += w
-    return lines + [line.rstrip()] if line.strip() else lines
-
-
-def _fit_width(font, text: str, max_lines: int, max_width: float, breaks: str = " ") -> float:
-    """The narrowest width (at most ``max_width``) at which ``text`` wraps into ``max_lines`` lines or fewer."""
-    ends = [j for j in range(1, len(text) + 1) if j == len(text) or text[j - 1] in breaks]
-    starts = [0] + ends[:-1]  # a line starts after a break and ends at one (or at the end)
-    for width in sorted({font.getlength(text[i:j].strip()) for i in starts for j in ends if j > i}):
-        if width > max_width:
-            break
-        if len(_wrap(font, text, width, breaks)) <= max_lines:
-            return width
-    return max_width
-
-
-def _lines(font, text: str, width: float, max_lines: int, breaks: str = " ") -> list[str]:
-    """``text`` wrapped at ``width``; past ``max_lines`` lines, or wider than ``width``, cut with '…'."""
-    lines = _wrap(font, text, width, breaks) or [""]
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] += "…"
-    while font.getlength(lines[-1]) > width and len(lines[-1]) > 1:
-        lines[-1] = lines[-1][:-2] + "…"
-    return lines
-
-
-def _label_grid(grid: Image.Image, row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """Prompts down the left, methods across the top, so the picture reads without the caption. The font grows
-    with the picture (:func:`_label_font_size`), so that the labels stay legible where the page shows the grid
-    shrunk to its width; labels wrap (prompts within their row's height, methods within their column) and the
-    margins follow the text."""
-    from PIL import ImageDraw, ImageFont
-
-    row_h, col_w = grid.height / len(row_labels), grid.width / len(col_labels)
-    size = _label_font_size(grid.width)
-    for _ in range(3):  # the left margin widens the picture, which enlarges the font: settle in a few steps
-        font = ImageFont.load_default(size=size)
-        line_h = round(1.2 * size)
-        max_lines = max(1, int(row_h // line_h))
-        width = max(_fit_width(font, t, max_lines, max(grid.width / 4, 12 * size)) for t in row_labels)
-        rows = [_lines(font, t, width, max_lines) for t in row_labels]
-        left = 2 * 6 + max(int(font.getlength(line)) for lines in rows for line in lines)
-        new_size = _label_font_size(grid.width + left)
-        if new_size <= size:
-            break
-        size = new_size
-    cols = [_lines(font, t, col_w - 8, 3, breaks=" -+") for t in col_labels]
-    top = line_h * max(len(lines) for lines in cols) + size // 2
-    canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
-    canvas.paste(grid, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    for i, lines in enumerate(rows):
-        draw.multiline_text((6, top + (i + 0.5) * row_h), "\n".join(lines), fill="black", font=font, anchor="lm",
-                            spacing=line_h - size)
-    for j, lines in enumerate(cols):
-        draw.multiline_text((left + (j + 0.5) * col_w, top / 2), "\n".join(lines), fill="black", font=font,
-                            anchor="mm", align="center", spacing=line_h - size)
-        if j:
-            draw.line([(left + j * col_w, 0), (left + j * col_w, canvas.height)], fill="#888", width=2)
-    return canvas
+    return save_labelled_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
 
 
 def _plots(out: Path, report: dict) -> list[Path]:
@@ -251,12 +138,8 @@ def _plots(out: Path, report: dict) -> list[Path]:
     return paths
 
 
-def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
-    out = Path(out)
-    methods = list(next(iter(report["per_concept"].values())))
-    group = (report.get("together") or {}).get("concepts")
-    grids = {c: _concept_grid(out, c, suite.cases[c], methods, group) for c in report["per_concept"]}
-    plots = _plots(out, report) if suite.metrics == "table1" else []
+def _protocol(report: dict, suite) -> str:
+    """The paragraph that says how the figures were made."""
     cfg = report["config"]
     protocol = (f"suite `{suite.name}`, model `{report['model']}`, {cfg['samples']} samples per prompt, {cfg['steps']} "
                 f"DDIM steps, guidance {report['guidance']}, seeds {cfg['seed']}..{cfg['seed'] + cfg['samples'] - 1} "
@@ -270,6 +153,28 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
                      "prompt gated against every concept; `METHOD`: each concept's own run). The group's own classes "
                      f"leave every preservation figure; remaining classes: {', '.join(together['remaining_classes'])} "
                      f"(seen as anchors by some member: {', '.join(together['anchored_by_the_group']) or 'none'}).")
+    return protocol
+
+
+def _html_table(report: dict, average_only: bool) -> str:
+    columns = columns_for(report)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = []
+    for concept, method, m in table_rows(report, average_only):
+        cls = ' class="ours"' if method == "selective-unguide" else ""
+        body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
+                    + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in columns) + "</tr>")
+    return f"<table><tr><th>concept</th><th>method</th>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
+    """report.md and report.html beside the benchmark's images: tables, plots, grids and, once attacked, the attack."""
+    out = Path(out)
+    methods = list(next(iter(report["per_concept"].values())))
+    group = (report.get("together") or {}).get("concepts")
+    grids = {c: _concept_grid(out, c, suite.cases[c], methods, group) for c in report["per_concept"]}
+    plots = _plots(out, report) if suite.metrics == "table1" else []
+    protocol = _protocol(report, suite)
     # one concept: its table only (the average over one concept repeats it)
     single = len(report["per_concept"]) == 1
     tables = ([("Results", False)] if single else [("Average over concepts", True), ("Per concept", False)])
@@ -286,17 +191,6 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
         md += ["## Under attack", "", attack, ""]
     md_path = out / "report.md"
     write_text(md_path, "\n".join(md) + "\n")
-
-    def html_table(average_only: bool) -> str:
-        columns = columns_for(report)
-        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-        body = []
-        for concept, method, m in table_rows(report, average_only):
-            cls = ' class="ours"' if method == "selective-unguide" else ""
-            body.append(f"<tr{cls}><td>{html.escape(concept)}</td><td>{html.escape(method)}</td>"
-                        + "".join(f"<td>{_fmt(k, m.get(k))}</td>" for k, _ in columns) + "</tr>")
-        return f"<table><tr><th>concept</th><th>method</th>{head}</tr>{''.join(body)}</table>"
-
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unguide benchmark</title>
 <style>
@@ -310,7 +204,7 @@ img {{ image-rendering: pixelated; max-width: 100%; border: 1px solid #ddd; marg
 </style></head><body>
 <h1>unguide benchmark</h1>
 <p class="caption">{html.escape(protocol)}</p>
-{''.join(f"<h2>{title}</h2>{html_table(average)}" for title, average in tables)}
+{''.join(f"<h2>{title}</h2>{_html_table(report, average)}" for title, average in tables)}
 {_markdown_table_html(attack, "Under attack") if attack else ""}
 <h2>Plots</h2>{''.join(f'<img src="{p.relative_to(out)}" alt="{p.stem}">' for p in plots)}
 <h2>Grids</h2><p class="caption">Rows: {html.escape(rows_text)}.
@@ -382,7 +276,7 @@ def _attack_grid(out: Path, concept: str, results: dict) -> Path:
     """Rows: methods; columns: 4 images of the word search's top prompt, then 4 of the inverted soft prompt."""
     cells = [(out / concept / m / "images", p) for m, r in results.items()
              for p in (r["word_search"]["best_prompt"], f"<inverted {r['concept']}>")]
-    return _save_grid(out / "grids" / f"{concept}.png", cells, 2, list(results),
+    return save_labelled_grid(out / "grids" / f"{concept}.png", cells, 2, list(results),
                       ["best word prompt", "inverted soft prompt"])
 
 

@@ -46,30 +46,8 @@ def build_page(studio: Studio):
                               allow_custom_value=True, scale=4)
             refresh = gr.Button("Refresh list", elem_id="refresh", scale=1)
         run_info = gr.Markdown(_describe(studio, names[0]) if names else _no_runs(studio), elem_id="run-info")
-        with gr.Tab("Compare"):
-            prompts = gr.Textbox(label=f"Prompts, one a line (at most {limits.max_prompts})", lines=3,
-                                 placeholder="a photo of the sun\na photo of the boat", elem_id="prompts")
-            with gr.Row():
-                n = gr.Slider(1, limits.max_images_per_prompt, value=1, step=1, label="Images per prompt",
-                              elem_id="n")
-                seed = gr.Number(0, label="Seed (image j uses seed + j)", precision=0, elem_id="seed")
-                steps = gr.Slider(limits.min_steps, limits.max_steps, value=50, step=1, label="DDIM steps",
-                                  elem_id="steps")
-                gate = gr.Dropdown([RUN_OWN_GATE, *GATE_CHOICES], value=RUN_OWN_GATE, label="Gate", elem_id="gate")
-            with gr.Row():
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-                near = gr.Button("Synonyms and neighbours", elem_id="neighbours")
-            status = gr.Markdown("", elem_id="status")
-            results = gr.HTML("", elem_id="results")
-            download = gr.File(label="Images and settings (zip)", elem_id="download")
-        with gr.Tab("Erase a concept"):
-            presets = studio.presets()
-            preset = gr.Dropdown(presets, value=presets[0] if presets else None, label="Concept preset",
-                                 elem_id="preset")
-            recipe = gr.Radio(["selective", "reference"], value="selective", label="Recipe", elem_id="recipe")
-            iterations = gr.Number(200, label="Iterations", precision=0, elem_id="iterations")
-            erase_go = gr.Button("Erase", variant="primary", elem_id="erase")
-            erase_status = gr.Markdown("", elem_id="erase-status")
+        ui = _compare_tab(gr, limits)
+        preset, recipe, iterations, erase_go, erase_status = _erase_tab(gr, studio)
 
         def on_compare(run_name, text, count, first_seed, step_count, gate_name):
             try:
@@ -101,10 +79,10 @@ def build_page(studio: Studio):
             return gr.update(choices=choices, value=value), _describe(studio, value) if value else _no_runs(studio)
 
         model_slot = {"concurrency_limit": limits.concurrency, "concurrency_id": "model"}
-        go.click(on_compare, [run, prompts, n, seed, steps, gate], [status, results, download], api_name="compare",
-                 **model_slot)
-        near.click(on_neighbours, [run, seed, steps, gate], [status, results, download], api_name="neighbours",
-                   **model_slot)
+        outputs = [ui.status, ui.results, ui.download]
+        ui.go.click(on_compare, [run, ui.prompts, ui.n, ui.seed, ui.steps, ui.gate], outputs, api_name="compare",
+                    **model_slot)
+        ui.near.click(on_neighbours, [run, ui.seed, ui.steps, ui.gate], outputs, api_name="neighbours", **model_slot)
         erase_go.click(on_erase, [preset, recipe, iterations], [erase_status, run, run_info], api_name="erase",
                        **model_slot)
         refresh.click(on_refresh, [run], [run, run_info], api_name="refresh")
@@ -112,6 +90,41 @@ def build_page(studio: Studio):
         page.load(on_refresh, [run], [run, run_info], api_name=False)
     page.queue(max_size=limits.queue_size)
     return page
+
+
+def _compare_tab(gr, limits):
+    """The Compare tab's widgets: prompts, images per prompt, seed, steps, gate, the buttons and the results."""
+    from types import SimpleNamespace
+
+    with gr.Tab("Compare"):
+        prompts = gr.Textbox(label=f"Prompts, one a line (at most {limits.max_prompts})", lines=3,
+                             placeholder="a photo of the sun\na photo of the boat", elem_id="prompts")
+        with gr.Row():
+            n = gr.Slider(1, limits.max_images_per_prompt, value=1, step=1, label="Images per prompt", elem_id="n")
+            seed = gr.Number(0, label="Seed (image j uses seed + j)", precision=0, elem_id="seed")
+            steps = gr.Slider(limits.min_steps, limits.max_steps, value=50, step=1, label="DDIM steps",
+                              elem_id="steps")
+            gate = gr.Dropdown([RUN_OWN_GATE, *GATE_CHOICES], value=RUN_OWN_GATE, label="Gate", elem_id="gate")
+        with gr.Row():
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+            near = gr.Button("Synonyms and neighbours", elem_id="neighbours")
+        status = gr.Markdown("", elem_id="status")
+        results = gr.HTML("", elem_id="results")
+        download = gr.File(label="Images and settings (zip)", elem_id="download")
+    return SimpleNamespace(prompts=prompts, n=n, seed=seed, steps=steps, gate=gate, go=go, near=near, status=status,
+                           results=results, download=download)
+
+
+def _erase_tab(gr, studio):
+    """The Erase tab's widgets: (preset, recipe, iterations, button, status)."""
+    with gr.Tab("Erase a concept"):
+        presets = studio.presets()
+        preset = gr.Dropdown(presets, value=presets[0] if presets else None, label="Concept preset", elem_id="preset")
+        recipe = gr.Radio(["selective", "reference"], value="selective", label="Recipe", elem_id="recipe")
+        iterations = gr.Number(200, label="Iterations", precision=0, elem_id="iterations")
+        erase_go = gr.Button("Erase", variant="primary", elem_id="erase")
+        erase_status = gr.Markdown("", elem_id="erase-status")
+    return preset, recipe, iterations, erase_go, erase_status
 
 
 def theme():

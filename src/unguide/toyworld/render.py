@@ -100,6 +100,22 @@ def _background(scene: str, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
+def _sun_rays() -> list[tuple]:
+    """The sun's eight rays: (tip, base corner, base corner) each, in units of the radius."""
+    rays = []
+    for k in range(8):
+        a = k * math.pi / 4
+        rays.append(((math.cos(a), math.sin(a)), (0.5 * math.cos(a + 0.28), 0.5 * math.sin(a + 0.28)),
+                     (0.5 * math.cos(a - 0.28), 0.5 * math.sin(a - 0.28))))
+    return rays
+
+
+def _star_points() -> list[tuple]:
+    """A five-pointed star's ten corners, outer (1.0) and inner (0.42) by turns, from the top."""
+    return [((1.0 if k % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + k * math.pi / 5),
+             (1.0 if k % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+
+
 def _shape_parts(obj: str, r: float, colour: tuple[int, int, int]):
     """Return [(draw_fn, rgb)] for the object centred at the canvas centre with radius r."""
     c = _CANVAS / 2
@@ -119,23 +135,11 @@ def _shape_parts(obj: str, r: float, colour: tuple[int, int, int]):
         return lambda d, fill: d.rectangle([*P(u0, v0), *P(u1, v1)], fill=fill)
 
     if obj == "sun":
-        parts = [(circle(0, 0, 0.55), colour)]
-        for k in range(8):
-            a = k * math.pi / 4
-            tip = (math.cos(a), math.sin(a))
-            b1 = (0.5 * math.cos(a + 0.28), 0.5 * math.sin(a + 0.28))
-            b2 = (0.5 * math.cos(a - 0.28), 0.5 * math.sin(a - 0.28))
-            parts.append((poly(tip, b1, b2), colour))
-        return parts
+        return [(circle(0, 0, 0.55), colour)] + [(poly(*ray), colour) for ray in _sun_rays()]
     if obj == "moon":
         return [(circle(0, 0, 0.9), colour), (circle(0.45, -0.2, 0.75), None)]  # None = cut out
     if obj == "star":
-        pts = []
-        for k in range(10):
-            a = -math.pi / 2 + k * math.pi / 5
-            rad = 1.0 if k % 2 == 0 else 0.42
-            pts.append((rad * math.cos(a), rad * math.sin(a)))
-        return [(poly(*pts), colour)]
+        return [(poly(*_star_points()), colour)]
     if obj == "heart":
         return [(circle(-0.45, -0.3, 0.5), colour), (circle(0.45, -0.3, 0.5), colour),
                 (poly((-0.93, -0.12), (0.93, -0.12), (0, 0.95)), colour)]

@@ -186,46 +186,17 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     ``cfg.stop_after`` ends (checkpointed) at that step of the ``cfg.steps`` schedule; ``max_minutes`` after that long.
     ``device`` runs the UNet (and the one-off latent encoding) there; batches, noise and timesteps are still drawn on
     the CPU from the same seeds, so a run can move between devices and resume."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    from ..models.loading import LatentCodec
+    from diffusers import DDPMScheduler
 
     out = Path(out)
     t_start = time.time()
-    vae = AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).eval().to(device)
-    codec = LatentCodec(vae)
-    cache = out / "unet_data.safetensors"
-    captions = all_training_captions()
-    text_key = _text_key(cfg.text_states)
-    data = load_tensors(cache) if cache.exists() else {}
-    if "latents" not in data:
-        LOG.info("rendering and encoding the training set ...")
-        imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
-        x = to_tensor(imgs)
-        data["latents"] = torch.cat([codec.encode(x[i:i + 500].to(device)).cpu()
-                                     for i in tqdm(range(0, len(x), 500), desc="encode")])
-    if text_key not in data:
-        data[text_key] = _encode_captions(captions, cfg.text_states)
-        save_tensors(cache, data)
-    latents, text = data["latents"], data[text_key]
+    latents, text, captions = _unet_training_data(out, cfg, device)
     scenes = _scenes_for(cfg)
     cap_index = {c: i for i, c in enumerate(captions)}
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
-    alphas = noise_sched.alphas_cumprod
     unet = build_unet(cfg, latents.shape[-1]).to(device)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tensors, state = _load_ckpt(out, "unet")
-    start = 0
-    if state:
-        trained_on = state.get("config", {}).get("text_states", "contextual")
-        if trained_on != cfg.text_states:
-            raise UnguideError(f"the checkpoint in {out} was trained with `text_states` {trained_on}: resume with the "
-                               f"same setting, or use another `out`")
-        unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
-        load_optimizer_tensors(opt, tensors)
-        start = state["step"]
+    ema, start = _resume_unet(out, cfg, unet, opt, device)
     log = out / "unet_log.jsonl"
     _drop_log_after(log, start)
     unet.train()
@@ -233,32 +204,17 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
     params = dict(unet.named_parameters())
     running = None
-    step = start
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
-        caps = [caption(scenes[i], rng) for i in idx.tolist()]
-        cond = text[[cap_index[c] for c in caps]]
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)
-        loss = (weight * ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        cond = text[[cap_index[caption(scenes[i], rng)] for i in idx.tolist()]]
+        loss = _unet_step(unet, opt, noise_sched, cfg, step, latents[idx], cond, g, device)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
             for k, p in params.items():
                 ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:
             with open(log, "a") as f:
@@ -275,6 +231,63 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         if done:
             break
     return export_toyworld(out, cfg)
+
+
+def _unet_training_data(out: Path, cfg: UNetConfig, device: str):
+    """(latents, caption states, captions): the training set rendered and encoded once, cached in ``out``."""
+    from diffusers import AutoencoderKL
+
+    from ..models.loading import LatentCodec
+
+    cache = out / "unet_data.safetensors"
+    captions = all_training_captions()
+    text_key = _text_key(cfg.text_states)
+    data = load_tensors(cache) if cache.exists() else {}
+    if "latents" not in data:
+        LOG.info("rendering and encoding the training set ...")
+        codec = LatentCodec(AutoencoderKL.from_pretrained(str(out / "vae"), use_safetensors=True).eval().to(device))
+        imgs, _ = render_batch(cfg.seed + 3000, cfg.dataset_size, p_empty=cfg.p_empty)
+        x = to_tensor(imgs)
+        data["latents"] = torch.cat([codec.encode(x[i:i + 500].to(device)).cpu()
+                                     for i in tqdm(range(0, len(x), 500), desc="encode")])
+    if text_key not in data:
+        data[text_key] = _encode_captions(captions, cfg.text_states)
+        save_tensors(cache, data)
+    return data["latents"], data[text_key], captions
+
+
+def _resume_unet(out: Path, cfg: UNetConfig, unet, opt, device: str) -> tuple[dict, int]:
+    """(EMA weights, first step): from the last checkpoint if there is one, else a fresh EMA at step 0."""
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    tensors, state = _load_ckpt(out, "unet")
+    if not state:
+        return ema, 0
+    trained_on = state.get("config", {}).get("text_states", "contextual")
+    if trained_on != cfg.text_states:
+        raise UnguideError(f"the checkpoint in {out} was trained with `text_states` {trained_on}: resume with the "
+                           f"same setting, or use another `out`")
+    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer_tensors(opt, tensors)
+    return {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}, state["step"]
+
+
+def _unet_step(unet, opt, noise_sched, cfg: UNetConfig, step: int, x0, cond, g, device: str) -> float:
+    """One optimiser step of the min-SNR weighted epsilon loss; noise and timesteps drawn from ``g``."""
+    alphas = noise_sched.alphas_cumprod
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
+    xt = noise_sched.add_noise(x0, noise, t)
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    pred = unet(xt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
+    snr = alphas[t] / (1 - alphas[t])
+    weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)
+    loss = (weight * ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3))).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def _drop_log_after(log: Path, step: int) -> None:
