@@ -37,7 +37,7 @@ TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 
 @dataclass
 class EraseConfig:
-    """Defaults are the reference protocol's (METHOD.md section 2); ``from_recipe`` names a whole recipe."""
+    """Defaults are the reference protocol's (`../shared/METHOD.md` section 2, beside this repository); ``from_recipe`` names a whole recipe."""
 
     preset: LayerPreset = "object"
     iterations: int = 200

@@ -1,6 +1,6 @@
 """Erasure training (``unguide erase``): the negative-guidance objective of ESD on a LoRA adapter.
 
-Each iteration (METHOD.md section 2): pick a DDIM step k in [0, 50), run the *adapted* model with CFG
+Each iteration (`../shared/METHOD.md` section 2, beside this repository): pick a DDIM step k in [0, 50), run the *adapted* model with CFG
 (scale 9) on the target prompt for k steps from fresh noise (the shared sampling loop), map k to a DDPM
 time t in [k*1000/50, (k+1)*1000/50), and regress the adapted prediction for the target onto
 ``eps_base(ref) - eta * (eps_base(tgt) - eps_base(ref))``, computed by the same UNet with the adapter off.

@@ -1,7 +1,7 @@
 """The prompt gate: how strongly the adapter reacts to a prompt (its influence score), and the threshold it is
 compared with.
 
-Influence of a prompt c (METHOD.md section 3): from noise, run the *base* model with CFG for the first steps of a DDIM
+Influence of a prompt c (`../shared/METHOD.md` section 3): from noise, run the *base* model with CFG for the first steps of a DDIM
 trajectory, then at a DDPM time in [800, 820) measure ``d(c) = || eps_adapted(z, t, c) - eps_base(z, t, c) ||_2``
 (outputs read as noise through the model's :class:`~unguide.models.prediction.Prediction`), averaged over noise draws;
 the empty prompt is scored the same way from the same noise. Binary rule: ``w = -1 if d(c) > d("") else 2``.
