@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file
 
-TIMING = ("seconds", "time", "wall", "per_image", "train_seconds", "versions", "path", "out", "started", "finished",
+TIMING = ("seconds", "time", "timings", "wall", "per_image", "train_seconds", "versions", "path", "out", "started", "finished",
           "request", "date")
 
 

@@ -100,3 +100,22 @@ def test_the_layer_check_reads_relative_imports_inside_functions():
     probe = SRC / "sampling" / "ddim.py"
     found = [t for _, t in imports(probe, "def f():\n    from ..evaluation.report import write_report\n")]
     assert found == ["unguide.evaluation.report"] and layer(found[0]) > layer(module_name(probe))
+
+
+def test_no_function_over_60_lines_and_no_module_over_400():
+    """Small modules, one job each (docs/architecture.md): the sizes a reader can hold at once."""
+    import ast
+    from pathlib import Path
+
+    import unguide
+
+    root = Path(unguide.__file__).parent
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 400:
+            long.append(f"{path.relative_to(root)}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not long, long
