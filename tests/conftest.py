@@ -129,3 +129,36 @@ def build_tiny_clip(path):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+def build_tiny_sd3(path):
+    """A randomly initialised SD3-shaped pipeline (two CLIP encoders with projections, a T5 encoder, an MMDiT, a
+    flow-matching scheduler; 16x16 images) saved as safetensors, runnable by the stock StableDiffusion3Pipeline.
+    The T5 reads the tiny CLIP tokenizer's ids (no sentencepiece model offline): the wiring is what is tested."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(path / "_tok")
+    text_config = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, projection_dim=32, hidden_act="gelu")
+    text, text_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**text_config)) for _ in range(2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
+                        scaling_factor=1.5, shift_factor=0.06)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok,
+                                    text_encoder_3=t5, tokenizer_3=tok)
+    pipe.save_pretrained(str(path / "sd3"), safe_serialization=True)
+    return path / "sd3"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))

@@ -1,7 +1,8 @@
-"""Every model family through the product: tiny random SD 2.x (v-prediction) and SDXL directories erase, generate with
-UnGuidance (both gates), run the cifar10 suite with the tiny CLIP judge and the attack, and their LoRA file loads with
-the family's stock diffusers pipeline class and draws what our adapter draws. SDXL sampling equals the stock
-StableDiffusionXLPipeline's (pooled embedding, time ids and zeroed unconditional input included)."""
+"""Every model family through the product: tiny random SD 2.x (v-prediction), SDXL and SD3 (MMDiT, rectified flow)
+directories erase, generate with UnGuidance (both gates), run the cifar10 suite with the tiny CLIP judge and the attack,
+and their LoRA file loads with the family's stock diffusers pipeline class and draws what our adapter draws. SDXL
+sampling equals the stock StableDiffusionXLPipeline's (pooled embedding, time ids and zeroed unconditional input
+included); SD3 sampling equals the stock StableDiffusion3Pipeline's (both CLIPs' pooled projections, T5, flow sigmas)."""
 import json
 
 import pytest
@@ -16,10 +17,13 @@ def _stock(path, family):
     """The family's stock diffusers pipeline on the same directory, with unguide's DDIM sampler."""
     import diffusers
 
-    cls = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd2": "StableDiffusionPipeline"}[family])
-    kwargs = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    cls = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd2": "StableDiffusionPipeline",
+                              "sd3": "StableDiffusion3Pipeline"}[family])
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd2" else {}
     pipe = cls.from_pretrained(str(path), **kwargs)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    if family != "sd3":  # a flow model keeps its own FlowMatchEulerDiscreteScheduler, as unguide does
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
+                                                             set_alpha_to_one=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -62,11 +66,36 @@ def test_sdxl_pipeline_saves_and_loads_back_as_sdxl(tiny_sdxl, tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.fixture(scope="module", params=["tiny_v", "tiny_sdxl"])
+def test_sd3_loads_as_its_family_and_samples_as_the_stock_pipeline(tiny_sd3, tmp_path):
+    pipe = UnGuidePipeline.from_pretrained(str(tiny_sd3))
+    bundle = pipe.bundle
+    assert bundle.family.name == "sd3" and bundle.prediction.kind == "flow" and bundle.default_guidance == 7.0
+    ours = pipe(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=7.0,
+                latents=torch.cat([_noise(0), _noise(1)]), output_type="latent", progress=False).images
+    stock = _stock(tiny_sd3, "sd3")(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=7.0,
+                                    latents=torch.cat([_noise(0), _noise(1)]), output_type="latent").images
+    assert torch.allclose(ours, stock, atol=1e-4), float((ours - stock).abs().max())
+    # the check can fail: without the pooled row, or read as a diffusion model's noise, the drawing differs
+    packed = bundle.encode_prompts(["a photo of the dog"])
+    no_pool = packed.clone()
+    no_pool[:, -1] = 0
+    x, t = _noise(), torch.tensor([500.0])
+    with torch.no_grad():
+        full = bundle.unet(x, t, encoder_hidden_states=packed).sample
+        assert not torch.allclose(full, bundle.unet(x, t, encoder_hidden_states=no_pool).sample, atol=1e-4)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = UnGuidePipeline.from_pretrained(str(tmp_path / "saved"))
+    assert again.bundle.family.name == "sd3" and again.bundle.prediction.kind == "flow"
+    b = again(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=7.0,
+              latents=torch.cat([_noise(0), _noise(1)]), output_type="latent", progress=False).images
+    assert torch.equal(ours, b)
+
+
+@pytest.fixture(scope="module", params=["tiny_v", "tiny_sdxl", "tiny_sd3"])
 def family_run(request, tmp_path_factory):
     """A selective erasure of a custom concept (no anchors: the family's everyday list) on the family's directory."""
     model = request.getfixturevalue(request.param)
-    family = {"tiny_v": "sd2", "tiny_sdxl": "sdxl"}[request.param]
+    family = {"tiny_v": "sd2", "tiny_sdxl": "sdxl", "tiny_sd3": "sd3"}[request.param]
     tmp = tmp_path_factory.mktemp(family)
     spec = tmp / "dog.json"
     spec.write_text(json.dumps({"name": "dog", "target": "a photo of the dog", "reference": "a photo",
@@ -81,7 +110,8 @@ def family_run(request, tmp_path_factory):
 def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
     model, family, run, tmp = family_run
     meta = read_run(run)
-    want_class = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
+    want_class = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                  "sd3": "StableDiffusion3Pipeline"}[family]
     assert meta.base_family == family and meta.lora_loads_with == want_class
     assert meta.calibration.prompt["threshold"] is not None and meta.calibration.image["threshold"] is not None
     for gate in ("image", "calibrated", "empty"):

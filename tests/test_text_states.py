@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from unguide.errors import UnguideError
-from unguide.models.loading import encode_text
+from unguide.models.text import encode_text
 from unguide.toyworld.model import load_text_encoder
 
 

@@ -1,8 +1,10 @@
-"""SD 2.x-style UNets predict v, not noise: every consumer of the model's output reads it through the one conversion
+"""SD 2.x-style UNets predict v, and flow transformers (SD3, toyworld-flow) a velocity, not noise: every consumer of the model's output reads it through the one conversion
 (:class:`unguide.models.prediction.Prediction`). Shown with oracle UNets that know the clean latent each prompt leads
 to: an epsilon oracle and a v oracle of the same clean latents give the same sampling, influence scores, detector
 scores and attack losses; the v oracle read as epsilon (the scheduler says ``epsilon``) gives other ones. The attack's
-test failed before its loss went through the conversion (it compared v with the noise)."""
+test failed before its loss went through the conversion (it compared v with the noise). A flow oracle (velocity
+``noise - x0`` on the straight path, ``s = t / 1000``) read as a flow samples, scores, detects, attacks and meets the
+erasure target as the epsilon oracle does; read as noise it fails each."""
 from contextlib import contextmanager
 
 import pytest
@@ -28,7 +30,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, bundle, kind, x0, table=None, adapted_table=None):
         super().__init__()
-        self.alphas, self.kind, self.x0 = bundle.scheduler.alphas_cumprod, kind, x0
+        self.alphas, self.kind, self.x0 = getattr(bundle.scheduler, "alphas_cumprod", None), kind, x0
         encode = lambda t: {p: (bundle.encode_prompts([p])[0], v) for p, v in (t or {}).items()}  # noqa: E731
         self.table, self.adapted_table = encode(table), encode(adapted_table)
         self.adapted = False
@@ -48,8 +50,11 @@ class Oracle(torch.nn.Module):
 
     def forward(self, x, t, encoder_hidden_states):
         t = torch.as_tensor(t).expand(x.shape[0])
-        a = self.alphas[t].view(-1, 1, 1, 1)
         x0 = self.clean(encoder_hidden_states)
+        if self.kind == "flow":
+            s = (t.float() / 1000).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": (x - (1 - s) * x0) / s - x0})()
+        a = self.alphas[t].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         out = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.kind == "v_prediction" else eps
         return type("Out", (), {"sample": out})()
@@ -202,3 +207,80 @@ def test_a_version_1_run_on_a_v_model_warns_and_a_rerun_recalibrates_its_prompt_
     again = erase(bundle, spec, path, cfg, progress=False)
     assert again.version == 2 and again.calibration.prompt["threshold"] == pytest.approx(run.calibration.prompt["threshold"])
     assert read_run(path).version == 2 and (path / run.weights).stat().st_mtime_ns == weights
+
+
+# ------------------------------------------------------------------------------------------------ flow (velocity) models
+def _flow_bundles(path, **tables):
+    """{reading: bundle} on an SD3 directory: a flow oracle read as a flow (its own FlowMatch scheduler), the same
+    oracle read as noise (a DDIM epsilon scheduler), and an epsilon oracle read as epsilon."""
+    from diffusers import DDIMScheduler
+
+    out = {}
+    for name, predicts, reads_flow in (("flow", "flow", True), ("flow read as eps", "flow", False),
+                                       ("eps", "epsilon", False)):
+        bundle = load_model(str(path))
+        assert bundle.prediction.kind == "flow"
+        if not reads_flow:
+            bundle.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        bundle.unet = Oracle(bundle, predicts, _latent(bundle, 123), **{k: v(bundle) for k, v in tables.items()})
+        out[name] = bundle
+    return out
+
+
+def test_the_flow_conversion_inverts_what_a_perfect_model_predicts():
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0])
+    p = Prediction("flow")
+    x_s = p.noised(x0, noise, t)
+    assert torch.allclose(x_s[0], 0.7 * x0[0] + 0.3 * noise[0], atol=1e-6)
+    v = p.target(noise, x0, t)
+    assert torch.allclose(v, noise - x0)
+    assert torch.allclose(p.noise(v, x_s, t), noise, atol=1e-5) and torch.allclose(p.clean(v, x_s, t), x0, atol=1e-5)
+    assert not torch.allclose(v, noise, atol=1e-2)
+
+
+def test_sampling_reads_a_velocity_as_a_velocity(tiny_sd3):
+    bundles = _flow_bundles(tiny_sd3)
+    x0 = bundles["flow"].unet.x0
+    errors = {name: (sample_latents_batched(b, [Item("a cat", s, 7.0, 16, 16) for s in range(3)], steps=20) - x0)
+              .abs().mean().item() for name, b in bundles.items()}
+    assert errors["flow"] < 1e-3 and errors["eps"] < 0.05 and errors["flow read as eps"] > 0.2, errors
+
+
+def test_flow_influence_detector_and_attack_read_the_velocity(tiny_sd3):
+    """The adapter moves the cat's clean latent, not the dog's (influence); the image is the dog prompt's clean latent
+    (detector, attack): read as a flow, each gives the epsilon oracle's verdict; read as noise, it does not."""
+    moved = _flow_bundles(tiny_sd3, adapted_table=lambda b: {CAT: _latent(b, 123) + 0.5})
+    influence = {name: influence_scores(b, OracleAdapter(b.unet), [CAT, DOG], ScorerConfig(), 7.0)
+                 for name, b in moved.items()}
+    assert influence["flow"][0] > 1 and influence["flow"][1] < 1e-3, influence
+    assert not torch.allclose(influence["flow read as eps"], influence["flow"], rtol=0.2), influence
+    drawn = _flow_bundles(tiny_sd3, table=lambda b: {DOG: _latent(b, 123) + 0.5})
+    x0 = drawn["flow"].unet.x0
+    detector = {name: detector_scores(b, None, x0, [0], [CAT], [DOG]).item() for name, b in drawn.items()}
+    assert detector["flow"] < -5 and detector["eps"] < -5 and detector["flow read as eps"] > -1, detector
+    losses = {}
+    for name, bundle in drawn.items():
+        t = torch.tensor([200, 500, 800])
+        noise = torch.randn((3, *x0.shape[1:]), generator=torch.Generator().manual_seed(4))
+        probe = Probe(bundle.prediction.noised(x0.expand(3, -1, -1, -1), noise, t), t, noise)
+        losses[name] = prompt_losses(Defence(bundle), probe, bundle.encode_prompts([CAT, DOG]).float(), [1.0, 1.0], 64)
+    assert losses["flow"][0] < 1e-6 and losses["flow"][1] > 0.1, losses
+    assert losses["flow read as eps"][0] > 0.1, losses
+
+
+def test_the_erasure_target_is_met_on_a_flow(tiny_sd3):
+    """ESD's target as an affine combination of velocities: met exactly by the adapted flow oracle that draws
+    x0_ref - eta (x0_tgt - x0_ref), whichever step k the loss is taken at; not by an adapter that changes nothing."""
+    eta = 2.0
+    ref, tgt = (lambda b: _latent(b, 7)), (lambda b: _latent(b, 8))
+    erased = lambda b: {CAT: ref(b) - eta * (tgt(b) - ref(b))}  # noqa: E731
+    cfg = EraseConfig(eta=eta, ddim_steps=10)
+    for adapted, zero in ((erased, True), (lambda b: {}, False)):
+        bundle = _flow_bundles(tiny_sd3, table=lambda b: {CAT: tgt(b), "a photo": ref(b)}, adapted_table=adapted)["flow"]
+        sampler = make_sampler(bundle, 10)
+        prompts = tuple(bundle.encode_prompts([p]) for p in (CAT, "a photo", ""))
+        for k in (1, 6):
+            loss, parts = erasure_loss(bundle.unet, OracleAdapter(bundle.unet), sampler, cfg, k,
+                                       float(sampler.timesteps[k]), _latent(bundle, 9), prompts)
+            assert (loss.item() < 1e-8) == zero, (k, parts)

@@ -159,13 +159,12 @@ class Probe:
 
     @classmethod
     def build(cls, bundle, images: torch.Tensor, cfg: AttackConfig) -> "Probe":
-        sched = bundle.scheduler
         z0 = bundle.codec.encode(images.to(bundle.device, bundle.codec.vae.dtype)).float()
         z0 = z0.repeat_interleave(cfg.draws, dim=0)
         g = torch.Generator().manual_seed(cfg.seed + 104729)
         t = torch.randint(cfg.t_low, cfg.t_high, (len(z0),), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        z_t = sched.add_noise(z0.cpu(), noise, t)
+        z_t = bundle.prediction.noised(z0.cpu(), noise, t)
         return cls(z_t.to(bundle.device), t.to(bundle.device), noise.to(bundle.device))
 
     def __len__(self) -> int:

@@ -41,7 +41,10 @@ def _cmd_train_toy(args) -> int:
     unet = dict(steps=args.unet_steps, text_norm=args.text_norm)
     if args.stage != "export":  # export takes the architecture and text side from the checkpoint it exports
         unet.update(text_states=args.text_states, stop_after=args.stop_after, block_out_channels=args.unet_channels)
-    get_world("toyworld").train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device)
+    mmdit = dict(steps=args.mmdit_steps, stop_after=args.stop_after, num_layers=args.mmdit_layers,
+                 num_heads=args.mmdit_heads)
+    get_world("toyworld").train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device,
+                                mmdit)
     return 0
 
 
@@ -65,15 +68,20 @@ def _cmd_toy_quality(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..models.loading import TEXT_STATES
+    from ..models.text import TEXT_STATES
 
     t = sub.add_parser("train-toy", help="train the embedded toy-world model (long; resumable)")
-    t.add_argument("--stage", choices=["classifier", "vae", "unet", "all", "export"], default="all")
+    t.add_argument("--stage", choices=["classifier", "vae", "unet", "all", "export", "mmdit", "export-mmdit"],
+                   default="all", help="mmdit: train toyworld-flow's transformer by rectified flow (the VAE is "
+                   "toyworld's, copied into --out when it has none); export-mmdit: write it from its checkpoint")
     t.add_argument("--out", default="work/toytrain")
     t.add_argument("--classifier-steps", type=int, default=1500)
     t.add_argument("--vae-steps", type=int, default=700)
     t.add_argument("--unet-steps", type=int, default=7000)
-    t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet stage (checkpointed) after this long")
+    t.add_argument("--mmdit-steps", type=int, default=6000)
+    t.add_argument("--mmdit-layers", type=int, default=8, help="toyworld-flow's joint blocks (default 8)")
+    t.add_argument("--mmdit-heads", type=int, default=4, help="attention heads of 32 channels (default 4)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet or MMDiT stage (checkpointed) after this long")
     t.add_argument("--stop-after", type=int, default=None,
                    help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported)")
     t.add_argument("--text-states", choices=TEXT_STATES,

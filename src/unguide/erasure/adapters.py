@@ -5,8 +5,12 @@
 * ``full``     (ESD-x baseline): the cross-attention key/value weights themselves are trained; the base weights are
   kept as a copy of just those tensors and swapped in when the base model is asked for.
 
-LoRA files are written in the diffusers format (``pytorch_lora_weights.safetensors`` with a ``unet.`` prefix and the
-adapter config in its metadata), so ``StableDiffusionPipeline.load_lora_weights`` loads them.
+On an MMDiT (SD3, toyworld-flow) ``object`` and ``full`` take the context stream's key/value (``attn.add_k_proj``,
+``attn.add_v_proj``) and ``explicit`` every other Linear of the joint blocks (:data:`TEXT_KEY_VALUE`).
+
+LoRA files are written in the diffusers format (``pytorch_lora_weights.safetensors`` with a ``unet.`` prefix, or
+``transformer.`` for an MMDiT, and the adapter config in its metadata), so the family's stock pipeline
+(``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights``) loads them.
 """
 from __future__ import annotations
 
@@ -55,18 +59,42 @@ class AdapterConfig:
             raise UnguideError(f"the LoRA rank must be >= 1 (got {self.rank})")
 
 
+# The projections that carry the text into the image: a UNet's cross-attention key/value (ESD-x's ``attn2.to_k/to_v``);
+# in an MMDiT (SD3, toyworld-flow) text and image attend jointly, and the text tokens' own key/value projections
+# (``attn.add_k_proj/add_v_proj``, the context stream) are their analogue (docs/model-families.md).
+TEXT_KEY_VALUE = {"unet": ("attn2.to_k", "attn2.to_v"), "mmdit": ("attn.add_k_proj", "attn.add_v_proj")}
+
+
+def denoiser_kind(unet: nn.Module) -> str:
+    """"mmdit" for an SD3-style transformer, "unet" for a UNet2DConditionModel."""
+    from ..models.families import is_transformer
+
+    return "mmdit" if is_transformer(unet) else "unet"
+
+
 def target_modules(unet: nn.Module, preset: str) -> list[str]:
+    kind = denoiser_kind(unet)
+    text_kv = TEXT_KEY_VALUE[kind]
     names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)]
     if preset in ("object", "full"):
-        chosen = [n for n in names if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")]
+        chosen = [n for n in names if n.endswith(text_kv)]
     elif preset == "explicit":
-        chosen = [n for n in names if ".attn2." not in n and not n.startswith("time_embedding")
-                  and not n.startswith("conv_out")]
+        if kind == "mmdit":  # every block Linear but the text key/value; no embedders, no output projection
+            chosen = [n for n in names if n.startswith("transformer_blocks.") and not n.endswith(text_kv)]
+        else:
+            chosen = [n for n in names if ".attn2." not in n and not n.startswith("time_embedding")
+                      and not n.startswith("conv_out")]
     else:
         raise UnguideError(f"unknown layer preset {preset!r}: use object, explicit or full")
     if not chosen:
-        raise UnguideError(f"the denoiser has no layers for preset {preset!r} (is it a UNet2DConditionModel?)")
+        raise UnguideError(f"the denoiser has no layers for preset {preset!r} (is it a UNet2DConditionModel or an "
+                           "SD3Transformer2DModel?)")
     return chosen
+
+
+def lora_prefix(unet: nn.Module) -> str:
+    """The key prefix of a LoRA file in diffusers' format: ``unet.`` for a UNet, ``transformer.`` for an MMDiT."""
+    return "transformer" if denoiser_kind(unet) == "mmdit" else "unet"
 
 
 def _keep_float32(params) -> None:
@@ -164,7 +192,7 @@ class LoraAdapter(_PeftLayers, _Adapter):
         return [m.lora_A[self.name].weight.detach() for m in layers]
 
     def save(self, directory: str | Path) -> Path:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -175,8 +203,12 @@ class LoraAdapter(_PeftLayers, _Adapter):
         meta = {"r": self.cfg.rank, "lora_alpha": self.cfg.alpha * self.cfg.rank, "target_modules": self.lora_config.target_modules,
                 "init_lora_weights": _PEFT_INIT[self.cfg.a_init]}
         meta["target_modules"] = sorted(meta["target_modules"])
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=meta)
+        if lora_prefix(self.unet) == "transformer":  # the stock StableDiffusion3Pipeline's file layout
+            StableDiffusion3Pipeline.save_lora_weights(str(tmp), transformer_lora_layers=state, safe_serialization=True,
+                                                       transformer_lora_adapter_metadata=meta)
+        else:
+            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
+                                                      unet_lora_adapter_metadata=meta)
         (tmp / LORA_FILE).replace(directory / LORA_FILE)
         tmp.rmdir()
         return directory / LORA_FILE
@@ -252,11 +284,12 @@ def load_adapter(unet, run_dir: str | Path, cfg: AdapterConfig, name: str = ADAP
         raw = json.loads(header.get("lora_adapter_metadata", "{}"))
     except json.JSONDecodeError:
         raise UnguideError(f"{path}: its adapter metadata is not valid JSON: the file is damaged, rerun `unguide erase`") from None
-    meta = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("unet.")}
+    prefix = lora_prefix(unet)
+    meta = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(f"{prefix}.")}
     adapter = LoraAdapter.__new__(LoraAdapter)
     adapter.unet, adapter.cfg, adapter.name = unet, cfg, name
     # the adapter config (lora_alpha: the scale 8) lives in the file's metadata; without it peft would use alpha = 1
-    unet.load_lora_adapter(load_tensors(path), prefix="unet", adapter_name=name)  # our checked reader
+    unet.load_lora_adapter(load_tensors(path), prefix=prefix, adapter_name=name)  # our checked reader
     if meta:  # load_lora_adapter ignores that metadata here: set the saved scale on every LoRA layer ourselves
         scale = float(meta["lora_alpha"]) / float(meta["r"])
         for m in unet.modules():

@@ -252,7 +252,9 @@ def _train(bundle, concept: ConceptSpec, adapter, out: Path, cfg: EraseConfig, d
                disable=not progress)
     for i in bar:
         k, t, z = _iteration_sample(cfg, i, bundle.latent_shape())
-        if cfg.timestep_mapping == "aligned":
+        if sampler.prediction.kind == "flow":  # a flow's step k is at sigma_k: the loss is taken where z_k lies
+            t = float(sampler.timesteps[k])
+        elif cfg.timestep_mapping == "aligned":
             t = int(sampler.timesteps[k])
         drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
         which = _iteration_prompt(cfg, i, len(erased))

@@ -39,7 +39,8 @@ from .folders import ImageFolder
 from .prompts import PromptRow, check_request, plan_items
 from ..models.loading import DEFAULT_MODEL, ModelBundle, load_model, native_image_size, normalised_scheduler
 
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2")
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+              "tokenizer_3")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -57,23 +58,25 @@ class UnGuideOutput(BaseOutput):
 class UnGuidePipeline(DiffusionPipeline):
     """Stable-Diffusion-style components plus an optional erasure run; generation is :func:`sample_images`."""
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]  # SDXL's second encoder (models.families)
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->vae"
+    # SDXL's and SD3's second encoder, SD3's T5 (models.families); ``unet`` is the denoiser (an MMDiT for SD3)
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: Optional[str] = None,
                  max_length: Optional[int] = None, default_guidance: float = 7.5, image_size: Optional[int] = None,
                  text_states: str = "contextual", text_scale: float = 1.0, info: Optional[dict] = None,
-                 text_encoder_2=None, tokenizer_2=None, zeros_for_empty: bool = False):
+                 text_encoder_2=None, tokenizer_2=None, zeros_for_empty: bool = False, text_encoder_3=None,
+                 tokenizer_3=None, t5_length: int = 256):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=normalised_scheduler(scheduler), text_encoder_2=text_encoder_2,
-                              tokenizer_2=tokenizer_2)
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(name=str(name or getattr(unet.config, "_name_or_path", "") or "model"),
                                 max_length=int(max_length or tokenizer.model_max_length),
                                 default_guidance=float(default_guidance),
                                 image_size=int(image_size or native_image_size(unet, vae)),
                                 text_states=str(text_states), text_scale=float(text_scale), info=dict(info or {}),
-                                zeros_for_empty=bool(zeros_for_empty))
+                                zeros_for_empty=bool(zeros_for_empty), t5_length=int(t5_length))
         self._bundle: Optional[ModelBundle] = None
         self.adapter = None
         self.erasure = None  # the attached run (unguide.erasure.runs: ErasureRun or GroupRun)
@@ -97,7 +100,8 @@ class UnGuidePipeline(DiffusionPipeline):
                    default_guidance=bundle.default_guidance, image_size=bundle.image_size,
                    text_states=bundle.text_states, text_scale=bundle.text_scale, info=bundle.info,
                    text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
-                   zeros_for_empty=bundle.zeros_for_empty)
+                   zeros_for_empty=bundle.zeros_for_empty, text_encoder_3=bundle.text_encoder_3,
+                   tokenizer_3=bundle.tokenizer_3, t5_length=bundle.t5_length)
         bundle.scheduler = pipe.scheduler
         pipe._bundle = bundle
         return pipe
@@ -108,14 +112,16 @@ class UnGuidePipeline(DiffusionPipeline):
         b = self._bundle
         if b is None or any(getattr(b, k) is not getattr(self, k) for k in COMPONENTS):
             c = self.config
-            for m in (self.text_encoder, self.text_encoder_2, self.vae):
+            for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
                 if m is not None:
                     m.requires_grad_(False)
             b = ModelBundle(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, name=c.name,
                             max_length=c.max_length, default_guidance=c.default_guidance, image_size=c.image_size,
                             info=dict(c.info), text_states=c.text_states, text_scale=c.text_scale,
                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
-                            zeros_for_empty=bool(c.get("zeros_for_empty", False)))
+                            zeros_for_empty=bool(c.get("zeros_for_empty", False)),
+                            text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
+                            t5_length=int(c.get("t5_length", 256)))
             self._bundle = b
         return b
 

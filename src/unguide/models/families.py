@@ -35,12 +35,16 @@ SD2 = ModelFamily("sd2", "StableDiffusionPipeline", 1, 7.5,
                   "SD 2.x: one OpenCLIP text encoder, v prediction (768-v) or epsilon (base)")
 SDXL = ModelFamily("sdxl", "StableDiffusionXLPipeline", 2, 5.0,
                    "SDXL: two CLIP text encoders, pooled embedding and time ids, epsilon prediction")
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+SD3 = ModelFamily("sd3", "StableDiffusion3Pipeline", 3, 7.0,
+                  "SD3 / SD3.5: MMDiT transformer, two CLIP encoders (pooled) + T5, rectified flow (velocity)")
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
 
 
 def family_of(unet, scheduler, text_encoder_2=None) -> ModelFamily:
-    """The family of a set of components: two text encoders make SDXL; a v-predicting scheduler or OpenCLIP-sized
-    cross-attention (1024) make SD 2.x; otherwise SD 1.x (the toy model included)."""
+    """The family of a set of components: an MMDiT makes SD3 (toyworld-flow included); two text encoders make SDXL;
+    a v-predicting scheduler or OpenCLIP-sized cross-attention (1024) make SD 2.x; otherwise SD 1.x (toyworld)."""
+    if type(unet).__name__ == "SD3Transformer2DModel":
+        return SD3
     if text_encoder_2 is not None:
         return SDXL
     v = getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction"
@@ -62,13 +66,21 @@ def encode_sdxl(text_encoders: Sequence, tokenizers: Sequence, prompts: Sequence
         out = enc(ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's pooled projection (text_embeds), as the stock pipeline keeps it
-    tokens = torch.cat(states, dim=-1)
-    row = torch.zeros(len(prompts), 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
-    row[:, 0, :pooled.shape[-1]] = pooled.to(tokens.dtype)
-    packed = torch.cat([tokens, row], dim=1)
+    packed = pack_pooled(torch.cat(states, dim=-1), pooled)
     if zeros_for_empty:
         packed[[i for i, p in enumerate(prompts) if p == ""]] = 0
     return packed
+
+
+def pack_pooled(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Token states ``(B, L, D)`` and a pooled vector ``(B, P)`` as one tensor ``(B, L + 1, max(D, P))``: the pooled
+    vector is the last row (how SDXL and the transformers carry it through unguide); the shorter is zero padded (the
+    unpacking hooks cut the token states back to the width the model reads)."""
+    if pooled.shape[-1] > tokens.shape[-1]:
+        tokens = torch.nn.functional.pad(tokens, (0, pooled.shape[-1] - tokens.shape[-1]))
+    row = torch.zeros(len(tokens), 1, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+    row[:, 0, :pooled.shape[-1]] = pooled.to(tokens.dtype)
+    return torch.cat([tokens, row], dim=1)
 
 
 def _unpack_sdxl(pooled_dim: int, downsample: int, module, args, kwargs):
@@ -110,3 +122,60 @@ def check_sdxl_unet(unet, text_encoder_2) -> Optional[str]:
         return ("its UNet does not take SDXL base conditioning (pooled text embedding + 6 time ids); "
                 "refiner checkpoints are not supported")
     return None
+
+
+# ------------------------------------------------------------------------------------------------ MMDiT conditioning
+def _unpack_mmdit(pooled_dim: int, text_dim: int, module, args, kwargs):
+    """Forward pre-hook on an SD3-style transformer: unguide's call ``(x, t, encoder_hidden_states=packed)`` becomes
+    diffusers' ``(hidden_states, encoder_hidden_states, pooled_projections, timestep)``. A call that brings its own
+    ``pooled_projections`` (a stock pipeline's) is left alone."""
+    if kwargs.get("pooled_projections") is not None:
+        return None
+    args = list(args)
+    sample = args.pop(0) if args else kwargs.pop("sample")
+    t = args.pop(0) if args else kwargs.pop("timestep")
+    packed = kwargs.pop("encoder_hidden_states")
+    kwargs.update(hidden_states=sample, timestep=t, encoder_hidden_states=packed[:, :-1, :text_dim],
+                  pooled_projections=packed[:, -1, :pooled_dim])
+    return (), kwargs
+
+
+def install_mmdit_conditioning(transformer) -> None:
+    """Let an SD3Transformer2DModel take packed states (:func:`pack_pooled`) in a UNet's call (idempotent)."""
+    from functools import partial
+
+    if getattr(transformer, "_unguide_mmdit_hook", None) is not None:
+        return
+    cfg = transformer.config
+    hook = partial(_unpack_mmdit, int(cfg.pooled_projection_dim), int(cfg.joint_attention_dim))
+    transformer._unguide_mmdit_hook = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def is_transformer(denoiser) -> bool:
+    """Whether a denoiser is a diffusion transformer (SD3's MMDiT, Flux) rather than a UNet."""
+    return type(denoiser).__name__.endswith("Transformer2DModel")
+
+
+@torch.no_grad()
+def encode_sd3(text_encoders: Sequence, tokenizers: Sequence, prompts: Sequence[str], max_length: int,
+               t5_length: int) -> torch.Tensor:
+    """SD3's conditioning, as StableDiffusion3Pipeline.encode_prompt forms it, packed (:func:`pack_pooled`): both
+    CLIPs' penultimate states side by side, zero padded to T5's width, then T5's ``t5_length`` states along the
+    sequence; the pooled row holds both CLIPs' pooled projections."""
+    states, pooled = [], []
+    for enc, tok in zip(text_encoders[:2], tokenizers[:2]):
+        ids = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(next(enc.parameters()).device)
+        out = enc(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    clip = torch.cat(states, dim=-1)
+    t5 = _t5_states(text_encoders[2], tokenizers[2], prompts, t5_length)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return pack_pooled(torch.cat([clip, t5.to(clip.dtype)], dim=1), torch.cat(pooled, dim=-1))
+
+
+def _t5_states(encoder, tokenizer, prompts: Sequence[str], length: int) -> torch.Tensor:
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                    return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
+    return encoder(ids)[0]

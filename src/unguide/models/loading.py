@@ -14,12 +14,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import UnguideError
-from .families import ModelFamily, check_sdxl_unet, encode_sdxl, family_of, install_sdxl_conditioning, sdxl_pooled_dim
-from .prediction import Prediction
+from .families import (ModelFamily, check_sdxl_unet, encode_sd3, encode_sdxl, family_of, install_mmdit_conditioning,
+                       install_sdxl_conditioning, is_transformer, sdxl_pooled_dim)
+from .text import encode_text
+from .prediction import Prediction, is_flow_scheduler
 
 DEFAULT_MODEL = "toyworld"  # the embedded model, a world plug-in (unguide.models.worlds)
 SAVED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-OPTIONAL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's, null in other families' model_index.json
+OPTIONAL_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")  # SDXL's / SD3's; null otherwise
 SAVED_LIBRARIES = ("diffusers", "transformers")  # the only libraries a saved directory may name for its components
 PIPELINE_CLASS = "UnGuidePipeline"  # model_index.json's _class_name in a directory written by UnGuidePipeline.save_pretrained
 
@@ -45,46 +47,6 @@ def quiet_libraries() -> None:
     for lib in (dlog, tlog):
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-
-
-# How token states are formed. "contextual": the encoder's own output at every position (Stable Diffusion's
-# CLIP states). The toy model's options make its bidirectional BERT behave more like SD's causal CLIP:
-# "causal_eos_pad" gives each token the state of its prefix alone (so a shared template like "a photo of the"
-# has the same states in every prompt) and pads with repeated end tokens that see the whole prompt, as CLIP
-# pads with EOS; "causal_zero_pad" zeroes the padding instead; "contextual_zero_pad" only zeroes the padding.
-TEXT_STATES = ("contextual", "contextual_zero_pad", "causal_zero_pad", "causal_eos_pad")
-
-
-def _causal_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """State of token i computed from tokens 0..i only, for every i (one batched pass over all prefixes)."""
-    b, n = ids.shape
-    prefix = torch.tril(torch.ones(n, n, dtype=mask.dtype, device=mask.device))  # row i keeps keys 0..i
-    seq_mask = (prefix[None] * mask[:, None, :]).reshape(b * n, n)
-    seq_mask[:, 0] = 1  # every row sees at least the first token
-    states = text_encoder(ids.repeat_interleave(n, dim=0), attention_mask=seq_mask)[0]
-    return states.reshape(b, n, n, -1).diagonal(dim1=1, dim2=2).permute(0, 2, 1)
-
-
-@torch.no_grad()
-def encode_text(text_encoder, tokenizer, prompts: Sequence[str], max_length: int,
-                states: str = "contextual") -> torch.Tensor:
-    """Token states (B, max_length, D) of the prompts: what the denoiser's cross-attention reads."""
-    if states not in TEXT_STATES:
-        raise UnguideError(f"unknown text state mode {states!r}: choose one of {', '.join(TEXT_STATES)}")
-    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    ids, full_mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    if states == "causal_eos_pad":
-        out = _causal_states(text_encoder, ids.masked_fill(full_mask == 0, tokenizer.sep_token_id),
-                             torch.ones_like(full_mask))
-    elif states == "causal_zero_pad":
-        out = _causal_states(text_encoder, ids, full_mask)
-    else:
-        mask = full_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
-        out = text_encoder(ids, attention_mask=mask)[0]
-    if states.endswith("zero_pad"):
-        out = out * full_mask[..., None].to(out.dtype)
-    return out
 
 
 class LatentCodec:
@@ -140,15 +102,20 @@ class ModelBundle:
     info: dict = field(default_factory=dict)
     text_states: str = "contextual"
     text_scale: float = 1.0  # toy models: states are scaled to CLIP's token norm (see toyworld.train.export_toyworld)
-    text_encoder_2: Any = None  # SDXL's second encoder and tokenizer (models.families)
+    text_encoder_2: Any = None  # SDXL's and SD3's second encoder and tokenizer (models.families)
     tokenizer_2: Any = None
     zeros_for_empty: bool = False  # SDXL's force_zeros_for_empty_prompt: "" is encoded as zeros
+    text_encoder_3: Any = None  # SD3's T5 and its tokenizer, read to ``t5_length`` tokens (the stock default 256)
+    tokenizer_3: Any = None
+    t5_length: int = 256
 
     def __post_init__(self):
         self.codec = LatentCodec(self.vae)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._fingerprint: Optional[str] = None  # pinned by keep_fingerprint before a cast
-        if self.text_encoder_2 is not None:
+        if is_transformer(self.unet):
+            install_mmdit_conditioning(self.unet)
+        elif self.text_encoder_2 is not None:
             problem = check_sdxl_unet(self.unet, self.text_encoder_2)
             if problem:
                 raise UnguideError(f"{self.name}: {problem} (docs/model-families.md)")
@@ -166,7 +133,7 @@ class ModelBundle:
 
     @property
     def text_encoders(self) -> list:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +142,11 @@ class ModelBundle:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token states for prompts, cached per prompt string (prompts repeat a lot)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing and self.text_encoder_2 is not None:
+        if missing and self.text_encoder_3 is not None:
+            states = encode_sd3(self.text_encoders, (self.tokenizer, self.tokenizer_2, self.tokenizer_3), missing,
+                                self.max_length, self.t5_length)
+            self._text_cache.update(zip(missing, states))
+        elif missing and self.text_encoder_2 is not None:
             states = encode_sdxl((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), missing,
                                  self.max_length, self.zeros_for_empty)
             self._text_cache.update(zip(missing, states))
@@ -245,6 +216,8 @@ def normalised_scheduler(scheduler):
     from diffusers import DDIMScheduler
 
     cfg = scheduler.config
+    if is_flow_scheduler(scheduler):
+        return scheduler  # a flow model's own FlowMatchEulerDiscreteScheduler (sampling.ddim.make_sampler reads it)
     if isinstance(scheduler, DDIMScheduler) and not cfg.clip_sample and not cfg.set_alpha_to_one:
         return scheduler
     return ddim_scheduler(cfg)
@@ -259,23 +232,30 @@ def ddim_scheduler(scheduler_config: dict):
     return DDIMScheduler.from_config(cfg)
 
 
-def _load_diffusers(name_or_path: str, xl: bool = False) -> ModelBundle:
-    """A Stable Diffusion (or, ``xl``, SDXL) pipeline, in float32 (load_model casts, after pinning the fingerprint)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_diffusers(name_or_path: str, kind: str = "sd") -> ModelBundle:
+    """A Stable Diffusion, SDXL (``kind`` "xl") or SD3 ("sd3") pipeline, in float32 (load_model casts, after pinning
+    the fingerprint)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if xl:
+    if kind == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, use_safetensors=True)
+        extra = dict(text_encoder_2=pipe.text_encoder_2.eval().requires_grad_(False), tokenizer_2=pipe.tokenizer_2,
+                     text_encoder_3=pipe.text_encoder_3.eval().requires_grad_(False), tokenizer_3=pipe.tokenizer_3)
+        denoiser, scheduler = pipe.transformer, pipe.scheduler
+    elif kind == "xl":
         pipe = StableDiffusionXLPipeline.from_pretrained(name_or_path, use_safetensors=True)
         extra = dict(text_encoder_2=pipe.text_encoder_2.eval().requires_grad_(False), tokenizer_2=pipe.tokenizer_2,
                      zeros_for_empty=bool(pipe.config.force_zeros_for_empty_prompt))
+        denoiser, scheduler = pipe.unet, ddim_scheduler(pipe.scheduler.config)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(name_or_path, safety_checker=None, requires_safety_checker=False,
                                                        use_safetensors=True)
-        extra = {}
-    family = family_of(pipe.unet, pipe.scheduler, extra.get("text_encoder_2"))
-    return ModelBundle(pipe.unet.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer,
-                       ddim_scheduler(pipe.scheduler.config), pipe.vae.eval(), name=str(name_or_path),
-                       max_length=int(pipe.tokenizer.model_max_length), default_guidance=family.default_guidance,
-                       image_size=native_image_size(pipe.unet, pipe.vae), **extra)
+        extra, denoiser, scheduler = {}, pipe.unet, ddim_scheduler(pipe.scheduler.config)
+    family = family_of(denoiser, scheduler, extra.get("text_encoder_2"))
+    return ModelBundle(denoiser.eval(), pipe.text_encoder.eval().requires_grad_(False), pipe.tokenizer, scheduler,
+                       pipe.vae.eval(), name=str(name_or_path), max_length=int(pipe.tokenizer.model_max_length),
+                       default_guidance=family.default_guidance, image_size=native_image_size(denoiser, pipe.vae),
+                       **extra)
 
 
 def _load_saved_pipeline(path: Path) -> ModelBundle:
@@ -294,7 +274,7 @@ def _load_saved_pipeline(path: Path) -> ModelBundle:
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {} if name in ("tokenizer", "scheduler") else {"use_safetensors": True}
         parts[name] = cls.from_pretrained(str(path / name), **kwargs)
-    for encoder in ("text_encoder", "text_encoder_2"):
+    for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if encoder in parts:
             parts[encoder].eval().requires_grad_(False)
     return ModelBundle(parts["unet"].eval(), parts["text_encoder"], parts["tokenizer"],
@@ -303,7 +283,9 @@ def _load_saved_pipeline(path: Path) -> ModelBundle:
                        default_guidance=float(index["default_guidance"]), image_size=int(index["image_size"]),
                        info=dict(index.get("info") or {}), text_states=str(index.get("text_states", "contextual")),
                        text_scale=float(index.get("text_scale", 1.0)), text_encoder_2=parts.get("text_encoder_2"),
-                       tokenizer_2=parts.get("tokenizer_2"), zeros_for_empty=bool(index.get("zeros_for_empty", False)))
+                       tokenizer_2=parts.get("tokenizer_2"), zeros_for_empty=bool(index.get("zeros_for_empty", False)),
+                       text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"),
+                       t5_length=int(index.get("t5_length", 256)))
 
 
 def _saved_class(path: Path) -> Optional[str]:
@@ -313,24 +295,29 @@ def _saved_class(path: Path) -> Optional[str]:
         return None
 
 
-def _is_xl(path, index: Optional[dict] = None) -> bool:
-    """Whether a diffusers pipeline (a directory, or a hub id with its model_index.json given) is SDXL (two text
-    encoders); refuse, in one line, the families unguide does not run (SD3, Flux; SDXL refiners)
-    (docs/model-families.md)."""
+def _pipeline_kind(path, index: Optional[dict] = None) -> str:
+    """Which loader a diffusers pipeline (a directory, or a hub id with its model_index.json given) needs: "sd"
+    (SD 1.x / 2.x), "xl" (two text encoders) or "sd3" (an SD3Transformer2DModel); refuse, in one line, what unguide
+    does not run (SDXL refiners, other transformers) (docs/model-families.md)."""
     if index is None:
         try:
             index = json.loads((Path(path) / "model_index.json").read_text())
         except (OSError, ValueError):
-            return False  # diffusers says what is wrong with it
+            return "sd"  # diffusers says what is wrong with it
     name = str(index.get("_class_name", ""))
+    if "transformer" in index:
+        if (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel" and "text_encoder_3" in index:
+            return "sd3"
+        raise UnguideError(f"{path} has a transformer unguide does not run yet ({name or 'unknown pipeline'}): unguide "
+                           "runs SD 1.x, SD 2.x, SDXL and SD3 / SD3.5 pipelines (docs/model-families.md)")
     if "unet" not in index:
-        raise UnguideError(f"{path} has no UNet ({name or 'unknown pipeline'}; SD3 and Flux use a transformer): unguide "
-                           "runs SD 1.x, SD 2.x and SDXL pipelines (docs/model-families.md)")
+        raise UnguideError(f"{path} has no UNet and no transformer ({name or 'unknown pipeline'}): unguide runs SD 1.x, "
+                           "SD 2.x, SDXL and SD3 / SD3.5 pipelines (docs/model-families.md)")
     xl = "text_encoder_2" in index or "XL" in name
     if xl and (index.get("text_encoder") or [None])[0] is None:
         raise UnguideError(f"{path} is an SDXL refiner ({name}; no first text encoder): unguide runs SDXL base "
                            "pipelines (docs/model-families.md)")
-    return xl
+    return "xl" if xl else "sd"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -356,7 +343,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
         elif (path / "model_index.json").is_file() and _saved_class(path) == PIPELINE_CLASS:
             bundle = _load_saved_pipeline(path)
         elif (path / "model_index.json").is_file():
-            bundle = _load_diffusers(str(path), xl=_is_xl(path))
+            bundle = _load_diffusers(str(path), _pipeline_kind(path))
         else:
             raise UnguideError(f"{name_or_path} is not a diffusion pipeline directory (no model_index.json): "
                                "point `model` at a diffusers Stable Diffusion folder, a hub id, or use 'toyworld'")
@@ -370,8 +357,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
     try:
         from diffusers import DiffusionPipeline
 
-        xl = _is_xl(name_or_path, dict(DiffusionPipeline.load_config(name_or_path)))
-        return _load_diffusers(name_or_path, xl=xl).to(device, dtype)
+        kind = _pipeline_kind(name_or_path, dict(DiffusionPipeline.load_config(name_or_path)))
+        return _load_diffusers(name_or_path, kind).to(device, dtype)
     except UnguideError:
         raise
     except Exception as exc:  # hub errors come in many types; the user needs one line

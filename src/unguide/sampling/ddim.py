@@ -1,7 +1,8 @@
-"""The one DDIM sampling loop of unguide.
+"""The one sampling loop of unguide: DDIM over a diffusion model's noise schedule, Euler over a flow's sigmas.
 
 Erasure training runs it for partial trajectories, influence scoring for the first steps of a
-base-model trajectory, and generation for whole ones; only the noise-prediction function differs.
+base-model trajectory, and generation for whole ones; only the denoiser-output function differs, and only the
+:class:`Sampler`'s step knows which kind of model it integrates.
 """
 from __future__ import annotations
 
@@ -21,11 +22,20 @@ StepFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 @dataclass(frozen=True, eq=False)
 class Sampler:
-    """DDIM (eta 0) over a model's noise schedule: the scheduler steps in noise space, and ``prediction`` converts the
-    denoiser's output (noise or v) to it, so no caller reads the output in the wrong space."""
+    """DDIM (eta 0) over a model's noise schedule, or Euler over a rectified flow's sigmas. DDIM steps in noise space
+    (``prediction`` converts the denoiser's output, noise or v, to it); Euler steps along the predicted velocity
+    ``x_{i+1} = x_i + (s_{i+1} - s_i) v``, as diffusers' FlowMatchEulerDiscreteScheduler does."""
 
     scheduler: Any
     prediction: Prediction
+
+    def step(self, output: torch.Tensor, t, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The latents after step ``index`` (whose timestep is ``t``) given the denoiser's output there."""
+        if self.prediction.kind == "flow":
+            sigmas = self.scheduler.sigmas
+            dt = float(sigmas[index + 1] - sigmas[index])
+            return (x.float() + dt * output.float()).to(output.dtype)
+        return self.scheduler.step(self.prediction.noise(output, x, t), t, x, eta=0.0).prev_sample
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -33,16 +43,34 @@ class Sampler:
 
     @property
     def init_noise_sigma(self) -> float:
-        return self.scheduler.init_noise_sigma
+        """How far N(0, I) noise is scaled to start: 1 for DDIM and for a flow (x_1 is the noise itself)."""
+        return getattr(self.scheduler, "init_noise_sigma", 1.0)
 
 
-def make_sampler(bundle, num_steps: int = 50) -> Sampler:
-    """A fresh DDIM sampler of ``num_steps`` steps with the bundle's noise schedule."""
-    from diffusers import DDIMScheduler
+def make_sampler(bundle, num_steps: int = 50, latent_shape: Optional[Sequence[int]] = None) -> Sampler:
+    """A fresh sampler of ``num_steps`` steps: DDIM with the bundle's noise schedule, or, for a flow, the model's own
+    FlowMatchEulerDiscreteScheduler sigmas (shifted as its config says; Flux's shift follows the image's token count,
+    from ``latent_shape``)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if bundle.prediction.kind == "flow":
+        sched = FlowMatchEulerDiscreteScheduler.from_config(bundle.scheduler.config)
+        sched.set_timesteps(num_steps, **_flow_shift(sched, latent_shape or bundle.latent_shape()))
+        return Sampler(sched, bundle.prediction)
     sched = DDIMScheduler.from_config({**bundle.scheduler.config, "prediction_type": "epsilon"})
     sched.set_timesteps(num_steps)
     return Sampler(sched, bundle.prediction)
+
+
+def _flow_shift(sched, latent_shape: Sequence[int]) -> dict:
+    """``mu`` for a scheduler whose shift depends on the image (Flux: linear in the number of 2x2 latent patches
+    between ``base_image_seq_len`` and ``max_image_seq_len``, as FluxPipeline computes it); nothing otherwise."""
+    cfg = sched.config
+    if not cfg.get("use_dynamic_shifting", False):
+        return {}
+    tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return {"mu": tokens * slope + cfg.base_shift - slope * cfg.base_image_seq_len}
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -53,13 +81,12 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device="cpu", dtyp
 
 def ddim_loop(sampler: Sampler, x: torch.Tensor, eps_fn: NoiseFn, start: int = 0, stop: Optional[int] = None,
               progress: bool = False, on_step: Optional[StepFn] = None) -> torch.Tensor:
-    """Run DDIM (eta 0) from step index ``start`` up to (not including) ``stop`` of the sampler's timesteps;
-    ``eps_fn`` returns the denoiser's output (converted to noise here); ``on_step`` sees the latents after each step
+    """Run the sampler from step index ``start`` up to (not including) ``stop`` of its timesteps; ``eps_fn`` returns
+    the denoiser's output (noise, v or a velocity: the sampler reads it as the model predicts); ``on_step`` sees the latents after each step
     and may replace them."""
     timesteps = sampler.timesteps[start:stop]
     for offset, t in enumerate(tqdm(timesteps, desc="denoise", leave=False, disable=not progress)):
-        eps = sampler.prediction.noise(eps_fn(x, t, start + offset), x, t)
-        x = sampler.scheduler.step(eps, t, x, eta=0.0).prev_sample
+        x = sampler.step(eps_fn(x, t, start + offset), t, x, start + offset)
         if on_step is not None:
             replaced = on_step(start + offset, t, x)
             x = x if replaced is None else replaced
@@ -98,7 +125,7 @@ class EvalCounter:
         self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.count += int(sample.shape[0])
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from ..models.loading import ModelBundle, ddim_scheduler
 NAME = "toyworld"
 MARKER = "toyworld.json"
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "toyworld"
+FLOW_MARKER = "toyworld-flow.json"  # toyworld-flow: the same world, VAE and text encoder; an MMDiT trained by flow
+FLOW_WEIGHTS_DIR = Path(__file__).parent / "weights" / "toyworld-flow"
 
 
 def text_encoder_path() -> Path:
@@ -47,7 +49,24 @@ def load_bundle(path: Path) -> ModelBundle:
                        text_scale=float(meta.get("text_scale", 1.0)))
 
 
-def default_model_dir() -> Path:
-    if not WEIGHTS_DIR.is_dir():
-        raise UnguideError(f"the embedded model's weights are missing from {WEIGHTS_DIR}: reinstall unguide")
-    return WEIGHTS_DIR
+def load_flow_bundle(path: Path) -> ModelBundle:
+    """A ``toyworld-flow`` directory: SD3Transformer2DModel + the toy VAE + FlowMatchEulerDiscreteScheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    meta = json.loads((path / FLOW_MARKER).read_text())
+    transformer = SD3Transformer2DModel.from_pretrained(str(path / "transformer"), use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(str(path / "vae"), use_safetensors=True)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path / "scheduler"))
+    text_encoder, tokenizer = load_text_encoder()
+    return ModelBundle(transformer.eval(), text_encoder, tokenizer, scheduler, vae.eval(), name=str(meta["name"]),
+                       max_length=int(meta["max_length"]), default_guidance=float(meta["default_guidance"]),
+                       image_size=int(meta["image_size"]), info={**meta, "world": NAME},
+                       text_states=str(meta["text_states"]))
+
+
+def default_model_dir(weights: Path = WEIGHTS_DIR) -> Path:
+    if not weights.is_dir():
+        raise UnguideError(f"the embedded model's weights are missing from {weights}: reinstall unguide"
+                           + (" (or train them: `unguide train-toy --denoiser mmdit`)" if weights == FLOW_WEIGHTS_DIR
+                              else ""))
+    return weights

@@ -108,13 +108,15 @@ def decision_prompts(spec) -> list[str]:
 
 
 def train(out, stage: str = "all", classifier_steps: int = 1500, vae_steps: int = 700, unet: Optional[dict] = None,
-          max_minutes: Optional[float] = None, device: str = "cpu") -> None:
-    """``unguide train-toy``: the embedded model's stages (classifier, VAE, UNet, export); ``unet``: UNetConfig fields."""
+          max_minutes: Optional[float] = None, device: str = "cpu", mmdit: Optional[dict] = None) -> None:
+    """``unguide train-toy``: the embedded models' stages (classifier, VAE, UNet, export; ``mmdit`` and
+    ``export-mmdit`` for toyworld-flow); ``unet`` / ``mmdit``: UNetConfig / FlowConfig fields."""
     from pathlib import Path
 
     from ..errors import UnguideError
     from .classifier import ClassifierTrainConfig, train_classifier
     from .train import UNetConfig, VAEConfig, export_toyworld, train_unet, train_vae
+    from .train_flow import FlowConfig, export_flow, train_flow
 
     out, cfg = Path(out), UNetConfig(**(unet or {}))
     if stage in ("classifier", "all"):
@@ -125,8 +127,13 @@ def train(out, stage: str = "all", classifier_steps: int = 1500, vae_steps: int 
         if not (out / "vae").is_dir():
             raise UnguideError(f"no trained VAE in {out}/vae: run `unguide train-toy --stage vae --out {out}` first")
         LOG.info(f"toyworld model written to {train_unet(out, cfg, max_minutes=max_minutes, device=device)}")
+    if stage == "mmdit":
+        path = train_flow(out, FlowConfig(**(mmdit or {})), max_minutes=max_minutes, device=device)
+        LOG.info(f"toyworld-flow model written to {path}")
     if stage == "export":
         LOG.info(export_toyworld(out, cfg))  # the architecture and text side come from the checkpoint
+    if stage == "export-mmdit":
+        LOG.info(export_flow(out))
 
 
 def quality(bundle, **kw) -> dict:

@@ -168,7 +168,7 @@ def train_vae(out: str | Path, cfg: VAEConfig = VAEConfig()) -> Path:
 
 
 def _encode_captions(captions: list[str], mode: str) -> torch.Tensor:
-    from ..models.loading import encode_text
+    from ..models.text import encode_text
     from .model import load_text_encoder
 
     enc, tok = load_text_encoder()
@@ -188,33 +188,49 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     the CPU from the same seeds, so a run can move between devices and resume."""
     from diffusers import DDPMScheduler
 
-    out = Path(out)
-    t_start = time.time()
-    latents, text, captions = _unet_training_data(out, cfg, device)
-    scenes = _scenes_for(cfg)
-    cap_index = {c: i for i, c in enumerate(captions)}
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ('set_alpha_to_one', 'steps_offset')})
-    unet = build_unet(cfg, latents.shape[-1]).to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema, start = _resume_unet(out, cfg, unet, opt, device)
-    log = out / "unet_log.jsonl"
+    latents, text = _unet_training_data(Path(out), cfg, device)
+    unet = build_unet(cfg, latents.shape[-1])
+    train_denoiser(out, cfg, unet, "unet", lambda m, x0, cond, g: _eps_loss(m, noise_sched, cfg, x0, cond, g, device),
+                   latents, text, max_minutes, device)
+    return export_toyworld(out, cfg)
+
+
+def train_denoiser(out: str | Path, cfg, model, stage: str, loss_fn, latents: torch.Tensor, text: torch.Tensor,
+                   max_minutes: float | None = None, device: str = "cpu") -> None:
+    """The toy denoisers' one training loop (AdamW, warmup + cosine, gradient clipping, EMA, checkpoints every
+    ``cfg.checkpoint_every`` steps, resume): step k's batch and noise come from (seed, k) alone.
+    ``loss_fn(model, x0, cond, generator)`` is the only thing a denoiser brings; ``text[i]`` is caption i's states."""
+    out, t_start = Path(out), time.time()
+    scenes = _scenes_for(cfg)
+    cap_index = {c: i for i, c in enumerate(all_training_captions())}
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema, start = _resume_denoiser(out, stage, cfg, model, opt, device)
+    log = out / f"{stage}_log.jsonl"
     _drop_log_after(log, start)
-    unet.train()
+    model.train()
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-    bar = tqdm(range(start, end), initial=min(start, end), total=end, desc="unet")
-    params = dict(unet.named_parameters())
+    bar = tqdm(range(start, end), initial=min(start, end), total=end, desc=stage)
+    params = dict(model.named_parameters())
     running = None
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
         cond = text[[cap_index[caption(scenes[i], rng)] for i in idx.tolist()]]
-        loss = _unet_step(unet, opt, noise_sched, cfg, step, latents[idx], cond, g, device)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = loss_fn(model, latents[idx], cond, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
             for k, p in params.items():
                 ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
-        running = loss if running is None else 0.98 * running + 0.02 * loss
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:
             with open(log, "a") as f:
@@ -222,26 +238,26 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
         done = step + 1 == end
         out_of_time = max_minutes is not None and (time.time() - t_start) > max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
-            _save_ckpt(out, "unet", step + 1, {**{f"model.{k}": v for k, v in unet.state_dict().items()},
-                                                 **{f"ema.{k}": v for k, v in ema.items()}, **optimizer_tensors(opt)},
+            _save_ckpt(out, stage, step + 1, {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                                              **{f"ema.{k}": v for k, v in ema.items()}, **optimizer_tensors(opt)},
                        {"config": asdict(cfg)})
         if out_of_time:
             LOG.info(f"stopping at step {step + 1}: --max-minutes reached (run again to resume)")
             break
         if done:
             break
-    return export_toyworld(out, cfg)
 
 
-def _unet_training_data(out: Path, cfg: UNetConfig, device: str):
-    """(latents, caption states, captions): the training set rendered and encoded once, cached in ``out``."""
+def _unet_training_data(out: Path, cfg, device: str, text_key: str | None = None, encode=None):
+    """(latents, caption states in :func:`all_training_captions` order): the training set rendered and encoded once,
+    cached in ``out``; ``encode(captions)`` forms the states (default: token states of ``cfg.text_states``)."""
     from diffusers import AutoencoderKL
 
     from ..models.loading import LatentCodec
 
     cache = out / "unet_data.safetensors"
     captions = all_training_captions()
-    text_key = _text_key(cfg.text_states)
+    text_key = text_key or _text_key(cfg.text_states)
     data = load_tensors(cache) if cache.exists() else {}
     if "latents" not in data:
         LOG.info("rendering and encoding the training set ...")
@@ -251,43 +267,36 @@ def _unet_training_data(out: Path, cfg: UNetConfig, device: str):
         data["latents"] = torch.cat([codec.encode(x[i:i + 500].to(device)).cpu()
                                      for i in tqdm(range(0, len(x), 500), desc="encode")])
     if text_key not in data:
-        data[text_key] = _encode_captions(captions, cfg.text_states)
+        data[text_key] = encode(captions) if encode else _encode_captions(captions, cfg.text_states)
         save_tensors(cache, data)
-    return data["latents"], data[text_key], captions
+    return data["latents"], data[text_key]
 
 
-def _resume_unet(out: Path, cfg: UNetConfig, unet, opt, device: str) -> tuple[dict, int]:
+def _resume_denoiser(out: Path, stage: str, cfg, model, opt, device: str) -> tuple[dict, int]:
     """(EMA weights, first step): from the last checkpoint if there is one, else a fresh EMA at step 0."""
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    tensors, state = _load_ckpt(out, "unet")
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors, state = _load_ckpt(out, stage)
     if not state:
         return ema, 0
     trained_on = state.get("config", {}).get("text_states", "contextual")
     if trained_on != cfg.text_states:
         raise UnguideError(f"the checkpoint in {out} was trained with `text_states` {trained_on}: resume with the "
                            f"same setting, or use another `out`")
-    unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     load_optimizer_tensors(opt, tensors)
     return {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}, state["step"]
 
 
-def _unet_step(unet, opt, noise_sched, cfg: UNetConfig, step: int, x0, cond, g, device: str) -> float:
-    """One optimiser step of the min-SNR weighted epsilon loss; noise and timesteps drawn from ``g``."""
+def _eps_loss(unet, noise_sched, cfg: UNetConfig, x0, cond, g, device: str) -> torch.Tensor:
+    """The min-SNR weighted epsilon loss of one batch; noise and timesteps drawn from ``g``."""
     alphas = noise_sched.alphas_cumprod
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
     xt = noise_sched.add_noise(x0, noise, t)
-    for group in opt.param_groups:
-        group["lr"] = _lr_at(step, cfg)
     pred = unet(xt.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
     snr = alphas[t] / (1 - alphas[t])
     weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)
-    loss = (weight * ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3))).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-    opt.step()
-    return loss.item()
+    return (weight * ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def _drop_log_after(log: Path, step: int) -> None:
