@@ -162,3 +162,43 @@ def build_tiny_sd3(path):
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+def build_tiny_flux(path):
+    """A randomly initialised Flux-dev-shaped pipeline (CLIP pooled + T5 states, double- and single-stream blocks,
+    rotary positions, packed latents, a guidance embedding, dynamic shift) saved as safetensors, runnable by the stock
+    FluxPipeline; and the same model saved by UnGuidePipeline with a 16 px default size (FluxPipeline's own default,
+    128 latent pixels, is 256 px here: slow for command tests)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from unguide import UnGuidePipeline
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(path / "_tok")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
+                        scaling_factor=1.5, shift_factor=0.06)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok,
+                        transformer=transformer)
+    pipe.save_pretrained(str(path / "flux"), safe_serialization=True)
+    ours = UnGuidePipeline.from_pretrained(str(path / "flux"))
+    ours.register_to_config(image_size=16)
+    ours.save_pretrained(path / "flux16")
+    return path / "flux", path / "flux16"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """(the stock FluxPipeline directory, the same model saved by unguide with 16 px images)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))

@@ -18,10 +18,10 @@ def _stock(path, family):
     import diffusers
 
     cls = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd2": "StableDiffusionPipeline",
-                              "sd3": "StableDiffusion3Pipeline"}[family])
+                              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family])
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd2" else {}
     pipe = cls.from_pretrained(str(path), **kwargs)
-    if family != "sd3":  # a flow model keeps its own FlowMatchEulerDiscreteScheduler, as unguide does
+    if family not in ("sd3", "flux"):  # a flow model keeps its own FlowMatchEulerDiscreteScheduler, as unguide does
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
                                                              set_alpha_to_one=False)
     pipe.set_progress_bar_config(disable=True)
@@ -91,11 +91,32 @@ def test_sd3_loads_as_its_family_and_samples_as_the_stock_pipeline(tiny_sd3, tmp
     assert torch.equal(ours, b)
 
 
-@pytest.fixture(scope="module", params=["tiny_v", "tiny_sdxl", "tiny_sd3"])
+def test_flux_loads_as_its_family_and_samples_as_the_stock_pipeline(tiny_flux):
+    """Packed latents, rotary ids, timestep / 1000, the guidance embedding (one forward: Flux-dev has no CFG) and the
+    sigmas shifted by the image's token count: the same latents as the stock FluxPipeline."""
+    from unguide.models.transformers import pack_latents
+
+    stock_dir, _ = tiny_flux
+    pipe = UnGuidePipeline.from_pretrained(str(stock_dir))
+    assert pipe.bundle.family.name == "flux" and pipe.bundle.prediction.kind == "flow"
+    noise = torch.cat([_noise(0), _noise(1)])
+    ours = pipe(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=3.5, latents=noise, height=16,
+                width=16, output_type="latent", progress=False).images
+    stock = _stock(stock_dir, "flux")(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=3.5,
+                                      latents=pack_latents(noise), height=16, width=16, output_type="latent").images
+    assert torch.allclose(pack_latents(ours), stock, atol=1e-4), float((pack_latents(ours) - stock).abs().max())
+    other = pipe(["a photo of the dog", "a cat"], num_inference_steps=4, guidance_scale=1.0, latents=noise, height=16,
+                 width=16, output_type="latent", progress=False).images
+    assert not torch.allclose(ours, other, atol=1e-4)  # the guidance embedding is read
+
+
+@pytest.fixture(scope="module", params=["tiny_v", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
 def family_run(request, tmp_path_factory):
     """A selective erasure of a custom concept (no anchors: the family's everyday list) on the family's directory."""
-    model = request.getfixturevalue(request.param)
-    family = {"tiny_v": "sd2", "tiny_sdxl": "sdxl", "tiny_sd3": "sd3"}[request.param]
+    model = stock = request.getfixturevalue(request.param)
+    if request.param == "tiny_flux":
+        stock, model = model  # commands run on the 16 px save; the stock pipeline loads the original directory
+    family = {"tiny_v": "sd2", "tiny_sdxl": "sdxl", "tiny_sd3": "sd3", "tiny_flux": "flux"}[request.param]
     tmp = tmp_path_factory.mktemp(family)
     spec = tmp / "dog.json"
     spec.write_text(json.dumps({"name": "dog", "target": "a photo of the dog", "reference": "a photo",
@@ -103,15 +124,17 @@ def family_run(request, tmp_path_factory):
     run = tmp / "run"
     assert main(["erase", "--model", str(model), "--concept-file", str(spec), "--recipe", "selective", "--iterations",
                  "3", "--calibration-steps", "2", "--out", str(run)]) == 0
-    return model, family, run, tmp
+    return model, family, run, tmp, stock
 
 
 @pytest.mark.slow
 def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
-    model, family, run, tmp = family_run
+    from unguide.models.transformers import pack_latents, unpack_latents
+
+    model, family, run, tmp, stock_dir = family_run
     meta = read_run(run)
     want_class = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                  "sd3": "StableDiffusion3Pipeline"}[family]
+                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
     assert meta.base_family == family and meta.lora_loads_with == want_class
     assert meta.calibration.prompt["threshold"] is not None and meta.calibration.image["threshold"] is not None
     for gate in ("image", "calibrated", "empty"):
@@ -123,10 +146,13 @@ def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
         assert len(rows) == 2 and all(r["w"] is not None for r in rows)
         assert ("image_flagged" in rows[0]) == (gate == "image")
     # the run's LoRA file in the stock pipeline draws what the adapter draws in ours (w = 0: the adapter alone)
-    stock = _stock(model, family)
+    stock = _stock(stock_dir, family)
     stock.load_lora_weights(str(run))
-    theirs = stock("a photo of the dog", num_inference_steps=3, guidance_scale=5.0, latents=_noise(2),
-                   output_type="latent").images
+    size = {"height": 16, "width": 16} if family == "flux" else {}
+    theirs = stock("a photo of the dog", num_inference_steps=3, guidance_scale=5.0,
+                   latents=pack_latents(_noise(2)) if family == "flux" else _noise(2), output_type="latent", **size).images
+    if family == "flux":
+        theirs = unpack_latents(theirs, 8, 8)
     pipe = UnGuidePipeline.from_pretrained(str(model))
     base = pipe("a photo of the dog", num_inference_steps=3, guidance_scale=5.0, latents=_noise(2),
                 output_type="latent", progress=False).images
@@ -139,7 +165,7 @@ def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
 
 @pytest.mark.slow
 def test_family_runs_the_cifar10_suite_and_the_attack(family_run, tiny_clip):
-    model, family, run, tmp = family_run
+    model, family, run, tmp, _ = family_run
     bench = tmp / "bench"
     assert main(["benchmark", "--model", str(model), "--suite", "cifar10", "--concepts", "cat", "--methods",
                  "base,selective,selective-unguide,selective-image", "--samples", "1", "--steps", "2", "--iterations",

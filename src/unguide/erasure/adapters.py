@@ -62,14 +62,19 @@ class AdapterConfig:
 # The projections that carry the text into the image: a UNet's cross-attention key/value (ESD-x's ``attn2.to_k/to_v``);
 # in an MMDiT (SD3, toyworld-flow) text and image attend jointly, and the text tokens' own key/value projections
 # (``attn.add_k_proj/add_v_proj``, the context stream) are their analogue (docs/model-families.md).
-TEXT_KEY_VALUE = {"unet": ("attn2.to_k", "attn2.to_v"), "mmdit": ("attn.add_k_proj", "attn.add_v_proj")}
+# Flux: the double-stream blocks' context key/value only. Its single-stream blocks project text and image tokens with
+# one shared ``to_k/to_v``, so a LoRA there edits every image's own attention, not just what the text brings
+# (docs/model-families.md).
+TEXT_KEY_VALUE = {"unet": ("attn2.to_k", "attn2.to_v"), "mmdit": ("attn.add_k_proj", "attn.add_v_proj"),
+                  "flux": ("attn.add_k_proj", "attn.add_v_proj")}
+STOCK_PIPELINE = {"unet": "StableDiffusionPipeline", "mmdit": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 def denoiser_kind(unet: nn.Module) -> str:
-    """"mmdit" for an SD3-style transformer, "unet" for a UNet2DConditionModel."""
-    from ..models.families import is_transformer
+    """"flux", "mmdit" (SD3-style) or "unet" (UNet2DConditionModel)."""
+    from ..models.transformers import is_flux, is_transformer
 
-    return "mmdit" if is_transformer(unet) else "unet"
+    return "flux" if is_flux(unet) else "mmdit" if is_transformer(unet) else "unet"
 
 
 def target_modules(unet: nn.Module, preset: str) -> list[str]:
@@ -79,8 +84,9 @@ def target_modules(unet: nn.Module, preset: str) -> list[str]:
     if preset in ("object", "full"):
         chosen = [n for n in names if n.endswith(text_kv)]
     elif preset == "explicit":
-        if kind == "mmdit":  # every block Linear but the text key/value; no embedders, no output projection
-            chosen = [n for n in names if n.startswith("transformer_blocks.") and not n.endswith(text_kv)]
+        if kind != "unet":  # every block Linear but the text key/value; no embedders, no output projection
+            chosen = [n for n in names if n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                      and not n.endswith(text_kv)]
         else:
             chosen = [n for n in names if ".attn2." not in n and not n.startswith("time_embedding")
                       and not n.startswith("conv_out")]
@@ -94,7 +100,7 @@ def target_modules(unet: nn.Module, preset: str) -> list[str]:
 
 def lora_prefix(unet: nn.Module) -> str:
     """The key prefix of a LoRA file in diffusers' format: ``unet.`` for a UNet, ``transformer.`` for an MMDiT."""
-    return "transformer" if denoiser_kind(unet) == "mmdit" else "unet"
+    return "unet" if denoiser_kind(unet) == "unet" else "transformer"
 
 
 def _keep_float32(params) -> None:
@@ -192,7 +198,7 @@ class LoraAdapter(_PeftLayers, _Adapter):
         return [m.lora_A[self.name].weight.detach() for m in layers]
 
     def save(self, directory: str | Path) -> Path:
-        from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+        import diffusers
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -203,12 +209,9 @@ class LoraAdapter(_PeftLayers, _Adapter):
         meta = {"r": self.cfg.rank, "lora_alpha": self.cfg.alpha * self.cfg.rank, "target_modules": self.lora_config.target_modules,
                 "init_lora_weights": _PEFT_INIT[self.cfg.a_init]}
         meta["target_modules"] = sorted(meta["target_modules"])
-        if lora_prefix(self.unet) == "transformer":  # the stock StableDiffusion3Pipeline's file layout
-            StableDiffusion3Pipeline.save_lora_weights(str(tmp), transformer_lora_layers=state, safe_serialization=True,
-                                                       transformer_lora_adapter_metadata=meta)
-        else:
-            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
-                                                      unet_lora_adapter_metadata=meta)
+        prefix = lora_prefix(self.unet)  # the family's stock pipeline writes the file (its layout, its metadata key)
+        getattr(diffusers, STOCK_PIPELINE[denoiser_kind(self.unet)]).save_lora_weights(
+            str(tmp), safe_serialization=True, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": meta})
         (tmp / LORA_FILE).replace(directory / LORA_FILE)
         tmp.rmdir()
         return directory / LORA_FILE

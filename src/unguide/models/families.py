@@ -1,4 +1,4 @@
-"""Model families: what differs between SD 1.x, SD 2.x and SDXL for the method, and nothing else.
+"""Model families: what differs between SD 1.x, SD 2.x, SDXL, SD3 and Flux for the method, and nothing else.
 
 Everything downstream (the DDIM loop, the erasure target, both gates, the attack) passes the UNet one tensor of
 token states per prompt. SD 1.x and 2.x need nothing more. SDXL's UNet also reads a pooled text embedding and six
@@ -9,7 +9,8 @@ concatenated, sliced, mixed and even optimised (soft-token inversion) tensors fl
 UNet object stays diffusers' own (peft, state dicts, the LoRA file and the fingerprint see no wrapper).
 
 What the UNet predicts (epsilon or v) is the scheduler config's ``prediction_type``, read where the output is used
-(docs/model-families.md).
+(docs/model-families.md). The transformers (SD3's MMDiT, Flux) take the same packed states through their own hooks
+(:mod:`unguide.models.transformers`) and predict a flow velocity.
 """
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ SDXL = ModelFamily("sdxl", "StableDiffusionXLPipeline", 2, 5.0,
                    "SDXL: two CLIP text encoders, pooled embedding and time ids, epsilon prediction")
 SD3 = ModelFamily("sd3", "StableDiffusion3Pipeline", 3, 7.0,
                   "SD3 / SD3.5: MMDiT transformer, two CLIP encoders (pooled) + T5, rectified flow (velocity)")
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
+FLUX = ModelFamily("flux", "FluxPipeline", 2, 3.5,
+                   "Flux: double- and single-stream transformer, CLIP (pooled) + T5, rectified flow; dev is "
+                   "guidance-distilled (one forward with a guidance embedding), schnell has no guidance")
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 
 
 def family_of(unet, scheduler, text_encoder_2=None) -> ModelFamily:
@@ -45,6 +49,8 @@ def family_of(unet, scheduler, text_encoder_2=None) -> ModelFamily:
     a v-predicting scheduler or OpenCLIP-sized cross-attention (1024) make SD 2.x; otherwise SD 1.x (toyworld)."""
     if type(unet).__name__ == "SD3Transformer2DModel":
         return SD3
+    if type(unet).__name__ == "FluxTransformer2DModel":
+        return FLUX
     if text_encoder_2 is not None:
         return SDXL
     v = getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction"
@@ -122,60 +128,3 @@ def check_sdxl_unet(unet, text_encoder_2) -> Optional[str]:
         return ("its UNet does not take SDXL base conditioning (pooled text embedding + 6 time ids); "
                 "refiner checkpoints are not supported")
     return None
-
-
-# ------------------------------------------------------------------------------------------------ MMDiT conditioning
-def _unpack_mmdit(pooled_dim: int, text_dim: int, module, args, kwargs):
-    """Forward pre-hook on an SD3-style transformer: unguide's call ``(x, t, encoder_hidden_states=packed)`` becomes
-    diffusers' ``(hidden_states, encoder_hidden_states, pooled_projections, timestep)``. A call that brings its own
-    ``pooled_projections`` (a stock pipeline's) is left alone."""
-    if kwargs.get("pooled_projections") is not None:
-        return None
-    args = list(args)
-    sample = args.pop(0) if args else kwargs.pop("sample")
-    t = args.pop(0) if args else kwargs.pop("timestep")
-    packed = kwargs.pop("encoder_hidden_states")
-    kwargs.update(hidden_states=sample, timestep=t, encoder_hidden_states=packed[:, :-1, :text_dim],
-                  pooled_projections=packed[:, -1, :pooled_dim])
-    return (), kwargs
-
-
-def install_mmdit_conditioning(transformer) -> None:
-    """Let an SD3Transformer2DModel take packed states (:func:`pack_pooled`) in a UNet's call (idempotent)."""
-    from functools import partial
-
-    if getattr(transformer, "_unguide_mmdit_hook", None) is not None:
-        return
-    cfg = transformer.config
-    hook = partial(_unpack_mmdit, int(cfg.pooled_projection_dim), int(cfg.joint_attention_dim))
-    transformer._unguide_mmdit_hook = transformer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def is_transformer(denoiser) -> bool:
-    """Whether a denoiser is a diffusion transformer (SD3's MMDiT, Flux) rather than a UNet."""
-    return type(denoiser).__name__.endswith("Transformer2DModel")
-
-
-@torch.no_grad()
-def encode_sd3(text_encoders: Sequence, tokenizers: Sequence, prompts: Sequence[str], max_length: int,
-               t5_length: int) -> torch.Tensor:
-    """SD3's conditioning, as StableDiffusion3Pipeline.encode_prompt forms it, packed (:func:`pack_pooled`): both
-    CLIPs' penultimate states side by side, zero padded to T5's width, then T5's ``t5_length`` states along the
-    sequence; the pooled row holds both CLIPs' pooled projections."""
-    states, pooled = [], []
-    for enc, tok in zip(text_encoders[:2], tokenizers[:2]):
-        ids = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(next(enc.parameters()).device)
-        out = enc(ids, output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled.append(out[0])
-    clip = torch.cat(states, dim=-1)
-    t5 = _t5_states(text_encoders[2], tokenizers[2], prompts, t5_length)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return pack_pooled(torch.cat([clip, t5.to(clip.dtype)], dim=1), torch.cat(pooled, dim=-1))
-
-
-def _t5_states(encoder, tokenizer, prompts: Sequence[str], length: int) -> torch.Tensor:
-    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-                    return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
-    return encoder(ids)[0]

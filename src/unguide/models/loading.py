@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import UnguideError
-from .families import (ModelFamily, check_sdxl_unet, encode_sd3, encode_sdxl, family_of, install_mmdit_conditioning,
-                       install_sdxl_conditioning, is_transformer, sdxl_pooled_dim)
+from .families import ModelFamily, check_sdxl_unet, encode_sdxl, family_of, install_sdxl_conditioning, sdxl_pooled_dim
+from .transformers import encode_flux, encode_sd3, install_transformer_conditioning, is_transformer
 from .text import encode_text
 from .prediction import Prediction, is_flow_scheduler
 
@@ -114,7 +114,7 @@ class ModelBundle:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._fingerprint: Optional[str] = None  # pinned by keep_fingerprint before a cast
         if is_transformer(self.unet):
-            install_mmdit_conditioning(self.unet)
+            install_transformer_conditioning(self.unet, self.default_guidance)
         elif self.text_encoder_2 is not None:
             problem = check_sdxl_unet(self.unet, self.text_encoder_2)
             if problem:
@@ -140,22 +140,24 @@ class ModelBundle:
         return next(self.unet.parameters()).device
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token states for prompts, cached per prompt string (prompts repeat a lot)."""
+        """Token states for prompts (packed with the pooled vector where the family reads one), cached per prompt
+        string (prompts repeat a lot)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing and self.text_encoder_3 is not None:
-            states = encode_sd3(self.text_encoders, (self.tokenizer, self.tokenizer_2, self.tokenizer_3), missing,
-                                self.max_length, self.t5_length)
-            self._text_cache.update(zip(missing, states))
-        elif missing and self.text_encoder_2 is not None:
-            states = encode_sdxl((self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), missing,
-                                 self.max_length, self.zeros_for_empty)
-            self._text_cache.update(zip(missing, states))
-        elif missing:
-            states = encode_text(self.text_encoder, self.tokenizer, missing, self.max_length, self.text_states)
-            if self.text_scale != 1.0:
-                states = states * self.text_scale
-            self._text_cache.update(zip(missing, states))
+        if missing:
+            self._text_cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self._text_cache[p] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        family = self.family.name
+        tokenizers = (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
+        if family == "sd3" and self.text_encoder_3 is not None:
+            return encode_sd3(self.text_encoders, tokenizers, prompts, self.max_length, self.t5_length)
+        if family == "flux":
+            return encode_flux(self.text_encoders, tokenizers[:2], prompts, self.max_length, self.t5_length)
+        if family == "sdxl":
+            return encode_sdxl(self.text_encoders, tokenizers[:2], prompts, self.max_length, self.zeros_for_empty)
+        states = encode_text(self.text_encoder, self.tokenizer, prompts, self.max_length, self.text_states)
+        return states * self.text_scale if self.text_scale != 1.0 else states
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
         h, w = height or self.image_size, width or self.image_size
@@ -206,8 +208,9 @@ class ModelBundle:
 
 
 def native_image_size(unet, vae) -> int:
-    """The image size a denoiser was built for: its latent sample size times the VAE's downsampling."""
-    return int(unet.config.sample_size) * (2 ** (len(vae.config.block_out_channels) - 1))
+    """The image size a denoiser was built for: its latent sample size times the VAE's downsampling (Flux has none:
+    FluxPipeline's default of 128 latent pixels)."""
+    return int(getattr(unet.config, "sample_size", None) or 128) * (2 ** (len(vae.config.block_out_channels) - 1))
 
 
 def normalised_scheduler(scheduler):
@@ -233,11 +236,16 @@ def ddim_scheduler(scheduler_config: dict):
 
 
 def _load_diffusers(name_or_path: str, kind: str = "sd") -> ModelBundle:
-    """A Stable Diffusion, SDXL (``kind`` "xl") or SD3 ("sd3") pipeline, in float32 (load_model casts, after pinning
+    """A Stable Diffusion, SDXL (``kind`` "xl"), SD3 ("sd3") or Flux ("flux") pipeline, in float32 (load_model casts, after pinning
     the fingerprint)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if kind == "sd3":
+    if kind == "flux":
+        pipe = FluxPipeline.from_pretrained(name_or_path, use_safetensors=True)
+        extra = dict(text_encoder_2=pipe.text_encoder_2.eval().requires_grad_(False), tokenizer_2=pipe.tokenizer_2,
+                     t5_length=512)  # FluxPipeline's default max_sequence_length
+        denoiser, scheduler = pipe.transformer, pipe.scheduler
+    elif kind == "sd3":
         pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, use_safetensors=True)
         extra = dict(text_encoder_2=pipe.text_encoder_2.eval().requires_grad_(False), tokenizer_2=pipe.tokenizer_2,
                      text_encoder_3=pipe.text_encoder_3.eval().requires_grad_(False), tokenizer_3=pipe.tokenizer_3)
@@ -297,7 +305,7 @@ def _saved_class(path: Path) -> Optional[str]:
 
 def _pipeline_kind(path, index: Optional[dict] = None) -> str:
     """Which loader a diffusers pipeline (a directory, or a hub id with its model_index.json given) needs: "sd"
-    (SD 1.x / 2.x), "xl" (two text encoders) or "sd3" (an SD3Transformer2DModel); refuse, in one line, what unguide
+    (SD 1.x / 2.x), "xl" (two text encoders), "sd3" (an SD3Transformer2DModel) or "flux" (FluxPipeline); refuse, in one line, what unguide
     does not run (SDXL refiners, other transformers) (docs/model-families.md)."""
     if index is None:
         try:
@@ -306,13 +314,16 @@ def _pipeline_kind(path, index: Optional[dict] = None) -> str:
             return "sd"  # diffusers says what is wrong with it
     name = str(index.get("_class_name", ""))
     if "transformer" in index:
-        if (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel" and "text_encoder_3" in index:
+        transformer = (index.get("transformer") or [None, None])[1]
+        if transformer == "SD3Transformer2DModel" and "text_encoder_3" in index:
             return "sd3"
+        if transformer == "FluxTransformer2DModel" and name == "FluxPipeline":
+            return "flux"
         raise UnguideError(f"{path} has a transformer unguide does not run yet ({name or 'unknown pipeline'}): unguide "
-                           "runs SD 1.x, SD 2.x, SDXL and SD3 / SD3.5 pipelines (docs/model-families.md)")
+                           "runs SD 1.x, SD 2.x, SDXL, SD3 / SD3.5 and Flux text-to-image pipelines (docs/model-families.md)")
     if "unet" not in index:
         raise UnguideError(f"{path} has no UNet and no transformer ({name or 'unknown pipeline'}): unguide runs SD 1.x, "
-                           "SD 2.x, SDXL and SD3 / SD3.5 pipelines (docs/model-families.md)")
+                           "SD 2.x, SDXL, SD3 / SD3.5 and Flux pipelines (docs/model-families.md)")
     xl = "text_encoder_2" in index or "XL" in name
     if xl and (index.get("text_encoder") or [None])[0] is None:
         raise UnguideError(f"{path} is an SDXL refiner ({name}; no first text encoder): unguide runs SDXL base "

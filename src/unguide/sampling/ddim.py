@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..models.prediction import Prediction
+from ..models.transformers import guidance_distilled, is_flux
 
 # eps_fn(x, t, step_index) -> the denoiser's output (noise or v, as the model predicts) for the whole batch x
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -55,7 +57,10 @@ def make_sampler(bundle, num_steps: int = 50, latent_shape: Optional[Sequence[in
 
     if bundle.prediction.kind == "flow":
         sched = FlowMatchEulerDiscreteScheduler.from_config(bundle.scheduler.config)
-        sched.set_timesteps(num_steps, **_flow_shift(sched, latent_shape or bundle.latent_shape()))
+        extra = _flow_shift(sched, latent_shape or bundle.latent_shape())
+        if is_flux(bundle.unet):  # FluxPipeline's own sigmas: 1 down to 1/N (SD3's: the scheduler's default)
+            extra["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+        sched.set_timesteps(num_steps, **extra)
         return Sampler(sched, bundle.prediction)
     sched = DDIMScheduler.from_config({**bundle.scheduler.config, "prediction_type": "epsilon"})
     sched.set_timesteps(num_steps)
@@ -93,18 +98,23 @@ def ddim_loop(sampler: Sampler, x: torch.Tensor, eps_fn: NoiseFn, start: int = 0
     return x
 
 
-def model_output(unet, x: torch.Tensor, t, states: torch.Tensor) -> torch.Tensor:
-    """The denoiser's raw output (noise or v, as the model predicts): read it through the bundle's
-    :class:`~unguide.models.prediction.Prediction` wherever its meaning matters."""
+def model_output(unet, x: torch.Tensor, t, states: torch.Tensor, **extra) -> torch.Tensor:
+    """The denoiser's raw output (noise, v or a velocity, as the model predicts): read it through the bundle's
+    :class:`~unguide.models.prediction.Prediction` wherever its meaning matters. ``extra``: a distilled Flux's
+    ``guidance``."""
     t = torch.as_tensor(t, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
-    return unet(x, t, encoder_hidden_states=states).sample
+    return unet(x, t, encoder_hidden_states=states, **extra).sample
 
 
 def cfg_output(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
     """Classifier-free guidance, conditional and unconditional in one batched forward (2 evals per image).
-    ``scale`` is a float or a per-sample tensor."""
+    ``scale`` is a float or a per-sample tensor. A guidance-distilled model (Flux-dev) is guided as its pipeline does:
+    one conditional forward with ``scale`` as its guidance embedding (1 eval per image; ``uncond`` is not read)."""
+    if guidance_distilled(unet):
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        return model_output(unet, x, t, cond, guidance=scale.expand(x.shape[0]) if scale.ndim == 0 else scale)
     both = model_output(unet, torch.cat([x, x]), t, torch.cat([uncond, cond]))
     e_uncond, e_cond = both.chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)

@@ -92,7 +92,7 @@ def sample_latents(bundle, items: Sequence[Item], steps: int, guide: Guide, deci
     cond = bundle.encode_prompts([it.prompt for it in items])
     uncond = bundle.encode_prompts([it.negative_prompt for it in items])
     scale = torch.tensor([it.guidance for it in items], dtype=x.dtype, device=x.device)
-    sampler = make_sampler(bundle, steps)
+    sampler = make_sampler(bundle, steps, shape)  # Flux shifts its sigmas by the image's size
     x = x * sampler.init_noise_sigma
     return ddim_loop(sampler, x, guide.noise_fn(bundle, cond, uncond, scale, decisions), on_step=on_step)
 

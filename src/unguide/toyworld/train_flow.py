@@ -56,7 +56,7 @@ class FlowConfig:
 def build_mmdit(cfg: FlowConfig, sample_size: int = 16):
     from diffusers import SD3Transformer2DModel
 
-    from ..models.families import install_mmdit_conditioning
+    from ..models.transformers import install_transformer_conditioning
 
     width = cfg.num_heads * cfg.head_dim
     model = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4,
@@ -64,7 +64,7 @@ def build_mmdit(cfg: FlowConfig, sample_size: int = 16):
                                   num_attention_heads=cfg.num_heads, joint_attention_dim=384,
                                   caption_projection_dim=width, pooled_projection_dim=384,
                                   pos_embed_max_size=sample_size, qk_norm="rms_norm")
-    install_mmdit_conditioning(model)
+    install_transformer_conditioning(model)
     return model
 
 
