@@ -197,3 +197,36 @@ def _pictures(tmp):
 def test_load_model_tells_the_family(tiny_sd, tiny_v, tiny_sdxl):
     assert [load_model(str(p)).family.name for p in (tiny_sd, tiny_v, tiny_sdxl)] == ["sd1", "sd2", "sdxl"]
     assert load_model("toyworld").family.name == "sd1"
+
+
+@pytest.mark.slow
+def test_flow_family_scores_influence_erases_a_group_and_serves_the_page(family_run):
+    """The rest of the product on SD3 and Flux: `influence`, a group run (two custom concepts, each prompt drawn
+    with the adapters of the concepts it was flagged for) and the page's comparison (base, adapter, UnGuidance)."""
+    import shutil
+
+    model, family, run, tmp, _ = family_run
+    if family not in ("sd3", "flux"):
+        pytest.skip("the flow families' own check (the UNet families run these in test_guidance, test_groups, test_serve)")
+    out = tmp / "influence.json"
+    assert main(["influence", "--model", str(model), "--erasure", str(run), "--prompt", "a photo of the dog",
+                 "--prompt", "a chair", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["prompts"]
+    assert [r["prompt"] for r in rows] == ["a photo of the dog", "a chair"] and all(r["score"] >= 0 for r in rows)
+    cat = tmp / "cat.json"
+    cat.write_text(json.dumps({"name": "cat", "target": "a photo of the cat", "reference": "a photo"}))
+    group = tmp / "group"
+    assert main(["erase", "--model", str(model), "--concept-file", f"{tmp / 'dog.json'},{cat}", "--recipe",
+                 "selective", "--iterations", "2", "--calibration-steps", "2", "--out", str(group)]) == 0
+    assert main(["generate", "--model", str(model), "--erasure", str(group), "--prompt", "a photo of the cat",
+                 "--prompt", "a chair", "--n", "1", "--steps", "2", "--out", str(tmp / "group-gen")]) == 0
+    drawn = [json.loads(line) for line in (tmp / "group-gen" / "index.jsonl").read_text().splitlines()]
+    assert len(drawn) == 2 and all(r["erasure"]["group"] == ["dog", "cat"] and "concepts" in r for r in drawn)
+    from unguide.serve.catalog import RunCatalog
+    from unguide.serve.studio import Studio
+
+    shutil.copytree(run, tmp / "served" / "dog")
+    studio = Studio(UnGuidePipeline.from_pretrained(str(model)), RunCatalog(tmp / "served"), tmp / "page")
+    c = studio.compare("dog", "a photo of the dog\na chair", n=1, seed=0, steps=5)
+    assert [r.prompt for r in c.rows] == ["a photo of the dog", "a chair"]
+    assert all(len(r.images[view]) == 1 for r in c.rows for view in ("base", "adapter", "unguidance"))

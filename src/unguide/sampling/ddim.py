@@ -110,11 +110,13 @@ def model_output(unet, x: torch.Tensor, t, states: torch.Tensor, **extra) -> tor
 
 def cfg_output(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
     """Classifier-free guidance, conditional and unconditional in one batched forward (2 evals per image).
-    ``scale`` is a float or a per-sample tensor. A guidance-distilled model (Flux-dev) is guided as its pipeline does:
-    one conditional forward with ``scale`` as its guidance embedding (1 eval per image; ``uncond`` is not read)."""
-    if guidance_distilled(unet):
+    ``scale`` is a float or a per-sample tensor. Flux is guided as FluxPipeline does: one conditional forward, with
+    ``scale`` as the guidance embedding of a distilled model (dev) or no guidance at all (schnell); 1 eval per image,
+    ``uncond`` not read."""
+    if is_flux(unet):
         scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-        return model_output(unet, x, t, cond, guidance=scale.expand(x.shape[0]) if scale.ndim == 0 else scale)
+        extra = {"guidance": scale.expand(x.shape[0]) if scale.ndim == 0 else scale} if guidance_distilled(unet) else {}
+        return model_output(unet, x, t, cond, **extra)
     both = model_output(unet, torch.cat([x, x]), t, torch.cat([uncond, cond]))
     e_uncond, e_cond = both.chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
