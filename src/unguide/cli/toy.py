@@ -53,17 +53,22 @@ def _cmd_toy_quality(args) -> int:
     from ..models.loading import load_model
     from ..models.worlds import world_of
 
-    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-    if world_of(bundle) is None:
-        raise UnguideError(f"{args.model} is not a toy-world model: toy-quality judges the embedded model's classes")
-    result = world_of(bundle).quality(bundle, samples=args.samples, guidance=args.guidance, steps=args.steps,
-                                          seed=args.seed)
+    results = {}
+    for name in [args.model] + ([args.beside] if args.beside else []):  # one after the other: timings compare
+        bundle = load_model(name, device=args.device, dtype=args.dtype)
+        if world_of(bundle) is None:
+            raise UnguideError(f"{name} is not a toy-world model: toy-quality judges the embedded models' classes")
+        results[name] = world_of(bundle).quality(bundle, samples=args.samples, guidance=args.guidance,
+                                                 steps=args.steps, seed=args.seed)
     if args.out:
-        write_json(args.out, result)
-    for name in ("class_prompts", "heldout_synonyms"):
-        r = result[name]
-        print(f"{name}: mean {r['mean']:.1%} | " + ", ".join(f"{c} {a:.0%}" for c, a in r["per_class"].items()))
-    print(f"seconds per image (batch 32, {args.steps} steps): {result['class_prompts']['seconds_per_image']:.3f}")
+        write_json(args.out, results[args.model] if len(results) == 1 else results)
+    for name, result in results.items():
+        prefix = f"{name}: " if len(results) > 1 else ""
+        for part in ("class_prompts", "heldout_synonyms"):
+            r = result[part]
+            print(f"{prefix}{part}: mean {r['mean']:.1%} | " + ", ".join(f"{c} {a:.0%}" for c, a in r["per_class"].items()))
+        print(f"{prefix}seconds per image (batch 32, {args.steps} steps): "
+              f"{result['class_prompts']['seconds_per_image']:.3f}")
     return 0
 
 
@@ -102,5 +107,8 @@ def add_parser(sub) -> None:
     q.add_argument("--guidance", type=float, default=None)
     q.add_argument("--steps", type=int, default=50)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", default=None, help="write the full result as JSON here")
+    q.add_argument("--beside", default=None, help="a second toy-world model measured right after the first, the same "
+                   "way (e.g. --model toyworld --beside toyworld-flow)")
+    q.add_argument("--out", default=None, help="write the full result as JSON here (both models', keyed by name, "
+                   "with --beside)")
     q.set_defaults(func=_cmd_toy_quality)

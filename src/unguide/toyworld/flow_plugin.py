@@ -15,7 +15,8 @@ MARKER = model.FLOW_MARKER
 
 
 def default_model_dir() -> Path:
-    return model.default_model_dir(model.FLOW_WEIGHTS_DIR)
+    return model.default_model_dir(model.FLOW_WEIGHTS_DIR, "reinstall unguide, or train them: `unguide train-toy "
+                                   "--stage mmdit --out work/flowtrain`, then copy work/flowtrain/toyworld-flow there")
 
 
 def load_bundle(path: Path):

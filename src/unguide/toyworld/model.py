@@ -64,9 +64,7 @@ def load_flow_bundle(path: Path) -> ModelBundle:
                        text_states=str(meta["text_states"]))
 
 
-def default_model_dir(weights: Path = WEIGHTS_DIR) -> Path:
+def default_model_dir(weights: Path = WEIGHTS_DIR, fix: str = "reinstall unguide") -> Path:
     if not weights.is_dir():
-        raise UnguideError(f"the embedded model's weights are missing from {weights}: reinstall unguide"
-                           + (" (or train them: `unguide train-toy --denoiser mmdit`)" if weights == FLOW_WEIGHTS_DIR
-                              else ""))
+        raise UnguideError(f"the embedded model's weights are missing from {weights}: {fix}")
     return weights

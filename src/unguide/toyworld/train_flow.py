@@ -1,4 +1,4 @@
-"""Training of ``toyworld-flow`` (``unguide train-toy --denoiser mmdit``): a small MMDiT (diffusers'
+"""Training of ``toyworld-flow`` (``unguide train-toy --stage mmdit``): a small MMDiT (diffusers'
 SD3Transformer2DModel) trained by rectified flow on the same world, text encoder and VAE as ``toyworld``.
 
 Only the denoiser is new: the latents and captions come from :func:`~unguide.toyworld.train._unet_training_data`
@@ -112,7 +112,7 @@ def export_flow(out: str | Path, cfg: FlowConfig = FlowConfig(), target: str | P
     tensors, state = _load_ckpt(out, STAGE)
     if state is None:
         raise UnguideError(f"no MMDiT checkpoint in {out}: train one first "
-                           f"(`unguide train-toy --denoiser mmdit --out {out}`)")
+                           f"(`unguide train-toy --stage mmdit --out {out}`)")
     trained = state.get("config", {})
     cfg = replace(cfg, **{k: trained[k] for k in ("num_layers", "num_heads", "head_dim") if k in trained})
     model = build_mmdit(cfg)
