@@ -14,13 +14,14 @@ from pathlib import Path
 DEMO_METHODS = ["base", "unguide", "selective", "selective-image"]
 
 
-def run_demo(out: str | Path = "demo_out", concept: str = "sun", samples: int = 12) -> dict:
-    """The demo's benchmark on one concept; returns its report."""
+def run_demo(out: str | Path = "demo_out", concept: str = "sun", samples: int = 12, model: str = "toyworld") -> dict:
+    """The demo's benchmark on one concept of an embedded model (``toyworld``, or ``toyworld-flow``); returns its
+    report."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
     from ..generation.pipeline import UnGuidePipeline
 
     cfg = BenchmarkConfig(concepts=[concept], methods=DEMO_METHODS, samples=samples)
-    return Benchmark(UnGuidePipeline.from_pretrained("toyworld"), cfg, Path(out)).run()
+    return Benchmark(UnGuidePipeline.from_pretrained(model), cfg, Path(out)).run()
 
 
 def headline(report: dict, concept: str, out: str | Path) -> str:
@@ -41,7 +42,7 @@ def headline(report: dict, concept: str, out: str | Path) -> str:
 def _cmd_demo(args) -> int:
     from ..evaluation.report import markdown_table
 
-    report = run_demo(args.out, args.concept, args.samples or 12)
+    report = run_demo(args.out, args.concept, args.samples or 12, args.model)
     print(markdown_table(report, average_only=True))
     print("\n" + headline(report, args.concept, args.out))
     return 0
@@ -52,4 +53,6 @@ def add_parser(sub) -> None:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--samples", type=int, default=None, help="images per prompt (default 12)")
     d.add_argument("--concept", default="sun", help="toy concept to erase (default sun)")
+    d.add_argument("--model", default="toyworld", choices=["toyworld", "toyworld-flow"],
+                   help="the embedded model to run it on (default toyworld, the UNet; toyworld-flow: the MMDiT)")
     d.set_defaults(func=_cmd_demo)

@@ -193,8 +193,9 @@ class LoraAdapter(_PeftLayers, _Adapter):
         """The down-projections (A, rank x text width) of the LoRA layers that read the text states directly."""
         layers = self._text_layers()
         if not layers:
-            raise UnguideError("the response scorer needs LoRA layers on the cross-attention key/value projections "
-                               "(layer preset 'object'): use `scorer` fast")
+            raise UnguideError("the response scorer needs LoRA layers that read the text states themselves (a UNet's "
+                               "cross-attention key/value, layer preset 'object'; a transformer's context stream is "
+                               "normalised first): use `scorer` fast")
         return [m.lora_A[self.name].weight.detach() for m in layers]
 
     def save(self, directory: str | Path) -> Path:
