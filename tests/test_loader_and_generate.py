@@ -84,7 +84,11 @@ def test_bad_model_gives_one_line_and_exit_2(tmp_path, capsys, model, fragment):
     ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
       "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
      "is an SDXL refiner"),
-    ({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "has no UNet"),
+    ({"_class_name": "FluxKontextPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+     "has a transformer unguide does not run yet"),
+    ({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]},
+     "has a transformer unguide does not run yet"),
+    ({"_class_name": "KandinskyPipeline", "prior": ["diffusers", "PriorTransformer"]}, "has no UNet and no transformer"),
 ])
 def test_families_not_supported_yet_are_refused_in_one_line(tmp_path, capsys, index, fragment):
     (tmp_path / "m").mkdir()

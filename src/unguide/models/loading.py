@@ -148,13 +148,14 @@ class ModelBundle:
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        family = self.family.name
+        """The family's encoding, told by its text encoders (a T5 third: SD3; a T5 second: Flux; a CLIP second:
+        SDXL), so it stays the same whatever denoiser is put in the bundle."""
         tokenizers = (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
-        if family == "sd3" and self.text_encoder_3 is not None:
+        if self.text_encoder_3 is not None:
             return encode_sd3(self.text_encoders, tokenizers, prompts, self.max_length, self.t5_length)
-        if family == "flux":
+        if type(self.text_encoder_2).__name__.startswith("T5"):
             return encode_flux(self.text_encoders, tokenizers[:2], prompts, self.max_length, self.t5_length)
-        if family == "sdxl":
+        if self.text_encoder_2 is not None:
             return encode_sdxl(self.text_encoders, tokenizers[:2], prompts, self.max_length, self.zeros_for_empty)
         states = encode_text(self.text_encoder, self.tokenizer, prompts, self.max_length, self.text_states)
         return states * self.text_scale if self.text_scale != 1.0 else states

@@ -95,7 +95,9 @@ def train_flow(out: str | Path, cfg: FlowConfig = FlowConfig(), max_minutes: flo
     _ensure_vae(out)
     latents, text = _unet_training_data(out, cfg, device, _text_key(TEXT_STATES),
                                         lambda caps: _encode_captions(caps, TEXT_STATES))
-    model = build_mmdit(cfg, latents.shape[-1])
+    with torch.random.fork_rng():  # the initial weights depend on the seed alone: a resumed run starts from them too
+        torch.manual_seed(cfg.seed)
+        model = build_mmdit(cfg, latents.shape[-1])
     train_denoiser(out, cfg, model, STAGE, lambda m, x0, cond, g: flow_loss(m, cfg, x0, cond, g, device),
                    latents, text, max_minutes, device)
     return export_flow(out, cfg)
