@@ -22,8 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/unguide demo --out demo_out
 
+# two workers, one thread each, a test file to one worker (its module fixtures built once)
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations 15 tests
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -45,22 +45,28 @@ class VAEConfig:
 
 
 @dataclass
-class UNetConfig:
+class DenoiserConfig:
+    """What the toy world's two denoisers (the UNet, the MMDiT) train alike: the data, the batches, AdamW with
+    warmup and cosine decay, the EMA, checkpoints, caption dropout."""
     steps: int = 7000
     batch_size: int = 64
     lr: float = 5e-4
     warmup: int = 200
     weight_decay: float = 0.01
     ema: float = 0.999
-    min_snr_gamma: float = 5.0
     dataset_size: int = 60000
     p_empty: float = 0.08
-    block_out_channels: tuple = (32, 64, 128)
     seed: int = 0
     checkpoint_every: int = 250
     default_guidance: float = 5.0
     text_states: str = "contextual"  # see models.TEXT_STATES and docs/findings-toyworld.md
     stop_after: int | None = None  # end at this step of the schedule (None: run it all)
+
+
+@dataclass
+class UNetConfig(DenoiserConfig):
+    min_snr_gamma: float = 5.0
+    block_out_channels: tuple = (32, 64, 128)
     # Mean token norm the exported model's text states are scaled to (None: unscaled). CLIP ViT-L's states have
     # unit per-element RMS over 768 dims, a token norm of sqrt(768) ~ 27.7; MiniLM's average 7.5. The export divides the
     # cross-attention key/value weights by the same factor, so the base model draws the same images, while a LoRA
@@ -196,8 +202,8 @@ def train_unet(out: str | Path, cfg: UNetConfig = UNetConfig(), max_minutes: flo
     return export_toyworld(out, cfg)
 
 
-def train_denoiser(out: str | Path, cfg, model, stage: str, loss_fn, latents: torch.Tensor, text: torch.Tensor,
-                   max_minutes: float | None = None, device: str = "cpu") -> None:
+def train_denoiser(out: str | Path, cfg: DenoiserConfig, model, stage: str, loss_fn, latents: torch.Tensor,
+                   text: torch.Tensor, max_minutes: float | None = None, device: str = "cpu") -> None:
     """The toy denoisers' one training loop (AdamW, warmup + cosine, gradient clipping, EMA, checkpoints every
     ``cfg.checkpoint_every`` steps, resume): step k's batch and noise come from (seed, k) alone.
     ``loss_fn(model, x0, cond, generator)`` is the only thing a denoiser brings; ``text[i]`` is caption i's states."""
@@ -272,7 +278,7 @@ def _unet_training_data(out: Path, cfg, device: str, text_key: str | None = None
     return data["latents"], data[text_key]
 
 
-def _resume_denoiser(out: Path, stage: str, cfg, model, opt, device: str) -> tuple[dict, int]:
+def _resume_denoiser(out: Path, stage: str, cfg: DenoiserConfig, model, opt, device: str) -> tuple[dict, int]:
     """(EMA weights, first step): from the last checkpoint if there is one, else a fresh EMA at step 0."""
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors, state = _load_ckpt(out, stage)
@@ -310,7 +316,7 @@ def _drop_log_after(log: Path, step: int) -> None:
             tmp.write_text("".join(kept))
 
 
-def _scenes_for(cfg: UNetConfig):
+def _scenes_for(cfg: DenoiserConfig):
     """The training scenes' attributes (cheap: attributes only, no rendering)."""
     from .render import sample_scene
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..errors import UnguideError
 from ..io import write_json
 from .render import IMAGE_SIZE
-from .train import MAX_LENGTH, _encode_captions, _load_ckpt, _text_key, _unet_training_data, train_denoiser
+from .train import MAX_LENGTH, DenoiserConfig, _encode_captions, _load_ckpt, _text_key, _unet_training_data, train_denoiser
 
 LOG = logging.getLogger("unguide")
 
@@ -32,25 +32,15 @@ SCHEDULE = dict(num_train_timesteps=1000, shift=1.0)
 
 
 @dataclass
-class FlowConfig:
-    steps: int = 6000
-    batch_size: int = 64
+class FlowConfig(DenoiserConfig):
+    steps: int = 10000
     lr: float = 3e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    ema: float = 0.999
-    dataset_size: int = 60000
-    p_empty: float = 0.08
     num_layers: int = 8
     num_heads: int = 4
     head_dim: int = 32
     logit_mean: float = 0.0  # sigma ~ sigmoid(N(logit_mean, logit_std)): SD3's logit-normal timestep sampling
     logit_std: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 250
-    default_guidance: float = 5.0
     text_states: str = TEXT_STATES
-    stop_after: int | None = None
 
 
 def build_mmdit(cfg: FlowConfig, sample_size: int = 16):
