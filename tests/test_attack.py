@@ -89,7 +89,7 @@ def test_attack_on_stable_diffusion_with_the_users_images(tiny_sd, tiny_clip, tm
     args = ["attack", "--model", str(tiny_sd), "--suite", "cifar10", "--clip-model", str(tiny_clip), "--benchmark",
             str(tmp_path / "bench"), "--concepts", "cat", "--methods", "base,selective", "--images", str(pics),
             "--iterations", "1", "--candidates", "3", "--pairs", "2", "--renders", "2", "--keep", "1",
-            "--inversion-steps", "2", "--samples", "1", "--steps", "2"]
+            "--inversion-steps", "2", "--samples", "1", "--steps", "2", "--calibration-samples", "2"]
     assert main(args) == 0
     report = json.loads((tmp_path / "bench" / "attack" / "report.json").read_text())
     for method in ("base", "selective"):

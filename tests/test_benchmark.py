@@ -9,7 +9,8 @@ from unguide.erasure.runs import read_run
 @pytest.mark.slow
 def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["benchmark", "--concepts", "sun", "--samples", "2", "--steps", "8", "--iterations", "4", "--out", str(out)]
+    args = ["benchmark", "--concepts", "sun", "--samples", "2", "--steps", "8", "--iterations", "4",
+            "--calibration-samples", "2", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     avg = report["average"]

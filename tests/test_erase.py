@@ -132,7 +132,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_adapter(tiny_sd, tmp_path):
     concept.write_text(json.dumps({"target": "a photo of the cat", "reference": "a photo of the forest",
                                    "anchors": ["", "a photo of the river"]}))
     cmd = [sys.executable, "-m", "unguide.cli", "erase", "--model", str(tiny_sd), "--concept-file", str(concept),
-           "--iterations", "60", "--seed", "5", "--calibration-steps", "2"]  # the default recipe (selective): anchors
+           "--iterations", "30", "--seed", "5", "--calibration-steps", "2", "--calibration-samples", "1"]  # the default recipe (selective): anchors
     # drawn per iteration too; the image gate's calibration at 2 steps (the adapter is what this test compares)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
@@ -151,4 +151,4 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_adapter(tiny_sd, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "killed").iterdir())
     log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in log] == list(range(1, 61))
+    assert [json.loads(line)["iteration"] for line in log] == list(range(1, 31))

@@ -16,7 +16,7 @@ from unguide.sampling.images import Item, sample_latents
 def group_run(tiny_sd, tmp_path_factory):
     run = tmp_path_factory.mktemp("group") / "run"
     assert main(["erase", "--model", str(tiny_sd), "--concept", "sd-cat,sd-dog", "--iterations", "3",
-                 "--calibration-steps", "2", "--out", str(run)]) == 0
+                 "--calibration-steps", "2", "--calibration-samples", "2", "--out", str(run)]) == 0
     return tiny_sd, run
 
 
@@ -90,7 +90,7 @@ def test_benchmark_together_scores_each_concept_without_the_groups_classes(tiny_
     out = tmp_path / "bench"
     assert main(["benchmark", "--model", str(tiny_sd), "--suite", "cifar10", "--together", "cat,dog", "--methods",
                  "base,selective-image", "--samples", "1", "--steps", "2", "--iterations", "2", "--clip-model",
-                 str(tiny_clip), "--out", str(out)]) == 0
+                 str(tiny_clip), "--calibration-samples", "2", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["together"]["concepts"] == ["sd-cat", "sd-dog"]
     assert "truck" in report["together"]["remaining_classes"] and "dog" not in report["together"]["remaining_classes"]

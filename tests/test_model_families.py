@@ -123,7 +123,7 @@ def family_run(request, tmp_path_factory):
                                 "synonyms": ["a photo of the puppy"]}))
     run = tmp / "run"
     assert main(["erase", "--model", str(model), "--concept-file", str(spec), "--recipe", "selective", "--iterations",
-                 "3", "--calibration-steps", "2", "--out", str(run)]) == 0
+                 "3", "--calibration-steps", "2", "--calibration-samples", "2", "--out", str(run)]) == 0
     return model, family, run, tmp, stock
 
 
@@ -169,7 +169,7 @@ def test_family_runs_the_cifar10_suite_and_the_attack(family_run, tiny_clip):
     bench = tmp / "bench"
     assert main(["benchmark", "--model", str(model), "--suite", "cifar10", "--concepts", "cat", "--methods",
                  "base,selective,selective-unguide,selective-image", "--samples", "1", "--steps", "2", "--iterations",
-                 "2", "--clip-model", str(tiny_clip), "--out", str(bench)]) == 0
+                 "2", "--clip-model", str(tiny_clip), "--calibration-samples", "2", "--out", str(bench)]) == 0
     report = json.loads((bench / "report.json").read_text())
     cat = report["per_concept"]["sd-cat"]
     assert set(cat) == {"base", "selective", "selective-unguide", "selective-image"}
@@ -179,7 +179,7 @@ def test_family_runs_the_cifar10_suite_and_the_attack(family_run, tiny_clip):
     assert main(["attack", "--model", str(model), "--suite", "cifar10", "--clip-model", str(tiny_clip), "--benchmark",
                  str(bench), "--concepts", "cat", "--methods", "selective-image", "--iterations", "1", "--candidates",
                  "3", "--pairs", "2", "--renders", "2", "--keep", "1", "--inversion-steps", "2", "--samples", "1",
-                 "--steps", "2", "--images", str(_pictures(tmp))]) == 0
+                 "--steps", "2", "--calibration-samples", "2", "--images", str(_pictures(tmp))]) == 0
     attack = json.loads((bench / "attack" / "report.json").read_text())
     assert 0 <= attack["results"]["sd-cat"]["selective-image"]["inversion"]["mean_p"] <= 1
 
@@ -217,7 +217,8 @@ def test_flow_family_scores_influence_erases_a_group_and_serves_the_page(family_
     cat.write_text(json.dumps({"name": "cat", "target": "a photo of the cat", "reference": "a photo"}))
     group = tmp / "group"
     assert main(["erase", "--model", str(model), "--concept-file", f"{tmp / 'dog.json'},{cat}", "--recipe",
-                 "selective", "--iterations", "2", "--calibration-steps", "2", "--out", str(group)]) == 0
+                 "selective", "--iterations", "2", "--calibration-steps", "2", "--calibration-samples", "2",
+                 "--out", str(group)]) == 0
     assert main(["generate", "--model", str(model), "--erasure", str(group), "--prompt", "a photo of the cat",
                  "--prompt", "a chair", "--n", "1", "--steps", "2", "--out", str(tmp / "group-gen")]) == 0
     drawn = [json.loads(line) for line in (tmp / "group-gen" / "index.jsonl").read_text().splitlines()]

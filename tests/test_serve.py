@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     spec = load_preset("sun")
     erase(load_model("toyworld"), spec, root / QUICK,
-          EraseConfig.for_concept("selective", spec, iterations=4, calibration_steps=4), progress=False)
+          EraseConfig.for_concept("selective", spec, iterations=4, calibration_steps=4,
+                                  calibration_samples=2), progress=False)
     return root
 
 

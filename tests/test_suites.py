@@ -34,7 +34,8 @@ def test_table1_metrics_live_in_one_module():
     assert not hits, hits
 
 
-CIFAR = ["--suite", "cifar10", "--concepts", "cat,dog", "--samples", "2", "--steps", "3", "--iterations", "2"]
+CIFAR = ["--suite", "cifar10", "--concepts", "cat,dog", "--samples", "2", "--steps", "3", "--iterations", "2",
+         "--calibration-samples", "2"]
 
 
 @pytest.fixture(scope="module")

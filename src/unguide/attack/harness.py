@@ -179,7 +179,7 @@ def _result(defence: Defence, spec, cfg: AttackConfig, label: str, scored: list,
 def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str, methods: Sequence[str],
                      cfg: AttackConfig = AttackConfig(), out: Optional[str | Path] = None, images: Optional[str] = None,
                      suite_name: str = "toy", clip_model: Optional[str] = None, erase_iterations: Optional[int] = None,
-                     progress: bool = True) -> dict:
+                     calibration_samples: Optional[int] = None, progress: bool = True) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
@@ -196,7 +196,7 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
     bundle = pipe.bundle
     bench = Benchmark(pipe, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
                                             clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations,
-                                            steps=cfg.steps), bench_dir)
+                                            calibration_samples=calibration_samples, steps=cfg.steps), bench_dir)
     plugin = world_of(bundle)
     if images is None and plugin is None:
         raise UnguideError("the attack needs images of the concept: pass `images` DIR (on the embedded model it "

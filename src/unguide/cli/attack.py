@@ -17,7 +17,8 @@ def _cmd_attack(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     report = attack_benchmark(pipe, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
-                              suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations)
+                              suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations,
+                              calibration_samples=args.calibration_samples)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
     def pct(rate) -> str:
         return "    –" if rate is None else f"{100 * rate:5.1f}%"
@@ -57,5 +58,7 @@ def add_parser(sub) -> None:
     k.add_argument("--steps", type=int, default=50, help="DDIM steps of the judged images")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--iterations", type=int, default=None, help="erasure iterations of runs the benchmark lacks (200)")
+    k.add_argument("--calibration-samples", type=int, default=None,
+                   help="base images per prompt the image gates of runs it trains are calibrated on (default 8)")
     k.add_argument("--out", default=None, help="default: BENCHMARK/attack (a rerun resumes)")
     k.set_defaults(func=_cmd_attack)

@@ -17,6 +17,7 @@ def _cmd_benchmark(args) -> int:
     cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
                           seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
                           erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
+                          calibration_samples=args.calibration_samples,
                           selective_erase_with=args.erase_with, selective_gate_position=args.gate_position,
                           selective_image_gate=args.image_gate, selective_image_position=args.image_gate_position,
                           prompts=args.prompts,
@@ -53,6 +54,8 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--guidance", type=float, default=None)
     b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
+    b.add_argument("--calibration-samples", type=int, default=None,
+                   help="base images per prompt the image gates of missing runs are calibrated on (default 8)")
     b.add_argument("--erase-lr", type=float, default=None,
                    help="learning rate of the reference-recipe runs (default 3e-5); the selective recipe keeps its own")
     b.add_argument("--keep", choices=list(KEEP_WEIGHTS), default=None,

@@ -29,7 +29,7 @@ def _cmd_erase(args) -> int:
                                     a_init=args.a_init, anchor_weight=args.anchor_weight,
                                     anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
                                     gate_position=args.gate_position, calibration_steps=args.calibration_steps,
-                                    anchors=anchors)
+                                    calibration_samples=args.calibration_samples, anchors=anchors)
             for concept in specs]
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
@@ -103,6 +103,9 @@ def add_parser(sub) -> None:
     e.add_argument("--calibration-steps", type=int, default=None,
                    help="DDIM steps of the base drawings the image gate is calibrated on (default 50, generation's; "
                    "a finished run asked for another value is recalibrated, not retrained)")
+    e.add_argument("--calibration-samples", type=int, default=None,
+                   help="base images per prompt the image gate is calibrated on (default 8; fewer: quicker, noisier "
+                   "threshold; recalibrates a finished run, as --calibration-steps)")
     e.add_argument("--erase-synonyms", action=argparse.BooleanOptionalAction, default=None,
                    help="erase the concept's trained synonyms too, one concept prompt drawn per iteration "
                    "(selective: on; reference: off, the target alone)")

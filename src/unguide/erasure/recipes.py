@@ -67,6 +67,9 @@ class EraseConfig:
     # own). How the gate is calibrated, not how the adapter is trained: a finished run asked for another value is
     # recalibrated, not retrained
     calibration_steps: int = 50
+    # base images per calibration prompt (the same rule: another value recalibrates, does not retrain); fewer make
+    # quick runs and tests cheaper at the price of a noisier threshold
+    calibration_samples: int = 8
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
@@ -74,8 +77,8 @@ class EraseConfig:
                   (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
                   (self.timestep_mapping in TIMESTEP_MAPPINGS,
                    f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),
-                  (self.iterations >= 1 and self.rank >= 1 and self.calibration_steps >= 1,
-                   "iterations, rank and calibration steps must be >= 1"),
+                  (min(self.iterations, self.rank, self.calibration_steps, self.calibration_samples) >= 1,
+                   "iterations, rank, calibration steps and calibration samples must be >= 1"),
                   (self.lr > 0, "the learning rate must be > 0"),
                   (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
                    "the anchor weight must be >= 0 and anchors per step >= 1")]

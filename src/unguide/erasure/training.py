@@ -214,7 +214,7 @@ def calibrate(bundle, adapter, concept: ConceptSpec, cfg: EraseConfig, progress:
     anchors = gate_anchors(concept, cfg)
     prompt = calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position)
     image = calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps,
-                                 progress=progress) if anchors else None
+                                 samples=cfg.calibration_samples, progress=progress) if anchors else None
     return Calibration(prompt, image)
 
 
@@ -288,9 +288,10 @@ def _log_iteration(out: Path, i: int, k: int, t: int, loss: float, erased: Optio
 
 
 def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
-    """Whether a run's image gate was calibrated with today's detector on drawings of ``cfg.calibration_steps`` steps
-    (a calibration is only valid for its detector and the images it saw)."""
-    if not stored or "detector" not in stored or stored.get("steps", 50) != cfg.calibration_steps:
+    """Whether a run's image gate was calibrated with today's detector on ``cfg.calibration_samples`` drawings of
+    ``cfg.calibration_steps`` steps (a calibration is only valid for its detector and the images it saw)."""
+    if not stored or "detector" not in stored or stored.get("steps", 50) != cfg.calibration_steps \
+            or stored.get("samples", 8) != cfg.calibration_samples:
         return False
     return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
 
@@ -306,7 +307,8 @@ def _recalibrate(bundle, concept: ConceptSpec, cfg: EraseConfig, run: ErasureRun
         calibration = Calibration(
             calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position) if prompt
             else run.calibration.prompt,
-            calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps, progress=progress)
+            calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps,
+                                 samples=cfg.calibration_samples, progress=progress)
             if image else run.calibration.image)
     finally:
         adapter.remove()
@@ -321,8 +323,8 @@ def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
     so runs of earlier versions still resume and attach."""
     if stored is None:
         return False
-    identity = {k: v for k, v in asdict(cfg).items() if k != "calibration_steps"}
-    return {**asdict(EraseConfig()), **stored, "calibration_steps": None} == {**identity, "calibration_steps": None}
+    calibration = {"calibration_steps": None, "calibration_samples": None}  # how the gate is calibrated, not trained
+    return {**asdict(EraseConfig()), **stored, **calibration} == {**asdict(cfg), **calibration}
 
 
 def _truncate_log(path: Path, iteration: int) -> None:

@@ -60,6 +60,7 @@ class BenchmarkConfig:
     erase_iterations: Optional[int] = None  # None: the recipe's (200)
     erase_lr: Optional[float] = None  # reference-recipe runs only (None: 3e-5); the selective recipe keeps its own
     batch_size: int = 32
+    calibration_samples: Optional[int] = None  # base images per prompt the image gates are calibrated on (None: 8)
     # selective-unguide's weights under / over the calibrated gate; None: what the selective recipe stores in its runs
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
@@ -143,7 +144,8 @@ class Benchmark:
     def erase_config(self, method: str, concept: str) -> EraseConfig:
         # the image gate is calibrated on drawings made as the benchmark makes its images (its --steps)
         return get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
-                                               calibration_steps=self.cfg.steps)
+                                               calibration_steps=self.cfg.steps,
+                                               calibration_samples=self.cfg.calibration_samples)
 
     def ensure_run(self, concept: str, method: str) -> Path:
         """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""

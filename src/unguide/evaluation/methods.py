@@ -48,10 +48,10 @@ class Method:
         return self.guidance.mode == "unguide"
 
     def erase_config(self, spec, iterations: Optional[int] = None, lr: Optional[float] = None,
-                     calibration_steps: Optional[int] = None) -> EraseConfig:
+                     calibration_steps: Optional[int] = None, calibration_samples: Optional[int] = None) -> EraseConfig:
         return EraseConfig.for_concept(self.recipe, spec, preset=self.preset, iterations=iterations,
                                        lr=lr if self.recipe == "reference" else None,
-                                       calibration_steps=calibration_steps)
+                                       calibration_steps=calibration_steps, calibration_samples=calibration_samples)
 
     def guidance_config(self, overrides: GuideOverrides = GuideOverrides()) -> GuidanceConfig:
         """Its guidance with a benchmark's overrides applied (tunable methods only)."""
