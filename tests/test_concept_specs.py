@@ -97,7 +97,7 @@ def test_a_concept_without_anchors_gets_its_familys_anchors(tiny_sd, tmp_path, c
     spec.write_text(json.dumps({"target": "a photo of the lamp", "reference": "a photo of the room",
                                 "synonyms": ["lamps on a desk"]}))
     assert main(["erase", "--model", str(tiny_sd), "--concept-file", str(spec), "--iterations", "2",
-                 "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
+                 "--calibration-steps", "2", "--calibration-samples", "1", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "lists no anchors: using the shipped everyday (Stable Diffusion) anchor list" in out
     meta = read_run(tmp_path / "run")
@@ -107,7 +107,7 @@ def test_a_concept_without_anchors_gets_its_familys_anchors(tiny_sd, tmp_path, c
     assert meta.concept["anchors"] == meta.anchors and meta.calibration.image["anchor_candidates"]
     # a rerun finds the same concept (its defaults filled the same way) and resumes instead of refusing
     assert main(["erase", "--model", str(tiny_sd), "--concept-file", str(spec), "--iterations", "2",
-                 "--calibration-steps", "2", "--out", str(tmp_path / "run")]) == 0
+                 "--calibration-steps", "2", "--calibration-samples", "1", "--out", str(tmp_path / "run")]) == 0
 
 
 def test_the_toy_world_offers_its_class_prompts_as_default_anchors():

@@ -25,7 +25,8 @@ CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest"
 @pytest.fixture(scope="module")
 def selective_run(tiny_sd, tmp_path_factory):
     run = tmp_path_factory.mktemp("sel") / "cat"
-    cfg = EraseConfig.from_recipe("selective", iterations=4, ddim_steps=8, lr=1e-2)
+    cfg = EraseConfig.from_recipe("selective", iterations=4, ddim_steps=8, lr=1e-2, calibration_steps=4,
+                                  calibration_samples=2)  # the image gate's calibration is not what these tests read
     erase(load_model(str(tiny_sd)), CAT, run, cfg, progress=False)
     return run
 
@@ -178,7 +179,8 @@ def test_the_gate_position_moves_the_calibrated_threshold_between_anchors_and_co
     assert EraseConfig.for_concept("selective", spec, gate_position=0.75).gate_position == 0.75
     assert EraseConfig.for_concept("reference", spec).gate_position == 0.5
     meta = erase(load_model(str(tiny_sd)), spec, tmp_path / "run",
-                 EraseConfig.for_concept("selective", spec, iterations=2, ddim_steps=8), progress=False)
+                 EraseConfig.for_concept("selective", spec, iterations=2, ddim_steps=8, calibration_steps=2,
+                                         calibration_samples=1), progress=False)
     g = meta.calibration.prompt
     assert g["position"] == 0.25 and g["threshold"] == pytest.approx(
         max(g["anchor_scores"].values()) ** 0.75 * min(g["concept_scores"].values()) ** 0.25)

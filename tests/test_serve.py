@@ -121,6 +121,7 @@ def test_a_comparison_draws_the_same_seeds_three_ways_and_downloads_with_its_set
     assert read_png_metadata(c.rows[0].images["unguidance"][0])["seed"] == 3
 
 
+@pytest.mark.slow
 def test_erasing_a_preset_from_the_studio_adds_a_run_the_page_can_pick(runs, toy_bundle, tmp_path):
     from unguide.generation.pipeline import UnGuidePipeline
 
