@@ -10,7 +10,7 @@ from typing import Literal, Optional, get_args
 from .adapters import A_INITS, LAYER_PRESETS, AdapterConfig, AInit, LayerPreset
 from .concepts import ConceptSpec
 from ..errors import UnguideError
-from ..guidance.config import GATE_POSITION, GateDefaults, check_position
+from ..guidance.config import CALIBRATION_SAMPLES, GATE_POSITION, GateDefaults, check_position
 
 # Recipes, registered by name: what each changes from the reference protocol's defaults (the EraseConfig defaults
 # below), and how generation uses a run of it unless told otherwise (guidance.guide_for_run). A new recipe is one
@@ -69,7 +69,7 @@ class EraseConfig:
     calibration_steps: int = 50
     # base images per calibration prompt (the same rule: another value recalibrates, does not retrain); fewer make
     # quick runs and tests cheaper at the price of a noisier threshold
-    calibration_samples: int = 8
+    calibration_samples: int = CALIBRATION_SAMPLES
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),

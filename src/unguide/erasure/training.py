@@ -47,7 +47,7 @@ from .recipes import RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS, 
 from .runs import METADATA_FILE, RUN_VERSION, ErasureRun, read_run
 from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
-from ..guidance.config import Calibration
+from ..guidance.config import CALIBRATION_SAMPLES, Calibration
 from ..guidance.prompt_gate import calibrate_gate
 from ..guidance.image_gate import DetectorConfig, calibrate_image_gate
 from ..models.worlds import world_of
@@ -291,7 +291,7 @@ def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
     """Whether a run's image gate was calibrated with today's detector on ``cfg.calibration_samples`` drawings of
     ``cfg.calibration_steps`` steps (a calibration is only valid for its detector and the images it saw)."""
     if not stored or "detector" not in stored or stored.get("steps", 50) != cfg.calibration_steps \
-            or stored.get("samples", 8) != cfg.calibration_samples:
+            or stored.get("samples", CALIBRATION_SAMPLES) != cfg.calibration_samples:
         return False
     return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
 

@@ -28,6 +28,7 @@ KEEP_WEIGHTS = {"paper": 2.0, "base": 1.0}
 ERASE_WEIGHTS = {"paper": -1.0, "adapter": 0.0, "negative": 0.0}
 # gate choices beside a number: the prompt gates, and the image gate alone or behind the calibrated prompt gate
 GATE_CHOICES = ("calibrated", "empty", "image", "calibrated+image")
+CALIBRATION_SAMPLES = 8  # base images per prompt the image gate is calibrated on (EraseConfig.calibration_samples)
 GATE_POSITION = 0.5  # the calibrated prompt threshold's default place between anchors (0) and concept prompts (1)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UnguideError
+from .config import CALIBRATION_SAMPLES
 from ..sampling.ddim import model_output
 
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
@@ -129,7 +130,7 @@ def image_threshold(concept_scores: Sequence[float], anchor_scores: Sequence[flo
 
 
 def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig(),
-                         samples: int = 8, seed: int = 10_000, position: float = IMAGE_GATE_POSITION,
+                         samples: int = CALIBRATION_SAMPLES, seed: int = 10_000, position: float = IMAGE_GATE_POSITION,
                          batch_size: int = 32, steps: int = 50, progress: bool = True) -> dict:
     """Draw ``samples`` base images of each concept prompt and each anchor candidate (seeds from ``seed``, apart
     from the usual evaluation seeds), score them, and store the detector's candidates, scores and threshold. Cost:
