@@ -8,7 +8,8 @@ from unguide import load_model
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec
 from unguide.erasure.runs import ErasureRun, read_run
-from unguide.erasure.training import EraseConfig, _iteration_prompt, concept_prompts, erase
+from unguide.erasure.training import EraseConfig, concept_prompts, erase
+from unguide.erasure.schedule import draw_prompt
 from unguide.generation.folders import read_png_metadata
 from unguide.sampling.images import Item, PlainGuide, sample_images
 from unguide.guidance.config import GateSpec, ScorerConfig
@@ -39,8 +40,8 @@ def test_selective_recipe_erases_the_trained_synonyms_too(tiny_sd, selective_run
     assert len(concept_prompts(bundle, CAT, EraseConfig())[0]) == 1
     log = [json.loads(line) for line in (selective_run / "train_log.jsonl").read_text().splitlines()]
     cfg = EraseConfig.from_recipe("selective", iterations=4, ddim_steps=8, lr=1e-2)
-    assert [r["erased"] for r in log] == [_iteration_prompt(cfg, i, 2) for i in range(4)]
-    assert {_iteration_prompt(cfg, i, 2) for i in range(40)} == {0, 1}  # both prompts drawn
+    assert [r["erased"] for r in log] == [draw_prompt(cfg, i, 2) for i in range(4)]
+    assert {draw_prompt(cfg, i, 2) for i in range(40)} == {0, 1}  # both prompts drawn
     assert read_run(selective_run).config["erase_synonyms"] is True
 
 

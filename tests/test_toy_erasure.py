@@ -5,7 +5,8 @@ import torch
 from unguide import load_model
 from unguide.erasure.adapters import make_adapter
 from unguide.erasure.concepts import load_preset
-from unguide.erasure.training import EraseConfig, _iteration_sample, concept_prompts, erasure_loss
+from unguide.erasure.training import EraseConfig, concept_prompts, erasure_loss
+from unguide.erasure.schedule import draw_point
 from unguide.sampling.ddim import make_sampler
 
 
@@ -20,7 +21,7 @@ def test_erasure_loss_falls_on_the_embedded_model():
     erased, ref, empty = concept_prompts(bundle, spec, cfg)
     prompts = (erased[0], ref, empty)
     sched = make_sampler(bundle, cfg.ddim_steps)
-    probes = [(k, t, _iteration_sample(cfg, 10_000 + i, bundle.latent_shape())[2]) for i, (k, t) in
+    probes = [(k, t, draw_point(cfg, 10_000 + i, bundle.latent_shape())[2]) for i, (k, t) in
               enumerate([(3, 70), (10, 210), (20, 410), (30, 610)])]
 
     def loss_on(k, t, z):

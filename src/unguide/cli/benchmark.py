@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UnguideError
 from .common import GATE_POSITION_HELP, IMAGE_POSITION_HELP, add_model
 
 
@@ -17,7 +18,7 @@ def _cmd_benchmark(args) -> int:
     cfg = BenchmarkConfig(suite=args.suite, concepts=concepts, methods=methods, samples=args.samples, steps=args.steps,
                           seed=args.seed, guidance=args.guidance, erase_iterations=args.iterations,
                           erase_lr=args.erase_lr, batch_size=args.batch_size, selective_keep=args.keep,
-                          calibration_samples=args.calibration_samples,
+                          calibration_samples=args.calibration_samples, erase_schedule=args.schedule,
                           selective_erase_with=args.erase_with, selective_gate_position=args.gate_position,
                           selective_image_gate=args.image_gate, selective_image_position=args.image_gate_position,
                           prompts=args.prompts,
@@ -34,6 +35,7 @@ def _cmd_benchmark(args) -> int:
 def add_parser(sub) -> None:
     from ..guidance.config import ERASE_WEIGHTS, KEEP_WEIGHTS
     from ..evaluation.suites import SUITES
+    from ..erasure.schedule import SCHEDULES
 
     b = sub.add_parser("benchmark", help="erase, generate and evaluate concepts; writes report.{json,md,html}")
     add_model(b)
@@ -54,6 +56,9 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--guidance", type=float, default=None)
     b.add_argument("--iterations", type=int, default=None, help="erasure iterations for runs that are missing (default 200)")
+    b.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="erasure schedule of missing runs (default: each recipe's own: selective cached, reference "
+                   "fresh); another one keeps its runs apart (runs/CONCEPT/RUN-SCHEDULE), so both compare in one --out")
     b.add_argument("--calibration-samples", type=int, default=None,
                    help="base images per prompt the image gates of missing runs are calibrated on (default 8)")
     b.add_argument("--erase-lr", type=float, default=None,
@@ -79,3 +84,41 @@ def add_parser(sub) -> None:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--out", required=True, help="benchmark directory (reruns reuse finished runs and images)")
     b.set_defaults(func=_cmd_benchmark)
+    add_erase_parser(sub)
+
+
+def _cmd_benchmark_erase(args) -> int:
+    from ..erasure.schedule import SCHEDULES
+    from ..evaluation.erase_cost import erase_cost, format_erase_cost
+    from ..generation.pipeline import UnGuidePipeline
+    from ..io import write_json
+
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    unknown = sorted(set(schedules) - set(SCHEDULES))
+    if unknown or not schedules:
+        raise UnguideError(f"unknown schedule(s) {unknown}: use a comma-separated list of {', '.join(SCHEDULES)}")
+    pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
+    result = erase_cost(pipe, args.concept, args.out, schedules, images=args.images, steps=args.steps,
+                        samples=args.samples, iterations=args.iterations)
+    write_json(Path(args.out) / "erase_cost.json", result)
+    print("\n".join(format_erase_cost(result)))
+    print(f"full result: {Path(args.out) / 'erase_cost.json'}")
+    return 0
+
+
+def add_erase_parser(sub) -> None:
+    b = sub.add_parser("benchmark-erase", help="one erasure under each schedule, timed and counted beside drawing "
+                       "a page of images, with each run's quality figures")
+    add_model(b)
+    b.add_argument("--concept", default="sun", help="a concept preset of the model's world (default sun)")
+    b.add_argument("--schedules", default="fresh,cached",
+                   help="schedules compared, the first is the baseline of the evaluation ratio (default fresh,cached)")
+    b.add_argument("--images", type=int, default=128, help="base images drawn beside the erasures (default 128)")
+    b.add_argument("--steps", type=int, default=50, help="sampling steps of those images and of the quality figures")
+    b.add_argument("--samples", type=int, default=4,
+                   help="images per prompt of each run's toy benchmark (0: skip the quality figures)")
+    b.add_argument("--iterations", type=int, default=None,
+                   help="every schedule's iterations (default: each its own; fewer: a quick check, not a comparison)")
+    b.add_argument("--out", required=True,
+                   help="directory: one folder per schedule (its run is retrained from scratch each time)")
+    b.set_defaults(func=_cmd_benchmark_erase)

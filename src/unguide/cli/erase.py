@@ -29,7 +29,8 @@ def _cmd_erase(args) -> int:
                                     a_init=args.a_init, anchor_weight=args.anchor_weight,
                                     anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
                                     gate_position=args.gate_position, calibration_steps=args.calibration_steps,
-                                    calibration_samples=args.calibration_samples, anchors=anchors)
+                                    calibration_samples=args.calibration_samples, anchors=anchors,
+                                    schedule=args.schedule, batch=args.batch, trajectories=args.trajectories)
             for concept in specs]
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
@@ -52,8 +53,13 @@ def _cmd_erase(args) -> int:
 
 def _say_run(concept, cfg, meta, out: Path, seconds: float | None = None) -> None:
     took = f" in {seconds:.1f} s" if seconds is not None else ""
-    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.iterations} iterations){took}; final loss "
-          f"{meta.final_loss:.5f}; adapter: {out / meta.weights}; metadata: {out / 'erasure.json'}")
+    print(f"erased '{concept.name}' ({cfg.recipe} recipe, {cfg.preset}, {cfg.schedule} schedule, {cfg.iterations} "
+          f"iterations of {cfg.batch}){took}; final loss {meta.final_loss:.5f}; adapter: {out / meta.weights}; "
+          f"metadata: {out / 'erasure.json'}")
+    if meta.cost:
+        c = meta.cost
+        print(f"cost: training {c['train_seconds']:.1f} s, {c['train_evals']} UNet evaluations; gate calibration "
+              f"{c['calibration_seconds']:.1f} s, {c['calibration_evals']} evaluations")
     gate = meta.calibration.prompt
     if gate.get("threshold") is not None:
         print(f"prompt gate calibrated on {len(gate['anchor_scores'])} anchors: threshold {gate['threshold']:.4g} at position "
@@ -72,6 +78,7 @@ def _say_run(concept, cfg, meta, out: Path, seconds: float | None = None) -> Non
 
 def add_parser(sub) -> None:
     from ..erasure.adapters import A_INITS, LAYER_PRESETS
+    from ..erasure.schedule import SCHEDULES
     from ..erasure.training import RECIPES, TIMESTEP_MAPPINGS
 
     e = sub.add_parser("erase", help="train an erasure adapter for a concept (resumable)")
@@ -92,7 +99,15 @@ def add_parser(sub) -> None:
     e.add_argument("--vocabulary", default=None,
                    help="text file of generic prompts trained like anchors but not used to calibrate the gate "
                    "(replaces the concept's vocabulary; docs/recipes.md)")
-    e.add_argument("--iterations", type=int, default=None, help="default 200")
+    e.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="where training points come from: cached (the base model's trajectories drawn once, batched; "
+                   "selective's default) or fresh (a new trajectory per sample with the model being trained: the "
+                   "paper's, reference's default); each brings its own batch and iterations")
+    e.add_argument("--batch", type=int, default=None, help="samples per optimiser step (default: the schedule's)")
+    e.add_argument("--trajectories", type=int, default=None,
+                   help="cached schedule: base trajectories drawn per erased prompt (default 8)")
+    e.add_argument("--iterations", type=int, default=None,
+                   help="optimiser steps (default: the schedule's, fresh 200, cached 50)")
     e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
     e.add_argument("--a-init", choices=A_INITS, default=None,
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
+from .schedule import SCHEDULES, Schedule
 from .adapters import A_INITS, LAYER_PRESETS, AdapterConfig, AInit, LayerPreset
 from .concepts import ConceptSpec
 from ..errors import UnguideError
@@ -70,6 +71,13 @@ class EraseConfig:
     # base images per calibration prompt (the same rule: another value recalibrates, does not retrain); fewer make
     # quick runs and tests cheaper at the price of a noisier threshold
     calibration_samples: int = CALIBRATION_SAMPLES
+    # where each iteration's points z_k come from (erasure/schedule.py): "fresh" (reference, ESD's) draws a partial
+    # trajectory with the model being trained for every sample; "cached" draws the base model's trajectories of the
+    # erased prompts once (``trajectories`` noises each, in one batch) and reads every sample's z_k from them
+    schedule: Schedule = "fresh"
+    batch: int = 1  # samples (z_k, t, erased prompt, anchors) per optimiser step
+    trajectories: int = 8  # cached schedule: trajectories per erased prompt in each drawing
+    refresh: int = 0  # cached schedule: the model being trained redraws them every this many iterations (0: never)
 
     def __post_init__(self):
         checks = [(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}: use {' or '.join(RECIPES)}"),
@@ -77,9 +85,11 @@ class EraseConfig:
                   (self.a_init in A_INITS, f"unknown A init {self.a_init!r}: use {' or '.join(A_INITS)}"),
                   (self.timestep_mapping in TIMESTEP_MAPPINGS,
                    f"unknown timestep mapping {self.timestep_mapping!r}: use {' or '.join(TIMESTEP_MAPPINGS)}"),
-                  (min(self.iterations, self.rank, self.calibration_steps, self.calibration_samples) >= 1,
-                   "iterations, rank, calibration steps and calibration samples must be >= 1"),
-                  (self.lr > 0, "the learning rate must be > 0"),
+                  (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}"),
+                  (min(self.iterations, self.rank, self.calibration_steps, self.calibration_samples, self.batch,
+                       self.trajectories) >= 1,
+                   "iterations, rank, calibration steps and samples, batch and trajectories must be >= 1"),
+                  (self.lr > 0 and self.refresh >= 0, "the learning rate must be > 0 and refresh >= 0"),
                   (self.anchor_weight >= 0 and self.anchors_per_step >= 1,
                    "the anchor weight must be >= 0 and anchors per step >= 1")]
         check_position("gate_position", self.gate_position)
@@ -92,7 +102,13 @@ class EraseConfig:
         """The named recipe's settings, then ``overrides`` (None values are ignored, so CLI defaults pass through)."""
         if recipe not in RECIPE_SETTINGS:
             raise UnguideError(f"unknown recipe {recipe!r}: use {' or '.join(RECIPES)}")
-        settings = {**RECIPE_SETTINGS[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        settings = dict(RECIPE_SETTINGS[recipe])
+        schedule = overrides.get("schedule")
+        if schedule is not None and schedule != settings.get("schedule", "fresh"):
+            if schedule not in SCHEDULE_SETTINGS:
+                raise UnguideError(f"unknown schedule {schedule!r}: use {' or '.join(SCHEDULE_SETTINGS)}")
+            settings.update(SCHEDULE_SETTINGS[schedule])  # another schedule brings its own batch and iterations
+        settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(recipe=recipe, **settings)
 
     @classmethod
@@ -114,9 +130,21 @@ class EraseConfig:
         return AdapterConfig(self.preset, self.rank, self.alpha, self.a_init)
 
 
+# A schedule is named with the settings that go with it (a recipe takes one; ``--schedule`` swaps it, so that "fresh"
+# on the selective recipe is exactly its earlier schedule). "cached" costs a third of "fresh"'s UNet evaluations:
+# its trajectories are drawn in batches of every erased prompt (by the base model, then every 50 iterations by the
+# model being trained) over 25 DDIM steps, and the image gate is calibrated on 6 drawings of 20 steps per prompt
+# instead of 8 of 50 (docs/recipes.md, "Schedules"; measured with `unguide benchmark-erase`).
+SCHEDULE_SETTINGS: dict[str, dict] = {
+    "fresh": {"schedule": "fresh", "batch": 1, "iterations": 200, "ddim_steps": 50, "calibration_steps": 50,
+              "calibration_samples": CALIBRATION_SAMPLES},
+    "cached": {"schedule": "cached", "batch": 1, "iterations": 200, "ddim_steps": 25, "trajectories": 4,
+               "refresh": 50, "calibration_steps": 20, "calibration_samples": 6},
+}
+
 register_recipe("reference", {}, GateDefaults(gate="empty", keep="paper", erase_with="paper"))
 # (selective runs finished before the image gate stored "calibrated" / "paper": they keep it until a rerun of
 # `unguide erase` adds the image gate's calibration)
 register_recipe("selective", {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1,
-                              "erase_synonyms": True},
+                              "erase_synonyms": True, **SCHEDULE_SETTINGS["cached"]},
                 GateDefaults(gate="image", keep="base", erase_with="adapter"))

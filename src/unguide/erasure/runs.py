@@ -51,6 +51,9 @@ class ErasureRun:
     losses: list = field(default_factory=list)
     final_loss: Optional[float] = None
     train_seconds_this_process: Optional[float] = None
+    # what this process spent: {"train_seconds", "train_evals", "calibration_seconds", "calibration_evals"} (UNet
+    # image-evaluations: batch rows through the denoiser); a resumed run counts only what it did after resuming
+    cost: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     path: Optional[Path] = field(default=None, compare=False)
     version: int = RUN_VERSION  # as stored (1: read from the old layout); always written as RUN_VERSION

@@ -34,9 +34,8 @@ import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from .adapters import LORA_FILE, make_adapter
 from .concepts import ConceptSpec, default_anchors
 from .recipes import RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS, EraseConfig, register_recipe  # noqa: F401
+from .schedule import Sample, TrajectoryPool, fresh_points, plan_iteration
 from .runs import METADATA_FILE, RUN_VERSION, ErasureRun, read_run
 from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
@@ -51,7 +51,7 @@ from ..guidance.config import CALIBRATION_SAMPLES, Calibration
 from ..guidance.prompt_gate import calibrate_gate
 from ..guidance.image_gate import DetectorConfig, calibrate_image_gate
 from ..models.worlds import world_of
-from ..sampling.ddim import cfg_noise_fn, ddim_loop, make_sampler, model_output
+from ..sampling.ddim import EvalCounter, make_sampler, model_output
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -59,52 +59,43 @@ LOG_FILE = "train_log.jsonl"
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
 
 
-def _iteration_sample(cfg: EraseConfig, i: int, latent_shape) -> tuple[int, int, torch.Tensor]:
-    """(k, ddpm_t, z_T) of iteration i: a pure function of (seed, i)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-    k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=g))
-    lo, hi = round(k / cfg.ddim_steps * 1000), round((k + 1) / cfg.ddim_steps * 1000)
-    t = int(torch.randint(lo, hi, (1,), generator=g))
-    z = torch.randn((1, *latent_shape), generator=g)
-    return k, t, z
-
-
-def _iteration_anchors(cfg: EraseConfig, i: int, n_anchors: int) -> list[int]:
-    """Which anchors iteration i uses: a pure function of (seed, i), drawn apart from the reference stream."""
-    rng = np.random.default_rng([cfg.seed, i, 1])
-    return sorted(rng.choice(n_anchors, size=min(cfg.anchors_per_step, n_anchors), replace=False).tolist())
-
-
-def _iteration_prompt(cfg: EraseConfig, i: int, n_prompts: int) -> int:
-    """Which of the concept's prompts (0: the target) iteration i erases: a pure function of (seed, i)."""
-    if not cfg.erase_synonyms or n_prompts == 1:
-        return 0
-    return int(np.random.default_rng([cfg.seed, i, 2]).integers(n_prompts))
-
-
-def erasure_loss(unet, adapter, sampler, cfg: EraseConfig, k: int, t: int, z: torch.Tensor, prompts,
+def erasure_loss(unet, adapter, sampler, cfg: EraseConfig, k: int, t, z: torch.Tensor, prompts,
                  anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-    """The negative-guidance loss at one (k, t, z_T), plus ``anchor_weight`` x the anchor-preservation loss when
-    anchor states are given; gradients flow into the adapter only. Returns (loss, its parts for the log)."""
+    """The loss of one sample on a fresh trajectory from ``z`` (the reference protocol's iteration): the partial
+    trajectory, then :func:`negative_guidance_loss`."""
     tgt, ref, empty = prompts
-    with torch.no_grad():
-        z_k = ddim_loop(sampler, z * sampler.init_noise_sigma, cfg_noise_fn(unet, tgt, empty, cfg.start_guidance), stop=k)
+    z_k = fresh_points(unet, sampler, cfg, [Sample(0, k, t, noise=z)], [tgt], empty)
+    return negative_guidance_loss(unet, adapter, cfg, z_k, [t], tgt, ref, anchors)
+
+
+def negative_guidance_loss(unet, adapter, cfg: EraseConfig, z_k: torch.Tensor, ts: Sequence, tgt: torch.Tensor,
+                           ref: torch.Tensor, anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """The negative-guidance loss of a batch of samples (z_k, t, erased prompt's states ``tgt``), plus
+    ``anchor_weight`` x the anchor-preservation loss when anchor states are given (the same number per sample,
+    grouped by sample); gradients flow into the adapter only. Returns (loss, its parts for the log)."""
+    n_samples = z_k.shape[0]
+    t = torch.as_tensor(list(ts), device=z_k.device)
     if anchors is None:  # the reference protocol, exactly as it has always been computed
         with torch.no_grad():
             with adapter.base():
-                e_ref, e_tgt = model_output(unet, torch.cat([z_k, z_k]), t, torch.cat([ref, tgt])).chunk(2)
+                e_ref, e_tgt = model_output(unet, torch.cat([z_k, z_k]), torch.cat([t, t]),
+                                            torch.cat([ref.expand(n_samples, -1, -1), tgt])).chunk(2)
             target = e_ref - cfg.eta * (e_tgt - e_ref)
         pred = model_output(unet, z_k, t, tgt)
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"erase": loss.item()}
-    n = anchors.shape[0]
+    n = anchors.shape[0] // n_samples
+    kept = [anchors[b * n:(b + 1) * n] for b in range(n_samples)]
     with torch.no_grad(), adapter.base():
-        base = model_output(unet, z_k.expand(n + 2, -1, -1, -1), t, torch.cat([ref, tgt, anchors]))
-    e_ref, e_tgt, e_anchor = base[:1], base[1:2], base[2:]
-    target = e_ref - cfg.eta * (e_tgt - e_ref)
-    pred = model_output(unet, z_k.expand(n + 1, -1, -1, -1), t, torch.cat([tgt, anchors]))
-    erase_part = F.mse_loss(pred[:1].float(), target.float())
-    anchor_part = F.mse_loss(pred[1:].float(), e_anchor.float())
+        base = model_output(unet, z_k.repeat_interleave(n + 2, 0), t.repeat_interleave(n + 2),
+                            torch.cat([torch.cat([ref, tgt[b:b + 1], kept[b]]) for b in range(n_samples)]))
+    base = base.unflatten(0, (n_samples, n + 2))
+    target = base[:, 0] - cfg.eta * (base[:, 1] - base[:, 0])
+    pred = model_output(unet, z_k.repeat_interleave(n + 1, 0), t.repeat_interleave(n + 1),
+                        torch.cat([torch.cat([tgt[b:b + 1], kept[b]]) for b in range(n_samples)]))
+    pred = pred.unflatten(0, (n_samples, n + 1))
+    erase_part = F.mse_loss(pred[:, 0].float(), target.float())
+    anchor_part = F.mse_loss(pred[:, 1:].float(), base[:, 2:].float())
     return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
 
 
@@ -175,7 +166,8 @@ def _finished(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progres
     done = read_run(out)
     if done.base_fingerprint != bundle.fingerprint() or not _same_config(done.config, cfg) \
             or done.concept != concept.to_dict():
-        raise UnguideError(f"{out} already holds a finished run with other settings: choose another `out`")
+        raise UnguideError(f"{out} already holds a finished run with other settings{_differences(done.config, cfg)}: "
+                           "choose another `out`")
     stale_image = bool(gate_anchors(concept, cfg)) and not _image_gate_current(done.calibration.image, cfg)
     if stale_image or done.prompt_gate_stale(bundle):
         done = _recalibrate(bundle, concept, cfg, done, progress, prompt=done.prompt_gate_stale(bundle), image=stale_image)
@@ -187,13 +179,18 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
     unet = bundle.unet
     dtype_name = str(unet.dtype).removeprefix("torch.")  # the frozen model's precision; trained weights are float32
     adapter = make_adapter(unet, cfg.adapter_config(), init_seed=cfg.seed)
+    counter = EvalCounter(unet)
     try:
         trained = _train(bundle, concept, adapter, out, cfg, dtype_name, progress, stop_after)
         if trained.get("status") == "interrupted":
             return trained
         weights = adapter.save(out)
+        cost = {"train_seconds": trained["seconds"], "train_evals": counter.count}
+        t0, counter.count = time.time(), 0
         calibration = calibrate(bundle, adapter, concept, cfg, progress)
+        cost.update(calibration_seconds=round(time.time() - t0, 1), calibration_evals=counter.count)
     finally:
+        counter.close()
         unet.eval()
         adapter.remove()  # whatever happened, leave the bundle as it came: the base model
     losses = trained["losses"]
@@ -202,7 +199,7 @@ def _erase(bundle, concept: ConceptSpec, out: Path, cfg: EraseConfig, progress: 
                      defaults=RECIPE_GATES[cfg.recipe], weights=weights.name, base_family=bundle.family.name,
                      lora_loads_with=bundle.family.pipeline_class if weights.name == LORA_FILE else None,
                      dtype=dtype_name, losses=losses, final_loss=losses[-1] if losses else None,
-                     train_seconds_this_process=trained["seconds"], versions=_versions(), path=out)
+                     train_seconds_this_process=trained["seconds"], cost=cost, versions=_versions(), path=out)
     write_json(out / METADATA_FILE, run.to_json())
     for name in (CHECKPOINT, CHECKPOINT_STATE):
         (out / name).unlink(missing_ok=True)
@@ -247,42 +244,64 @@ def _train(bundle, concept: ConceptSpec, adapter, out: Path, cfg: EraseConfig, d
     anchor_states = bundle.encode_prompts(anchors).to(unet.dtype) if anchors else None
     sampler = make_sampler(bundle, cfg.ddim_steps)
     t0 = time.time()
+
+    def plan(i: int):
+        return plan_iteration(cfg, i, sampler, len(erased), len(anchors), bundle.latent_shape())
+
+    cached = cfg.schedule == "cached"
+    pool = TrajectoryPool.from_state(load_tensors(out / CHECKPOINT)) if cached and start else None
     unet.train()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
                disable=not progress)
     for i in bar:
-        k, t, z = _iteration_sample(cfg, i, bundle.latent_shape())
-        if sampler.prediction.kind == "flow":  # a flow's step k is at sigma_k: the loss is taken where z_k lies
-            t = float(sampler.timesteps[k])
-        elif cfg.timestep_mapping == "aligned":
-            t = int(sampler.timesteps[k])
-        drawn = _iteration_anchors(cfg, i, len(anchors)) if anchors else []
-        which = _iteration_prompt(cfg, i, len(erased))
-        loss, parts = erasure_loss(unet, adapter, sampler, cfg, k, t, z.to(device=bundle.device, dtype=unet.dtype),
-                                   (erased[which], ref, empty), anchor_states[drawn] if drawn else None)
+        samples = plan(i)
+        if cached:
+            pool = _window_pool(bundle, adapter, sampler, cfg, erased, empty, plan, i, pool)
+        z_k = pool.take(samples) if cached else fresh_points(unet, sampler, cfg, samples, erased, empty)
+        drawn = [j for s in samples for j in s.anchors]
+        loss, parts = negative_guidance_loss(unet, adapter, cfg, z_k, [s.t for s in samples],
+                                             torch.cat([erased[s.prompt] for s in samples]), ref,
+                                             anchor_states[drawn] if drawn else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(round(loss.item(), 6))
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        _log_iteration(out, i, k, t, losses[-1], which if len(erased) > 1 else None, [anchors[j] for j in drawn], parts)
+        _log_iteration(out, i, samples, losses[-1], len(erased) > 1, anchors, parts)
         last = i + 1 == cfg.iterations
         stop = stop_after is not None and i + 1 - start >= stop_after and not last
         if ((i + 1) % cfg.checkpoint_every == 0 and not last) or stop:
-            _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name)
+            _checkpoint(out, adapter, opt, i + 1, losses, cfg, fingerprint, dtype_name, pool)
         if stop:
             return {"status": "interrupted", "iteration": i + 1}
     unet.eval()
     return {"losses": losses, "seconds": round(time.time() - t0, 1)}
 
 
-def _log_iteration(out: Path, i: int, k: int, t: int, loss: float, erased: Optional[int], anchors: list,
-                   parts: dict) -> None:
-    row = {"iteration": i + 1, "k": k, "t": t, "loss": loss}
-    if erased is not None:
-        row["erased"] = erased
+def _window_pool(bundle, adapter, sampler, cfg: EraseConfig, erased, empty, plan, i: int,
+                 pool: Optional[TrajectoryPool]) -> TrajectoryPool:
+    """The cached trajectories iteration i reads: the pool it has if it serves i's window, else that window's,
+    drawn now (for the iterations left in it) by the base model (window 0) or the model being trained."""
+    window = TrajectoryPool.window_of(cfg, i)
+    if pool is not None and pool.window == window:
+        return pool
+    end = min((window + 1) * cfg.refresh, cfg.iterations) if cfg.refresh else cfg.iterations
+    return TrajectoryPool.draw(bundle, adapter, sampler, cfg, erased, empty, [plan(j) for j in range(i, end)], window)
+
+
+def _log_iteration(out: Path, i: int, samples, loss: float, several_prompts: bool, anchors: list, parts: dict) -> None:
+    """One line per iteration; a one-sample iteration's fields are plain values, a batch's are lists."""
+    one = len(samples) == 1
+
+    def field(values):
+        return values[0] if one else values
+
+    row = {"iteration": i + 1, "k": field([s.k for s in samples]), "t": field([s.t for s in samples]), "loss": loss}
+    if several_prompts:
+        row["erased"] = field([s.prompt for s in samples])
     if anchors:
-        row.update(anchors=anchors, **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
+        kept = [[anchors[j] for j in s.anchors] for s in samples]
+        row.update(anchors=field(kept), **{f"loss_{n}": round(v, 6) for n, v in parts.items()})
     with open(out / LOG_FILE, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -327,6 +346,15 @@ def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
     return {**asdict(EraseConfig()), **stored, **calibration} == {**asdict(cfg), **calibration}
 
 
+def _differences(stored: dict, cfg: EraseConfig) -> str:
+    """' (schedule: fresh there, cached here; ...)': what a user must pass to reuse a stored run, or '' if the settings
+    agree (the concept or the base model differ)."""
+    now = asdict(cfg)
+    differ = [f"{k}: {v!r} there, {now[k]!r} here" for k, v in {**asdict(EraseConfig()), **stored}.items()
+              if k in now and v != now[k] and not k.startswith("calibration_")]
+    return f" ({'; '.join(differ[:4])})" if differ else ""
+
+
 def _truncate_log(path: Path, iteration: int) -> None:
     if not path.exists():
         return
@@ -337,9 +365,10 @@ def _truncate_log(path: Path, iteration: int) -> None:
 
 
 def _checkpoint(out: Path, adapter, opt, iteration: int, losses, cfg: EraseConfig, fingerprint: str,
-                dtype_name: str) -> None:
+                dtype_name: str, pool: Optional[TrajectoryPool] = None) -> None:
     tensors = {f"adapter.{k}": v for k, v in adapter.trainable_state().items()}
     tensors.update(optimizer_tensors(opt))
+    tensors.update(pool.state() if pool is not None else {})
     save_tensors(out / CHECKPOINT, tensors)
     write_json(out / CHECKPOINT_STATE, {"iteration": iteration, "losses": losses, "config": asdict(cfg),
                                         "base_fingerprint": fingerprint, "dtype": dtype_name})

@@ -26,7 +26,7 @@ share the generation (the same files as one process); erasure and evaluation run
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +43,7 @@ from ..io import output_lock, write_json
 from .judges import DEFAULT_CLIP, make_judge
 from ..generation.prompts import PromptRow
 from ..generation.pipeline import as_pipeline
-from .methods import METHODS, GuideOverrides, get_method
+from .methods import METHODS, GuideOverrides, get_method, schedule_suffix
 from .report import TOGETHER, method_folder
 from .suites import SUITES, Suite, SuiteName, load_suite
 
@@ -61,6 +61,9 @@ class BenchmarkConfig:
     erase_lr: Optional[float] = None  # reference-recipe runs only (None: 3e-5); the selective recipe keeps its own
     batch_size: int = 32
     calibration_samples: Optional[int] = None  # base images per prompt the image gates are calibrated on (None: 8)
+    # the erasure schedule of every run (None: each recipe's own); runs of a schedule other than their recipe's are
+    # kept in folders of their own (runs/<concept>/<run>-<schedule>), so both can be compared in one directory
+    erase_schedule: Optional[str] = None
     # selective-unguide's weights under / over the calibrated gate; None: what the selective recipe stores in its runs
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
@@ -134,18 +137,22 @@ class Benchmark:
         return list(self.cfg.methods) + extra
 
     def group_dir(self, method: str) -> Path:
-        return self.out / "runs" / ("together-" + "+".join(self.group)) / get_method(method).run_dir
+        folder = get_method(method).run_dir + schedule_suffix(method, self.cfg.erase_schedule)
+        return self.out / "runs" / ("together-" + "+".join(self.group)) / folder
 
 
     # -- erasure runs -------------------------------------------------------------------------------------------
     def run_dir(self, concept: str, method: str) -> Path:
-        return self.out / "runs" / concept / get_method(method).run_dir
+        return self.out / "runs" / concept / (get_method(method).run_dir + schedule_suffix(method,
+                                                                                         self.cfg.erase_schedule))
 
     def erase_config(self, method: str, concept: str) -> EraseConfig:
-        # the image gate is calibrated on drawings made as the benchmark makes its images (its --steps)
-        return get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
-                                               calibration_steps=self.cfg.steps,
-                                               calibration_samples=self.cfg.calibration_samples)
+        """The run's settings; its image gate is never calibrated on drawings of more steps than the benchmark draws
+        with (the recipe's own calibration steps otherwise)."""
+        cfg = get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
+                                              calibration_samples=self.cfg.calibration_samples,
+                                              schedule=self.cfg.erase_schedule)
+        return replace(cfg, calibration_steps=min(cfg.calibration_steps, self.cfg.steps))
 
     def ensure_run(self, concept: str, method: str) -> Path:
         """The erasure run of a method, trained by the main process if it is missing (the others wait for it)."""
@@ -188,7 +195,7 @@ class Benchmark:
                 if not get_method(method).erases:
                     continue
                 run = self.ensure_run(name, method)
-                target = self.out / "images" / name / method
+                target = method_folder(self.out, name, method, schedule=self.cfg.erase_schedule)
                 self.pipe.load_erasure(run)
                 guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
                 if guide.note:
@@ -220,7 +227,8 @@ class Benchmark:
             guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
             t0 = time.time()
             try:
-                self._generate(rows, method_folder(self.out, "", method + TOGETHER, self.group), guide,
+                folder = method_folder(self.out, "", method + TOGETHER, self.group, self.cfg.erase_schedule)
+                self._generate(rows, folder, guide,
                                {"method": method + TOGETHER, "run": str(self.group_dir(method))})
             finally:
                 self.pipe.unload_erasure()
@@ -228,7 +236,7 @@ class Benchmark:
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _images(self, name: str, method: str) -> tuple[list[dict], torch.Tensor, Path]:
-        folder = method_folder(self.out, name, method, self.group)
+        folder = method_folder(self.out, name, method, self.group, self.cfg.erase_schedule)
         rows, imgs = self._load(folder)
         if method == "base" or method.endswith(TOGETHER):  # shared folders hold several concepts' prompts: keep this concept's
             wanted = {r["prompt"] for r in self.suite.cases[name].rows}

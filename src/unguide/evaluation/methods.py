@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..erasure.training import EraseConfig
+from ..erasure.training import RECIPE_SETTINGS, EraseConfig
 from ..errors import UnguideError
 from ..guidance.config import GuidanceConfig
 
@@ -48,10 +48,12 @@ class Method:
         return self.guidance.mode == "unguide"
 
     def erase_config(self, spec, iterations: Optional[int] = None, lr: Optional[float] = None,
-                     calibration_steps: Optional[int] = None, calibration_samples: Optional[int] = None) -> EraseConfig:
+                     calibration_steps: Optional[int] = None, calibration_samples: Optional[int] = None,
+                     schedule: Optional[str] = None) -> EraseConfig:
         return EraseConfig.for_concept(self.recipe, spec, preset=self.preset, iterations=iterations,
                                        lr=lr if self.recipe == "reference" else None,
-                                       calibration_steps=calibration_steps, calibration_samples=calibration_samples)
+                                       calibration_steps=calibration_steps, calibration_samples=calibration_samples,
+                                       schedule=schedule)
 
     def guidance_config(self, overrides: GuideOverrides = GuideOverrides()) -> GuidanceConfig:
         """Its guidance with a benchmark's overrides applied (tunable methods only)."""
@@ -65,6 +67,15 @@ class Method:
 
     def guide(self, adapter, run, overrides: GuideOverrides = GuideOverrides()):
         return run.guide(adapter, self.guidance_config(overrides))
+
+
+def schedule_suffix(method: str, schedule: Optional[str]) -> str:
+    """``-SCHEDULE`` for a method whose runs are erased with a schedule other than its recipe's own (``benchmark
+    --schedule``): its runs and images are kept apart from the default's, so both compare in one directory."""
+    recipe = METHODS[method.removesuffix("+together")].recipe if method.removesuffix("+together") in METHODS else None
+    if schedule is None or recipe is None:
+        return ""
+    return "" if schedule == RECIPE_SETTINGS[recipe].get("schedule", "fresh") else f"-{schedule}"
 
 
 METHODS: dict[str, Method] = {}

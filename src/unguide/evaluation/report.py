@@ -74,18 +74,24 @@ def grid_prompts(case) -> list[str]:
 TOGETHER = "+together"  # a method's images drawn with the whole group's run (benchmark --together)
 
 
-def method_folder(out: Path, concept: str, method: str, group: Optional[list] = None) -> Path:
+def method_folder(out: Path, concept: str, method: str, group: Optional[list] = None,
+                  schedule: Optional[str] = None) -> Path:
     """Where a benchmark keeps a method's images of a concept: the shared base folder, the concept's own, or the
-    group's (``METHOD+together``, one folder for the union of the members' prompts)."""
+    group's (``METHOD+together``, one folder for the union of the members' prompts); a schedule other than the
+    method's recipe's own adds ``-SCHEDULE`` (:func:`~unguide.evaluation.methods.schedule_suffix`)."""
+    from .methods import schedule_suffix
+
+    suffix = schedule_suffix(method, schedule)
     if method.endswith(TOGETHER) and group:
-        return Path(out) / "images" / ("together-" + "+".join(group)) / method.removesuffix(TOGETHER)
-    return Path(out) / "images" / ("base" if method == "base" else f"{concept}/{method}")
+        return Path(out) / "images" / ("together-" + "+".join(group)) / (method.removesuffix(TOGETHER) + suffix)
+    return Path(out) / "images" / ("base" if method == "base" else f"{concept}/{method}{suffix}")
 
 
-def _concept_grid(out: Path, concept: str, case, methods: list[str], group: Optional[list] = None) -> Path:
+def _concept_grid(out: Path, concept: str, case, methods: list[str], group: Optional[list] = None,
+                  schedule: Optional[str] = None) -> Path:
     """Rows: :func:`grid_prompts`; columns: methods (same seeds; ``METHOD+together``: the group's images)."""
     prompts = grid_prompts(case)
-    cells = [(method_folder(out, concept, m, group), p) for p in prompts for m in methods]
+    cells = [(method_folder(out, concept, m, group, schedule), p) for p in prompts for m in methods]
     return save_labelled_grid(out / "grids" / f"{concept}.png", cells, len(methods), prompts, methods)
 
 
@@ -172,7 +178,8 @@ def write_report(out: str | Path, report: dict, suite) -> tuple[Path, Path]:
     out = Path(out)
     methods = list(next(iter(report["per_concept"].values())))
     group = (report.get("together") or {}).get("concepts")
-    grids = {c: _concept_grid(out, c, suite.cases[c], methods, group) for c in report["per_concept"]}
+    schedule = report.get("config", {}).get("erase_schedule")
+    grids = {c: _concept_grid(out, c, suite.cases[c], methods, group, schedule) for c in report["per_concept"]}
     plots = _plots(out, report) if suite.metrics == "table1" else []
     protocol = _protocol(report, suite)
     # one concept: its table only (the average over one concept repeats it)
