@@ -145,6 +145,7 @@ def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
         rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["w"] is not None for r in rows)
         assert ("image_flagged" in rows[0]) == (gate == "image")
+        assert all(r["sampler"] == ("flow-euler" if family in ("sd3", "flux") else "ddim") for r in rows)
     # the run's LoRA file in the stock pipeline draws what the adapter draws in ours (w = 0: the adapter alone)
     stock = _stock(stock_dir, family)
     stock.load_lora_weights(str(run))

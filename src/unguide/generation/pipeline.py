@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 
 from ..errors import UnguideError
 from ..io import output_lock
+from ..sampling.ddim import sampler_name
 from ..sampling.images import Item, PlainGuide, sample_images, to_uint8
 from ..guidance.config import GuidanceConfig
 from .folders import ImageFolder
@@ -298,7 +299,8 @@ class UnGuidePipeline(DiffusionPipeline):
 
         guide = guide or self.guide()
         state = PartialState()
-        extra = {"guide": guide.name, **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
+        extra = {"guide": guide.name, "sampler": sampler_name(self.bundle),
+                 **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
         with output_lock(out, "a generation"):
             folder = ImageFolder(out, num_inference_steps, self.bundle.name, extra)
             if state.is_main_process and run_info is not None:

@@ -49,6 +49,11 @@ class Sampler:
         return getattr(self.scheduler, "init_noise_sigma", 1.0)
 
 
+def sampler_name(bundle) -> str:
+    """What an image records as its sampler: DDIM (eta 0) or, for a rectified flow, Euler over its sigmas."""
+    return "flow-euler" if bundle.prediction.kind == "flow" else "ddim"
+
+
 def make_sampler(bundle, num_steps: int = 50, latent_shape: Optional[Sequence[int]] = None) -> Sampler:
     """A fresh sampler of ``num_steps`` steps: DDIM with the bundle's noise schedule, or, for a flow, the model's own
     FlowMatchEulerDiscreteScheduler sigmas (shifted as its config says; Flux's shift follows the image's token count,

@@ -25,6 +25,7 @@ from ..errors import UnguideError, check_number
 from ..erasure.runs import load_run
 from ..guidance.config import GATE_CHOICES, GuidanceConfig
 from ..guidance.decision import Decision
+from ..sampling.ddim import sampler_name
 from ..io import atomic_path, write_json
 
 VIEWS = (("base", "base model", GuidanceConfig(mode="base")),
@@ -195,7 +196,8 @@ class Studio:
                                       progress=progress)
         settings = {"model": self.model_name, "run": entry.name, "concept": entry.concept, "recipe": entry.recipe,
                     "gate": gate or "run's own", "prompts": texts, "images_per_prompt": n, "seed": seed,
-                    "steps": steps, "guidance_scale": self.pipe.config.default_guidance, "sampler": "ddim",
+                    "steps": steps, "guidance_scale": self.pipe.config.default_guidance,
+                    "sampler": sampler_name(self.pipe.bundle),
                     "views": {view: label for view, label, _ in VIEWS}, "request": request}
         write_json(folder / "settings.json", settings)
         comparison = Comparison(request, folder, entry.name, entry.concept, settings, seconds=time.time() - t0)
