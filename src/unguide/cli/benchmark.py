@@ -116,7 +116,7 @@ def add_erase_parser(sub) -> None:
     b.add_argument("--images", type=int, default=128, help="base images drawn beside the erasures (default 128)")
     b.add_argument("--steps", type=int, default=50, help="sampling steps of those images and of the quality figures")
     b.add_argument("--samples", type=int, default=4,
-                   help="images per prompt of each run's toy benchmark (0: skip the quality figures)")
+                   help="images per prompt of each run's toy benchmark (default 4)")
     b.add_argument("--iterations", type=int, default=None,
                    help="every schedule's iterations (default: each its own; fewer: a quick check, not a comparison)")
     b.add_argument("--out", required=True,

@@ -89,6 +89,7 @@ def format_erase_cost(result: dict) -> list[str]:
                      f"{r['calibration_evals']} in {r['calibration_seconds']:.1f} s); {r['iterations']} steps of "
                      f"{r['batch']}")
         for method, q in r.get("quality", {}).items():
-            lines.append(f"           {method}: H_o {q['h_o']:.2f}, Acc_e {q['acc_e']:.2f}, Acc_s {q['acc_s']:.2f}, "
-                         f"Acc_g {q['acc_g']:.2f}, SSIM others {q['ssim_other']:.3f} ({r['quality_samples']} samples)")
+            lines.append(f"           {method}: H_o {100 * q['h_o']:.2f}, Acc_e {100 * q['acc_e']:.2f}, Acc_s "
+                         f"{100 * q['acc_s']:.2f}, Acc_g {100 * q['acc_g']:.2f}, SSIM others {q['ssim_other']:.3f} "
+                         f"({r['quality_samples']} samples)")
     return lines
