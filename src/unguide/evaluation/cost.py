@@ -15,7 +15,8 @@ from ..guidance.unguidance import UnGuide
 from ..sampling.ddim import EvalCounter
 
 
-def _timed(bundle, items, guide, steps, batch_size):
+def timed_generation(bundle, items, guide, steps, batch_size):
+    """(seconds, UNet image-evaluations, decisions) of drawing ``items`` with ``guide``."""
     counter = EvalCounter(bundle.unet)
     t0 = time.perf_counter()
     try:
@@ -53,9 +54,9 @@ def scorer_benchmark(bundle, adapter, prompts: Sequence[str], guidance: float, s
         # side by side, one image per prompt: plain base CFG, then UnGuide with a fresh fast scorer (decision included)
         size = bundle.image_size
         items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts[:timing_prompts])]
-        t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
-        t_ug, n_ug, _ = _timed(bundle, items, UnGuide(adapter), steps, batch_size)
-        t_ref, n_ref, _ = _timed(bundle, items, UnGuide(adapter, scorer=ScorerConfig.reference(draws=reference_draws)),
+        t_base, n_base, _ = timed_generation(bundle, items, PlainGuide(), steps, batch_size)
+        t_ug, n_ug, _ = timed_generation(bundle, items, UnGuide(adapter), steps, batch_size)
+        t_ref, n_ref, _ = timed_generation(bundle, items, UnGuide(adapter, scorer=ScorerConfig.reference(draws=reference_draws)),
                                  steps, batch_size)
         result["timing"] = {"images": len(items), "base_seconds": t_base, "unguide_fast_seconds": t_ug,
                             "unguide_reference_seconds": t_ref, "ratio_fast_to_base": t_ug / t_base,
@@ -81,10 +82,10 @@ def run_gate_cost(bundle, adapter, meta, prompts: Sequence[str], guidance: float
     size = bundle.image_size
     items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(kept)]
     with adapter.base():
-        t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
+        t_base, n_base, _ = timed_generation(bundle, items, PlainGuide(), steps, batch_size)
         base_imgs, _ = sample_images(bundle, items, steps=steps, guide=PlainGuide(), batch_size=batch_size, progress=False)
     fresh = meta.guide(adapter, GuidanceConfig(gate=gate))  # nothing cached but what the run stores
-    t_gate, n_gate, _ = _timed(bundle, items, fresh, steps, batch_size)
+    t_gate, n_gate, _ = timed_generation(bundle, items, fresh, steps, batch_size)
     gated_imgs, _ = sample_images(bundle, items, steps=steps, guide=fresh, batch_size=batch_size, progress=False)
     result.update(evals_per_image_base=n_base / len(items), evals_per_image_gated=n_gate / len(items),
                   base_seconds=t_base, gated_seconds=t_gate, ratio_gated_to_base=t_gate / t_base,
@@ -106,8 +107,8 @@ def gate_cost_by_group(bundle, adapter, meta, groups: dict, guidance: float, gat
         items = [Item(p, seed, guidance, size, size, prompt_index=i) for i, p in enumerate(prompts)]
         guide = meta.guide(adapter, GuidanceConfig(gate=gate))
         with adapter.base():
-            t_base, n_base, _ = _timed(bundle, items, PlainGuide(), steps, batch_size)
-        t_gate, n_gate, infos = _timed(bundle, items, guide, steps, batch_size)
+            t_base, n_base, _ = timed_generation(bundle, items, PlainGuide(), steps, batch_size)
+        t_gate, n_gate, infos = timed_generation(bundle, items, guide, steps, batch_size)
         result[name] = {"prompts": len(prompts), "evals_per_image_base": n_base / len(items),
                         "evals_per_image_gated": n_gate / len(items), "ratio_gated_to_base": t_gate / t_base,
                         "erased": sum(1 for d in infos if d.w != guide.rule.w_keep or d.redrawn),

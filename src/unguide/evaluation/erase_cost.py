@@ -15,22 +15,12 @@ from typing import Optional, Sequence
 from ..erasure.concepts import load_preset
 from ..erasure.training import EraseConfig, erase
 from ..sampling.ddim import EvalCounter
-from ..sampling.images import Item, PlainGuide, sample_images
+from ..sampling.images import Item, PlainGuide
 from .benchmark import Benchmark, BenchmarkConfig
+from .cost import timed_generation
 
 QUALITY_METHODS = ("base", "selective", "selective-image")
 QUALITY_KEYS = ("h_o", "acc_e", "acc_s", "acc_g", "ssim_other")
-
-
-def timed_generation(bundle, items, guide, steps: int, batch_size: int) -> tuple[float, int]:
-    """(seconds, UNet image-evaluations) of drawing ``items`` with ``guide``."""
-    counter = EvalCounter(bundle.unet)
-    t0 = time.perf_counter()
-    try:
-        sample_images(bundle, items, steps=steps, guide=guide, batch_size=batch_size, progress=False)
-    finally:
-        counter.close()
-    return time.perf_counter() - t0, counter.count
 
 
 def _benchmark(pipe, concept: str, schedule: str, out: Path, samples: int, steps: int,
@@ -64,7 +54,7 @@ def erase_cost(pipe, concept: str, out: str | Path, schedules: Sequence[str] = (
                                      "iterations": cfg.iterations, "batch": cfg.batch, "run": str(run_dir), **run.cost}
     size = bundle.image_size
     items = [Item(spec.target, seed, bundle.default_guidance, size, size, sample_index=seed) for seed in range(images)]
-    seconds, evals = timed_generation(bundle, items, PlainGuide(), steps, batch_size)
+    seconds, evals, _ = timed_generation(bundle, items, PlainGuide(), steps, batch_size)
     result["generate"] = {"images": images, "seconds": round(seconds, 2), "evals": evals}
     first = result["schedules"][schedules[0]]
     for r in result["schedules"].values():
