@@ -68,34 +68,54 @@ def erasure_loss(unet, adapter, sampler, cfg: EraseConfig, k: int, t, z: torch.T
     return negative_guidance_loss(unet, adapter, cfg, z_k, [t], tgt, ref, anchors)
 
 
+BASE_BATCH = 64  # rows per base-model call when a window's base outputs are computed together
+
+
+@torch.no_grad()
+def base_outputs(unet, adapter, cfg: EraseConfig, z_k: torch.Tensor, ts: Sequence, tgt: torch.Tensor,
+                 ref: torch.Tensor, anchors: Optional[torch.Tensor] = None,
+                 batch_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The base model's side of the negative-guidance loss for a batch of samples: the erasure target
+    ``e_ref - eta * (e_tgt - e_ref)`` and, with anchors (the same number per sample, grouped by sample), the base
+    prediction at each (samples, anchors, ...). It never depends on the adapter being trained, so the ``cached``
+    schedule computes a whole window's at once, ``batch_size`` rows per call; one sample's rows are (reference,
+    prompt, its anchors), the layout the loss has always used."""
+    n_samples = z_k.shape[0]
+    m = anchors.shape[0] // n_samples if anchors is not None else 0
+    t = torch.as_tensor(list(ts), device=z_k.device)
+    states = torch.cat([torch.cat([ref, tgt[b:b + 1], *([anchors[b * m:(b + 1) * m]] if m else [])])
+                        for b in range(n_samples)])
+    x, tt = z_k.repeat_interleave(m + 2, 0), t.repeat_interleave(m + 2)
+    step = batch_size or len(x)
+    with adapter.base():
+        base = torch.cat([model_output(unet, x[r:r + step], tt[r:r + step], states[r:r + step])
+                          for r in range(0, len(x), step)])
+    base = base.unflatten(0, (n_samples, m + 2))
+    target = base[:, 0] - cfg.eta * (base[:, 1] - base[:, 0])
+    return target, (base[:, 2:] if m else None)
+
+
 def negative_guidance_loss(unet, adapter, cfg: EraseConfig, z_k: torch.Tensor, ts: Sequence, tgt: torch.Tensor,
-                           ref: torch.Tensor, anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                           ref: torch.Tensor, anchors: Optional[torch.Tensor] = None,
+                           base: Optional[tuple] = None) -> tuple[torch.Tensor, dict]:
     """The negative-guidance loss of a batch of samples (z_k, t, erased prompt's states ``tgt``), plus
     ``anchor_weight`` x the anchor-preservation loss when anchor states are given (the same number per sample,
-    grouped by sample); gradients flow into the adapter only. Returns (loss, its parts for the log)."""
+    grouped by sample); gradients flow into the adapter only. ``base``: :func:`base_outputs` of these samples if
+    already computed. Returns (loss, its parts for the log)."""
     n_samples = z_k.shape[0]
     t = torch.as_tensor(list(ts), device=z_k.device)
-    if anchors is None:  # the reference protocol, exactly as it has always been computed
-        with torch.no_grad():
-            with adapter.base():
-                e_ref, e_tgt = model_output(unet, torch.cat([z_k, z_k]), torch.cat([t, t]),
-                                            torch.cat([ref.expand(n_samples, -1, -1), tgt])).chunk(2)
-            target = e_ref - cfg.eta * (e_tgt - e_ref)
+    target, anchor_base = base if base is not None else base_outputs(unet, adapter, cfg, z_k, ts, tgt, ref, anchors)
+    if anchors is None:  # the reference protocol
         pred = model_output(unet, z_k, t, tgt)
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"erase": loss.item()}
     n = anchors.shape[0] // n_samples
     kept = [anchors[b * n:(b + 1) * n] for b in range(n_samples)]
-    with torch.no_grad(), adapter.base():
-        base = model_output(unet, z_k.repeat_interleave(n + 2, 0), t.repeat_interleave(n + 2),
-                            torch.cat([torch.cat([ref, tgt[b:b + 1], kept[b]]) for b in range(n_samples)]))
-    base = base.unflatten(0, (n_samples, n + 2))
-    target = base[:, 0] - cfg.eta * (base[:, 1] - base[:, 0])
     pred = model_output(unet, z_k.repeat_interleave(n + 1, 0), t.repeat_interleave(n + 1),
                         torch.cat([torch.cat([tgt[b:b + 1], kept[b]]) for b in range(n_samples)]))
     pred = pred.unflatten(0, (n_samples, n + 1))
     erase_part = F.mse_loss(pred[:, 0].float(), target.float())
-    anchor_part = F.mse_loss(pred[:, 1:].float(), base[:, 2:].float())
+    anchor_part = F.mse_loss(pred[:, 1:].float(), anchor_base.float())
     return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
 
 
@@ -253,15 +273,21 @@ def _train(bundle, concept: ConceptSpec, adapter, out: Path, cfg: EraseConfig, d
     unet.train()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"erase {concept.name}",
                disable=not progress)
+    def states(samples):
+        drawn = [j for s in samples for j in s.anchors]
+        return torch.cat([erased[s.prompt] for s in samples]), anchor_states[drawn] if drawn else None
+
+    base: dict = {}  # cached schedule: iteration -> its base outputs, a window's computed together
     for i in bar:
         samples = plan(i)
         if cached:
             pool = _window_pool(bundle, adapter, sampler, cfg, erased, empty, plan, i, pool)
+            if i not in base:
+                base = _window_base(unet, adapter, cfg, pool, plan, i, ref, states)
         z_k = pool.take(samples) if cached else fresh_points(unet, sampler, cfg, samples, erased, empty)
-        drawn = [j for s in samples for j in s.anchors]
-        loss, parts = negative_guidance_loss(unet, adapter, cfg, z_k, [s.t for s in samples],
-                                             torch.cat([erased[s.prompt] for s in samples]), ref,
-                                             anchor_states[drawn] if drawn else None)
+        tgt, kept = states(samples)
+        loss, parts = negative_guidance_loss(unet, adapter, cfg, z_k, [s.t for s in samples], tgt, ref, kept,
+                                             base=base.get(i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,12 +307,31 @@ def _train(bundle, concept: ConceptSpec, adapter, out: Path, cfg: EraseConfig, d
 def _window_pool(bundle, adapter, sampler, cfg: EraseConfig, erased, empty, plan, i: int,
                  pool: Optional[TrajectoryPool]) -> TrajectoryPool:
     """The cached trajectories iteration i reads: the pool it has if it serves i's window, else that window's,
-    drawn now (for the iterations left in it) by the base model (window 0) or the model being trained."""
+    drawn now (for all its iterations, also when resumed inside it) by the base model (window 0) or the model being trained."""
     window = TrajectoryPool.window_of(cfg, i)
     if pool is not None and pool.window == window:
         return pool
-    end = min((window + 1) * cfg.refresh, cfg.iterations) if cfg.refresh else cfg.iterations
-    return TrajectoryPool.draw(bundle, adapter, sampler, cfg, erased, empty, [plan(j) for j in range(i, end)], window)
+    first = window * cfg.refresh if cfg.refresh else 0
+    end = min(first + cfg.refresh, cfg.iterations) if cfg.refresh else cfg.iterations
+    return TrajectoryPool.draw(bundle, adapter, sampler, cfg, erased, empty, [plan(j) for j in range(first, end)],
+                               window)
+
+
+def _window_base(unet, adapter, cfg: EraseConfig, pool: TrajectoryPool, plan, i: int, ref, states) -> dict:
+    """{iteration: base outputs} for every iteration of i's window, computed in batches of ``BASE_BATCH`` rows from
+    the window's first iteration (also when resumed inside it, so the batches and the numbers are the same)."""
+    first = TrajectoryPool.window_of(cfg, i) * cfg.refresh if cfg.refresh else 0
+    end = min(first + cfg.refresh, cfg.iterations) if cfg.refresh else cfg.iterations
+    plans = [plan(j) for j in range(first, end)]
+    samples = [s for p in plans for s in p]
+    tgt, anchors = states(samples)
+    target, anchor_base = base_outputs(unet, adapter, cfg, pool.take(samples), [s.t for s in samples], tgt, ref,
+                                       anchors, batch_size=BASE_BATCH)
+    out, row = {}, 0
+    for j, p in zip(range(first, end), plans):
+        out[j] = (target[row:row + len(p)], anchor_base[row:row + len(p)] if anchor_base is not None else None)
+        row += len(p)
+    return out
 
 
 def _log_iteration(out: Path, i: int, samples, loss: float, several_prompts: bool, anchors: list, parts: dict) -> None:
