@@ -11,7 +11,7 @@ from unguide.erasure.adapters import make_adapter
 from unguide.erasure.concepts import ConceptSpec
 from unguide.erasure.recipes import SCHEDULE_SETTINGS
 from unguide.erasure.schedule import TrajectoryPool, plan_iteration
-from unguide.erasure.training import EraseConfig, concept_prompts, erase, negative_guidance_loss
+from unguide.erasure.training import EraseConfig, base_outputs, concept_prompts, erase, negative_guidance_loss
 from unguide.sampling.ddim import cfg_noise_fn, ddim_loop, initial_noise, make_sampler
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat",
@@ -76,6 +76,37 @@ def test_a_batch_loss_is_the_mean_of_its_samples(tiny_sd, anchored):
                                       anchors[2 * b:2 * b + 2] if anchored else None)[0] for b, t in enumerate([300, 700])]
     assert torch.allclose(both, (one[0] + one[1]) / 2, rtol=1e-4)
     assert abs(one[0].item() - one[1].item()) > 1e-6  # the two samples differ: a mix-up would show
+    adapter.remove()
+
+
+def test_a_windows_base_outputs_computed_together_are_each_iterations(tiny_sd):
+    """The cached schedule computes the loss's base side for a whole window in batches; the loss it then trains on is
+    the loss computed sample by sample, and the base side ignores the adapter."""
+    bundle = load_model(str(tiny_sd))
+    cfg = EraseConfig.from_recipe("selective", ddim_steps=8)
+    adapter = make_adapter(bundle.unet, cfg.adapter_config(), init_seed=0)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1)
+    erased, ref, _ = concept_prompts(bundle, CAT, cfg)
+    z = torch.randn(3, *bundle.latent_shape(), generator=torch.Generator().manual_seed(1))
+    tgt, ts = torch.cat([erased[0], erased[-1], erased[0]]), [100, 500, 900]
+    anchors = bundle.encode_prompts(["a photo of the dog", "", "a photo of the car"])
+    together = base_outputs(bundle.unet, adapter, cfg, z, ts, tgt, ref, anchors, batch_size=4)  # rows split 4 + 4 + 1
+    for b in range(3):
+        alone = base_outputs(bundle.unet, adapter, cfg, z[b:b + 1], ts[b:b + 1], tgt[b:b + 1], ref, anchors[b:b + 1])
+        assert torch.allclose(together[0][b:b + 1], alone[0], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(together[1][b:b + 1], alone[1], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            given, _ = negative_guidance_loss(bundle.unet, adapter, cfg, z[b:b + 1], ts[b:b + 1], tgt[b:b + 1], ref,
+                                              anchors[b:b + 1], base=(together[0][b:b + 1], together[1][b:b + 1]))
+            computed, _ = negative_guidance_loss(bundle.unet, adapter, cfg, z[b:b + 1], ts[b:b + 1], tgt[b:b + 1], ref,
+                                                 anchors[b:b + 1])
+        assert torch.allclose(given, computed, rtol=1e-4) and computed > 0
+    with adapter.base(), torch.no_grad():  # the base side is the base model's: the same with the adapter switched off
+        off = base_outputs(bundle.unet, adapter, cfg, z, ts, tgt, ref, anchors)
+    assert torch.allclose(off[0], together[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[0][0], together[0][1])  # samples differ: a mix-up of rows would show
     adapter.remove()
 
 
