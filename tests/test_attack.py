@@ -49,6 +49,9 @@ def test_vocabulary_words_are_seeded_whole_words(toy_bundle):
 
 @pytest.mark.slow
 def test_attack_command_reports_every_method(tmp_path):
+    # a benchmark of two concepts first: attacking one of them refreshes the benchmark's report over both
+    assert main(["benchmark", "--concepts", "sun,moon", "--methods", "base", "--samples", "1", "--steps", "4",
+                 "--out", str(tmp_path / "bench")]) == 0
     args = ["attack", "--benchmark", str(tmp_path / "bench"), "--concepts", "sun", "--methods", "base,unguide",
             "--iterations", "2", "--candidates", "4", "--pairs", "2", "--renders", "2", "--keep", "1",
             "--inversion-steps", "2", "--samples", "1", "--steps", "4"]
@@ -62,6 +65,7 @@ def test_attack_command_reports_every_method(tmp_path):
     assert "| sun | unguide |" in md and (tmp_path / "bench" / "attack" / "grids" / "sun.png").exists()
     from unguide.evaluation.report import attack_summary  # what the benchmark report shows once its directory was attacked
 
+    assert "## Under attack" in (tmp_path / "bench" / "report.md").read_text()  # the refreshed benchmark report
     summary = attack_summary(tmp_path / "bench")
     row = next(line for line in summary.splitlines() if line.startswith("| unguide |"))
     assert row.split("|")[2].strip() == f"{100 * ug['plain']['success_rate']:.0f}"

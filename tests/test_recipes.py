@@ -10,7 +10,8 @@ from unguide.erasure.adapters import make_adapter
 from unguide.cli import main
 from unguide.erasure.concepts import ConceptSpec, load_preset
 from unguide.erasure.runs import read_run
-from unguide.erasure.training import EraseConfig, concept_prompts, erase, erasure_loss
+from unguide.erasure.objective import erasure_loss
+from unguide.erasure.training import EraseConfig, concept_prompts, erase
 from unguide.errors import UnguideError
 from unguide.sampling.ddim import make_sampler
 

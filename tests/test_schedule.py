@@ -11,7 +11,8 @@ from unguide.erasure.adapters import make_adapter
 from unguide.erasure.concepts import ConceptSpec
 from unguide.erasure.recipes import SCHEDULE_SETTINGS
 from unguide.erasure.schedule import TrajectoryPool, plan_iteration
-from unguide.erasure.training import EraseConfig, base_outputs, concept_prompts, erase, negative_guidance_loss
+from unguide.erasure.objective import base_outputs, negative_guidance_loss
+from unguide.erasure.training import EraseConfig, concept_prompts, erase
 from unguide.sampling.ddim import cfg_noise_fn, ddim_loop, initial_noise, make_sampler
 
 CAT = ConceptSpec(target="a photo of the cat", reference="a photo of the forest", name="cat",

@@ -5,7 +5,8 @@ import torch
 from unguide import load_model
 from unguide.erasure.adapters import make_adapter
 from unguide.erasure.concepts import load_preset
-from unguide.erasure.training import EraseConfig, concept_prompts, erasure_loss
+from unguide.erasure.objective import erasure_loss
+from unguide.erasure.training import EraseConfig, concept_prompts
 from unguide.erasure.schedule import draw_point
 from unguide.sampling.ddim import make_sampler
 

@@ -12,7 +12,8 @@ import torch
 
 from unguide import load_model
 from unguide.attack.defence import Defence, Probe, prompt_losses
-from unguide.erasure.training import EraseConfig, erasure_loss
+from unguide.erasure.objective import erasure_loss
+from unguide.erasure.training import EraseConfig
 from unguide.guidance.config import ScorerConfig
 from unguide.guidance.image_gate import detector_scores
 from unguide.guidance.prompt_gate import influence_scores

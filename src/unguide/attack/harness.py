@@ -227,19 +227,26 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
         from ..evaluation.report import write_attack_report
 
         write_attack_report(out, report)
-    _refresh_benchmark_report(bench_dir, out, bench.suite)
+    _refresh_benchmark_report(bench_dir, out, bundle)
     return report
 
 
-def _refresh_benchmark_report(bench_dir: str | Path, out: Path, suite) -> None:
-    """The benchmark report gains its attack columns (when the attack wrote into the benchmark's own folder)."""
+def _refresh_benchmark_report(bench_dir: str | Path, out: Path, bundle) -> None:
+    """The benchmark report gains its attack columns (when the attack wrote into the benchmark's own folder). The
+    report covers every concept the benchmark measured, usually more than the attack's, so its suite is loaded
+    with the report's own concepts."""
     from ..evaluation.report import write_report
+    from ..evaluation.suites import load_suite
     from ..io import output_lock
 
     bench_report = Path(bench_dir) / "report.json"
     if out == Path(bench_dir) / "attack" and bench_report.exists():
+        measured = json.loads(bench_report.read_text())
+        config = measured.get("config", {})
+        suite = load_suite(measured.get("suite") or config.get("suite", "toy"), list(measured["per_concept"]),
+                           bundle=bundle, prompts=config.get("prompts"))
         try:
             with output_lock(bench_dir, "a benchmark"):
-                write_report(bench_dir, json.loads(bench_report.read_text()), suite)
+                write_report(bench_dir, measured, suite)
         except UnguideError:
             LOG.warning(f"note: {bench_dir} is busy; its report shows the attack on the benchmark's next run")

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import LORA_FILE, make_adapter
 from .concepts import ConceptSpec, default_anchors
 from .recipes import RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS, EraseConfig, register_recipe  # noqa: F401
-from .schedule import Sample, TrajectoryPool, fresh_points, plan_iteration
+from .objective import BASE_BATCH, base_outputs, negative_guidance_loss
+from .schedule import TrajectoryPool, fresh_points, plan_iteration
 from .runs import METADATA_FILE, RUN_VERSION, ErasureRun, read_run
 from ..errors import UnguideError
 from ..io import load_optimizer_tensors, load_tensors, optimizer_tensors, output_lock, save_tensors, write_json, write_text
@@ -57,66 +57,6 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.jsonl"
 LOG = logging.getLogger("unguide")  # the CLI shows INFO lines; a library caller can silence them
-
-
-def erasure_loss(unet, adapter, sampler, cfg: EraseConfig, k: int, t, z: torch.Tensor, prompts,
-                 anchors: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-    """The loss of one sample on a fresh trajectory from ``z`` (the reference protocol's iteration): the partial
-    trajectory, then :func:`negative_guidance_loss`."""
-    tgt, ref, empty = prompts
-    z_k = fresh_points(unet, sampler, cfg, [Sample(0, k, t, noise=z)], [tgt], empty)
-    return negative_guidance_loss(unet, adapter, cfg, z_k, [t], tgt, ref, anchors)
-
-
-BASE_BATCH = 64  # rows per base-model call when a window's base outputs are computed together
-
-
-@torch.no_grad()
-def base_outputs(unet, adapter, cfg: EraseConfig, z_k: torch.Tensor, ts: Sequence, tgt: torch.Tensor,
-                 ref: torch.Tensor, anchors: Optional[torch.Tensor] = None,
-                 batch_size: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The base model's side of the negative-guidance loss for a batch of samples: the erasure target
-    ``e_ref - eta * (e_tgt - e_ref)`` and, with anchors (the same number per sample, grouped by sample), the base
-    prediction at each (samples, anchors, ...). It never depends on the adapter being trained, so the ``cached``
-    schedule computes a whole window's at once, ``batch_size`` rows per call; one sample's rows are (reference,
-    prompt, its anchors), the layout the loss has always used."""
-    n_samples = z_k.shape[0]
-    m = anchors.shape[0] // n_samples if anchors is not None else 0
-    t = torch.as_tensor(list(ts), device=z_k.device)
-    states = torch.cat([torch.cat([ref, tgt[b:b + 1], *([anchors[b * m:(b + 1) * m]] if m else [])])
-                        for b in range(n_samples)])
-    x, tt = z_k.repeat_interleave(m + 2, 0), t.repeat_interleave(m + 2)
-    step = batch_size or len(x)
-    with adapter.base():
-        base = torch.cat([model_output(unet, x[r:r + step], tt[r:r + step], states[r:r + step])
-                          for r in range(0, len(x), step)])
-    base = base.unflatten(0, (n_samples, m + 2))
-    target = base[:, 0] - cfg.eta * (base[:, 1] - base[:, 0])
-    return target, (base[:, 2:] if m else None)
-
-
-def negative_guidance_loss(unet, adapter, cfg: EraseConfig, z_k: torch.Tensor, ts: Sequence, tgt: torch.Tensor,
-                           ref: torch.Tensor, anchors: Optional[torch.Tensor] = None,
-                           base: Optional[tuple] = None) -> tuple[torch.Tensor, dict]:
-    """The negative-guidance loss of a batch of samples (z_k, t, erased prompt's states ``tgt``), plus
-    ``anchor_weight`` x the anchor-preservation loss when anchor states are given (the same number per sample,
-    grouped by sample); gradients flow into the adapter only. ``base``: :func:`base_outputs` of these samples if
-    already computed. Returns (loss, its parts for the log)."""
-    n_samples = z_k.shape[0]
-    t = torch.as_tensor(list(ts), device=z_k.device)
-    target, anchor_base = base if base is not None else base_outputs(unet, adapter, cfg, z_k, ts, tgt, ref, anchors)
-    if anchors is None:  # the reference protocol
-        pred = model_output(unet, z_k, t, tgt)
-        loss = F.mse_loss(pred.float(), target.float())
-        return loss, {"erase": loss.item()}
-    n = anchors.shape[0] // n_samples
-    kept = [anchors[b * n:(b + 1) * n] for b in range(n_samples)]
-    pred = model_output(unet, z_k.repeat_interleave(n + 1, 0), t.repeat_interleave(n + 1),
-                        torch.cat([torch.cat([tgt[b:b + 1], kept[b]]) for b in range(n_samples)]))
-    pred = pred.unflatten(0, (n_samples, n + 1))
-    erase_part = F.mse_loss(pred[:, 0].float(), target.float())
-    anchor_part = F.mse_loss(pred[:, 1:].float(), anchor_base.float())
-    return erase_part + cfg.anchor_weight * anchor_part, {"erase": erase_part.item(), "anchor": anchor_part.item()}
 
 
 def concept_prompts(bundle, concept: ConceptSpec, cfg: EraseConfig):
