@@ -165,3 +165,26 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
         assert torch.allclose(both, 0.5 * kept + 0.5 * (0.5 * erased + 0.5 * ref), atol=1e-6)
     finally:
         adapter.remove()
+
+
+@pytest.mark.slow
+def test_attack_takes_a_group_run(tmp_path):
+    """`--together`: each erasing method is also attacked as METHOD+together, every member through the group's
+    decision, and the images it judges are drawn with the group's run."""
+    from unguide.evaluation.evaluate import load_folder
+
+    args = ["attack", "--benchmark", str(tmp_path / "bench"), "--together", "sun,moon", "--methods", "selective-image",
+            "--iterations", "2", "--calibration-samples", "1", "--candidates", "4", "--pairs", "2", "--renders", "2",
+            "--keep", "1", "--inversion-steps", "2", "--samples", "1", "--steps", "4", "--gate-images", "1"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench" / "attack" / "report.json").read_text())
+    assert report["together"] == ["sun", "moon"] and set(report["results"]) == {"sun", "moon"}
+    for concept in ("sun", "moon"):
+        alone, grouped = (report["results"][concept][m] for m in ("selective-image", "selective-image+together"))
+        assert grouped["label"] == "selective-image+together" and grouped["concept"] == concept
+        assert grouped["budget"]["prompts_scored"] == alone["budget"]["prompts_scored"] > 0
+    rows, _ = load_folder(tmp_path / "bench" / "attack" / "moon" / "selective-image+together" / "images")
+    assert rows and all(set(r["image_scores"]) == {"sun", "moon"} for r in rows)  # every member's detector looked
+    rows, _ = load_folder(tmp_path / "bench" / "attack" / "moon" / "selective-image" / "images")
+    assert rows and all(set(r.get("image_scores") or {}) != {"sun", "moon"} for r in rows)
+    assert "| moon | selective-image+together |" in (tmp_path / "bench" / "attack" / "report.md").read_text()

@@ -132,3 +132,16 @@ def test_the_python_pipeline_returns_each_concepts_decision(group_run):
         assert set(scores["members"]) == {"sd-cat", "sd-dog"} and isinstance(scores["concepts"], list)
     pipe.unload_erasure()
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # every member's layers taken out
+
+
+def test_the_groups_decision_for_prompts_is_the_one_it_draws_with(group_run):
+    """`GroupGuide.decide` (what the attack asks of a defence) gives the decisions `prepare` makes for drawing."""
+    sd, run = group_run
+    pipe = UnGuidePipeline.from_pretrained(str(sd))
+    pipe.load_erasure(run)
+    guide = pipe.guide(GuidanceConfig(gate="calibrated"))
+    prompts = ["a photo of a cat", "a photo of a truck", "a photo of a dog"]
+    decided = guide.decide(pipe.bundle, prompts, 7.5)
+    prepared = guide.prepare(pipe.bundle, _items([(p, i) for i, p in enumerate(prompts)]))
+    assert [(d.w, d.concepts, d.members) for d in decided] == [(d.w, d.concepts, d.members) for d in prepared]
+    assert all(set(d.members) == {"sd-cat", "sd-dog"} for d in decided)

@@ -5,6 +5,7 @@ of the concept, read as noise through the model's own output conversion).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,15 +73,19 @@ class Exposure:
 
 
 class Defence:
-    """The model under attack: base model (w = 1), adapter alone (w = 0) or UnGuidance (w from the run's gates)."""
+    """The model under attack: base model (w = 1), adapter alone (w = 0) or UnGuidance (w from the run's gates).
+    Against a group run, ``member`` is the concept attacked: the group decides every prompt, and where it erases, the
+    member's adapter is the one that draws it (the group draws a prompt flagged for one concept with that one's)."""
 
-    def __init__(self, bundle, guide=None, adapter=None, gate_images: int = 2, steps: int = 50, seed: int = 0):
-        self.bundle, self.guide, self.adapter = bundle, guide, adapter
+    def __init__(self, bundle, guide=None, adapter=None, gate_images: int = 2, steps: int = 50, seed: int = 0,
+                 member: Optional[str] = None):
+        self.bundle, self.guide, self.adapter, self.member = bundle, guide, adapter, member
         self.guidance = bundle.default_guidance
         self.gate_images, self.steps, self.seed = gate_images, steps, seed
         gates = guide.image_gates if guide is not None else {}
         # the reference prompt a substituted drawing shows: what the attacker's tokens cannot change
-        self.reference = guide.substitute_for(next(iter(gates))) if gates else None
+        key = member if member in gates else next(iter(gates), None)
+        self.reference = guide.substitute_for(key) if key is not None else None
 
     @property
     def image_gated(self) -> bool:
@@ -146,7 +151,8 @@ class Defence:
     def output(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The conditional denoiser output (noise or v), mixed by w as generation mixes its guided predictions."""
         unet = self.bundle.unet
-        return mix_by_weight(w, self.adapter, lambda rows: model_output(unet, z[rows], t[rows], states[rows]), z)
+        with self.adapter.only([self.member]) if self.member is not None else nullcontext():
+            return mix_by_weight(w, self.adapter, lambda rows: model_output(unet, z[rows], t[rows], states[rows]), z)
 
 
 @dataclass

@@ -85,16 +85,17 @@ class _Ledger:
 
 
 def attack(model, spec, images: torch.Tensor, judge, classes, aliases, out: str | Path, cfg: AttackConfig = AttackConfig(),
-           guide=None, adapter=None, label: str = "", progress: bool = True) -> dict:
+           guide=None, adapter=None, label: str = "", progress: bool = True, member: Optional[str] = None) -> dict:
     """Run the whole attack on one defended model (an :class:`UnGuidePipeline` or a loaded bundle; ``guide`` and
-    ``adapter``: the defence, None for the base model); writes ``out/attack.json`` and the judged images, drawn
-    through the pipeline as generation draws them."""
+    ``adapter``: the defence, None for the base model; ``member``: the concept attacked when the defence is a group
+    run); writes ``out/attack.json`` and the judged images, drawn through the pipeline as generation draws them."""
     from ..generation.pipeline import as_pipeline
 
     pipe = as_pipeline(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    defence = Defence(pipe.bundle, guide, adapter, gate_images=cfg.gate_images, steps=cfg.steps, seed=cfg.seed)
+    defence = Defence(pipe.bundle, guide, adapter, gate_images=cfg.gate_images, steps=cfg.steps, seed=cfg.seed,
+                      member=member)
     counter = EvalCounter(pipe.bundle.unet)
     ledger = _Ledger(out / "budget.json", counter)
     try:
@@ -179,9 +180,12 @@ def _result(defence: Defence, spec, cfg: AttackConfig, label: str, scored: list,
 def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str, methods: Sequence[str],
                      cfg: AttackConfig = AttackConfig(), out: Optional[str | Path] = None, images: Optional[str] = None,
                      suite_name: str = "toy", clip_model: Optional[str] = None, erase_iterations: Optional[int] = None,
-                     calibration_samples: Optional[int] = None, progress: bool = True) -> dict:
+                     calibration_samples: Optional[int] = None, progress: bool = True,
+                     together: Optional[Sequence[str]] = None) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
-    the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``)."""
+    the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``). With
+    ``together`` (the concepts of a group run, as ``benchmark --together``), each erasing method is also attacked as
+    ``METHOD+together``: every member through the group's decision."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
     from ..evaluation.methods import get_method
     from ..evaluation.evaluate import load_image_folder
@@ -196,7 +200,8 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
     bundle = pipe.bundle
     bench = Benchmark(pipe, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
                                             clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations,
-                                            calibration_samples=calibration_samples, steps=cfg.steps), bench_dir)
+                                            calibration_samples=calibration_samples, steps=cfg.steps,
+                                            together=list(together) if together else None), bench_dir)
     plugin = world_of(bundle)
     if images is None and plugin is None:
         raise UnguideError("the attack needs images of the concept: pass `images` DIR (on the embedded model it "
@@ -209,26 +214,37 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
         for name, case in bench.suite.cases.items():
             concept_images = user_images if user_images is not None else plugin.concept_images(case.spec, cfg.renders,
                                                                                                cfg.seed)
-            results[name] = {}
-            for method in methods:
-                guide = None
-                if get_method(method).erases:
-                    pipe.load_erasure(bench.ensure_run(name, method))
-                    guide = pipe.guide(get_method(method).guidance_config(bench.cfg.overrides()))
-                try:
-                    results[name][method] = attack(pipe, case.spec, concept_images, judge, case.classes, case.aliases,
-                                                   out / name / method, cfg, guide=guide, adapter=pipe.adapter,
-                                                   label=method, progress=progress)
-                finally:
-                    pipe.unload_erasure()
-                    bundle.clear_text_cache()  # the soft prompts registered for this method go with it
-        report = {"concepts": list(results), "methods": list(methods), "config": asdict(cfg), "results": results}
+            results[name] = {method: _attack_method(pipe, bench, name, case, method, concept_images, judge,
+                                                    out / name / method, cfg, progress) for method in bench.methods}
+        report = {"concepts": list(results), "methods": bench.methods, "config": asdict(cfg), "results": results}
+        if bench.group:
+            report["together"] = list(bench.group)
         write_json(out / "report.json", report)
         from ..evaluation.report import write_attack_report
 
         write_attack_report(out, report)
     _refresh_benchmark_report(bench_dir, out, bundle)
     return report
+
+
+def _attack_method(pipe, bench, name: str, case, method: str, images, judge, out: Path, cfg: AttackConfig,
+                   progress: bool) -> dict:
+    """One concept under one method: its single run, or for ``METHOD+together`` the group's run (the concept attacked
+    through the group's decision)."""
+    from ..evaluation.benchmark import base_method
+    from ..evaluation.methods import get_method
+
+    recipe, grouped = get_method(base_method(method)), method != base_method(method)
+    guide = None
+    if recipe.erases:
+        pipe.load_erasure(bench.ensure_group(base_method(method)) if grouped else bench.ensure_run(name, method))
+        guide = pipe.guide(recipe.guidance_config(bench.cfg.overrides()))
+    try:
+        return attack(pipe, case.spec, images, judge, case.classes, case.aliases, out, cfg, guide=guide,
+                      adapter=pipe.adapter, label=method, progress=progress, member=name if grouped else None)
+    finally:
+        pipe.unload_erasure()
+        pipe.bundle.clear_text_cache()  # the soft prompts registered for this method go with it
 
 
 def _refresh_benchmark_report(bench_dir: str | Path, out: Path, bundle) -> None:

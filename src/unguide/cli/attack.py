@@ -15,10 +15,11 @@ def _cmd_attack(args) -> int:
                        steps=args.steps, seed=args.seed, gate_images=args.gate_images)
     concepts = "all" if args.concepts == "all" else [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    together = [c.strip() for c in args.together.split(",") if c.strip()] if args.together else None
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     report = attack_benchmark(pipe, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
                               suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations,
-                              calibration_samples=args.calibration_samples)
+                              calibration_samples=args.calibration_samples, together=together)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
     def pct(rate) -> str:
         return "    –" if rate is None else f"{100 * rate:5.1f}%"
@@ -43,6 +44,9 @@ def add_parser(sub) -> None:
     k.add_argument("--suite", choices=SUITES, default="toy")
     k.add_argument("--concepts", default="sun", help="comma-separated concepts or 'all' (default sun)")
     k.add_argument("--methods", default="base,lora,unguide,full,selective,selective-unguide,selective-image")
+    k.add_argument("--together", default=None, help="comma-separated concepts erased as one group run (as benchmark "
+                   "--together; replaces --concepts): each erasing method is also attacked as METHOD+together, every "
+                   "member through the group's decision")
     k.add_argument("--gate-images", type=int, default=2, help="against an image gate: images the attacker draws per "
                    "candidate prompt to see whether the detector flags it (default 2)")
     k.add_argument("--images", default=None, help="a folder of images of the concept (needed on Stable Diffusion; the "

@@ -209,21 +209,25 @@ class Benchmark:
         if self.group:
             self._generate_group()
 
-    def _generate_group(self) -> None:
-        """Each erasing method's members' runs as one group run, drawing the union of the members' prompts once."""
-        from ..erasure.groups import write_group
-
+    def ensure_group(self, method: str) -> Path:
+        """The group run of a method: its members' single runs (trained if missing) joined as one run."""
         from accelerate import PartialState
 
+        from ..erasure.groups import write_group
+
+        members = {n: self.ensure_run(n, method) for n in self.group}
+        if PartialState().is_main_process:
+            write_group(self.group_dir(method), members, self.bundle)
+        PartialState().wait_for_everyone()
+        return self.group_dir(method)
+
+    def _generate_group(self) -> None:
+        """Each erasing method's members' runs as one group run, drawing the union of the members' prompts once."""
         rows = list({r["prompt"]: r for n in self.group for r in self.suite.cases[n].rows}.values())
         for method in self.cfg.methods:
             if not get_method(method).erases:
                 continue
-            members = {n: self.ensure_run(n, method) for n in self.group}
-            if PartialState().is_main_process:
-                write_group(self.group_dir(method), members, self.bundle)
-            PartialState().wait_for_everyone()
-            self.pipe.load_erasure(self.group_dir(method))
+            self.pipe.load_erasure(self.ensure_group(method))
             guide = self.pipe.guide(get_method(method).guidance_config(self.cfg.overrides()))
             t0 = time.time()
             try:

@@ -42,6 +42,15 @@ class GroupGuide:
                 "members": {k: g.settings() for k, g in self.members.items()}}
 
     # -- deciding ---------------------------------------------------------------------------------------------
+    def decide(self, bundle, prompts: Sequence[str], guidance: float) -> list[Decision]:
+        """The group's prompt-side decision for each prompt at one guidance scale, as :meth:`prepare` makes it (what
+        ``unguide attack`` asks of a defence)."""
+        per = {}
+        for name, guide in self.members.items():
+            with self.adapter.only([name]):
+                per[name] = guide.decide(bundle, prompts, guidance)
+        return [self._combine({k: per[k][r] for k in self.members}) for r in range(len(prompts))]
+
     def prepare(self, bundle, items) -> list[Decision]:
         """Each member decides for its concept (its adapter alone on while it scores); a row's w is the most erasing
         of its members' and ``concepts`` names the members whose gate it is over."""
