@@ -113,3 +113,54 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     again = erase(bundle, spec, run, cfg, progress=False)
     assert again.calibration.image["threshold"] == pytest.approx(image["threshold"])
     assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
+
+
+def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
+    """calibrated+image: a row the prompt gate erased is drawn by the erasure at once and skips the first look, but
+    its drawing meets the second look: still the concept, the base model draws the reference prompt instead."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from unguide.guidance import review as review_module
+    from unguide.guidance.decision import Decision
+
+    class Reviewer:
+        adapter, keep_w = None, 1.0
+        image_gates = {"cat": SimpleNamespace(threshold=0.0)}
+
+        def flagged(self, decision, hits, scores):
+            looked = decision.but(image_score=scores["cat"], image_flagged=bool(hits))
+            return looked.but(w=0.0) if hits else looked
+
+        def substitute_for(self, concept):
+            return "a photo of the forest"
+
+    # rows: 0 kept and clean; 1 kept, flagged, its redraw clean; 2 erased by the prompt gate, its drawing still the
+    # concept; 3 erased, its drawing clean
+    first = {0: 1.0, 1: -1.0}
+    second = {1: 0.5, 2: -2.0, 3: 0.3}
+    calls = []
+
+    def look(reviewer, bundle, latents, seeds):
+        table = first if not calls else second
+        calls.append(list(seeds))
+        return [{"cat": table[s]} for s in seeds]
+
+    monkeypatch.setattr(review_module, "look", look)
+    items = [SimpleNamespace(seed=r) for r in range(4)]
+    decisions = [Decision(1.0), Decision(1.0), Decision(0.0, gate="calibrated"), Decision(0.0, gate="calibrated")]
+    redrawn = []
+
+    def redraw(rows, ds):
+        redrawn.append((list(rows), [d.substitute_prompt for d in ds]))
+        return torch.full((len(rows), 1), 7.0)
+
+    latents, out = review_module.review(Reviewer(), None, items, torch.zeros(4, 1), decisions, redraw)
+    assert calls == [[0, 1], [1, 2, 3]]  # kept rows at the first look; the redraw and both erased rows at the second
+    assert redrawn == [([1], [None]), ([2], ["a photo of the forest"])]
+    assert out[0].w == 1.0 and out[0].image_flagged is False and out[0].image_score_redrawn is None
+    assert out[1].w == 0.0 and out[1].image_flagged and out[1].substitute_prompt is None
+    assert out[2].w == 1.0 and out[2].substitute_prompt == "a photo of the forest" and out[2].image_score_redrawn == -2.0
+    assert out[3].w == 0.0 and out[3].substitute_prompt is None and out[3].image_score_redrawn == 0.3
+    assert latents[:, 0].tolist() == [0.0, 7.0, 7.0, 0.0]
