@@ -140,10 +140,10 @@ def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
     # concept; 3 erased, its drawing clean
     first = {0: 1.0, 1: -1.0}
     second = {1: 0.5, 2: -2.0, 3: 0.3}
-    calls = []
+    calls, tables = [], [first, second]  # what each look in turn sees
 
     def look(reviewer, bundle, latents, seeds):
-        table = first if not calls else second
+        table = tables.pop(0)
         calls.append(list(seeds))
         return [{"cat": table[s]} for s in seeds]
 
@@ -164,3 +164,8 @@ def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
     assert out[2].w == 1.0 and out[2].substitute_prompt == "a photo of the forest" and out[2].image_score_redrawn == -2.0
     assert out[3].w == 0.0 and out[3].substitute_prompt is None and out[3].image_score_redrawn == 0.3
     assert latents[:, 0].tolist() == [0.0, 7.0, 7.0, 0.0]
+    # a batch the prompt gate erased whole: no first look at all (an empty look is never asked for)
+    calls.clear()
+    tables.append(second)
+    _, out = review_module.review(Reviewer(), None, items[2:], torch.zeros(2, 1), decisions[2:], redraw)
+    assert calls == [[2, 3]] and out[0].substitute_prompt == "a photo of the forest"

@@ -56,7 +56,8 @@ def review(reviewer: Reviewer, bundle, items, latents: torch.Tensor, decisions: 
     if not rows and not erased:
         return latents, decisions
     decisions, flagged = list(decisions), []
-    for r, scores in zip(rows, look(reviewer, bundle, latents[rows], [items[r].seed for r in rows])):
+    first = look(reviewer, bundle, latents[rows], [items[r].seed for r in rows]) if rows else []
+    for r, scores in zip(rows, first):
         hits = hits_of(reviewer, scores)
         decisions[r] = reviewer.flagged(decisions[r], hits, scores)
         flagged += [r] if hits else []
