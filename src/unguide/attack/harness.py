@@ -181,11 +181,12 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
                      cfg: AttackConfig = AttackConfig(), out: Optional[str | Path] = None, images: Optional[str] = None,
                      suite_name: str = "toy", clip_model: Optional[str] = None, erase_iterations: Optional[int] = None,
                      calibration_samples: Optional[int] = None, progress: bool = True,
-                     together: Optional[Sequence[str]] = None) -> dict:
+                     together: Optional[Sequence[str]] = None, image_gate: Optional[str] = None) -> dict:
     """Attack every (concept, method) of a benchmark directory, using its erasure runs (missing ones are trained as
     the benchmark would); writes ``out/report.{json,md,html}`` (default out: ``bench_dir/attack``). With
     ``together`` (the concepts of a group run, as ``benchmark --together``), each erasing method is also attacked as
-    ``METHOD+together``: every member through the group's decision."""
+    ``METHOD+together``: every member through the group's decision. ``image_gate``: selective-image's gate, as
+    ``benchmark --image-gate`` (None: the image gate alone)."""
     from ..evaluation.benchmark import Benchmark, BenchmarkConfig
     from ..evaluation.methods import get_method
     from ..evaluation.evaluate import load_image_folder
@@ -201,7 +202,8 @@ def attack_benchmark(model, bench_dir: str | Path, concepts: Sequence[str] | str
     bench = Benchmark(pipe, BenchmarkConfig(suite=suite_name, concepts=concepts, methods=list(methods),
                                             clip_model=clip_model or DEFAULT_CLIP, erase_iterations=erase_iterations,
                                             calibration_samples=calibration_samples, steps=cfg.steps,
-                                            together=list(together) if together else None), bench_dir)
+                                            together=list(together) if together else None,
+                                            selective_image_gate=image_gate), bench_dir)
     plugin = world_of(bundle)
     if images is None and plugin is None:
         raise UnguideError("the attack needs images of the concept: pass `images` DIR (on the embedded model it "

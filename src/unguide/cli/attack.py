@@ -19,7 +19,8 @@ def _cmd_attack(args) -> int:
     pipe = UnGuidePipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device)
     report = attack_benchmark(pipe, args.benchmark, concepts, methods, cfg, out=args.out, images=args.images,
                               suite_name=args.suite, clip_model=args.clip_model, erase_iterations=args.iterations,
-                              calibration_samples=args.calibration_samples, together=together)
+                              calibration_samples=args.calibration_samples, together=together,
+                              image_gate=args.image_gate)
     out = Path(args.out) if args.out else Path(args.benchmark) / "attack"
     def pct(rate) -> str:
         return "    –" if rate is None else f"{100 * rate:5.1f}%"
@@ -47,6 +48,8 @@ def add_parser(sub) -> None:
     k.add_argument("--together", default=None, help="comma-separated concepts erased as one group run (as benchmark "
                    "--together; replaces --concepts): each erasing method is also attacked as METHOD+together, every "
                    "member through the group's decision")
+    k.add_argument("--image-gate", choices=["image", "calibrated+image"], default=None,
+                   help="selective-image: the image gate alone (default) or behind the calibrated prompt gate")
     k.add_argument("--gate-images", type=int, default=2, help="against an image gate: images the attacker draws per "
                    "candidate prompt to see whether the detector flags it (default 2)")
     k.add_argument("--images", default=None, help="a folder of images of the concept (needed on Stable Diffusion; the "
