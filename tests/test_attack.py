@@ -163,14 +163,15 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
         ref = defence.losses(probe, toy_bundle.encode_prompts([spec.reference]).float(), [Exposure(Decision(1.0))], 64)[0]
         both = last.losses(probe, states, [Exposure(Decision(1.0), 0.5, 0.5, 0.0)], 64)[0]
         assert torch.allclose(both, 0.5 * kept + 0.5 * (0.5 * erased + 0.5 * ref), atol=1e-6)
-        # a prompt gate in front (calibrated+image) that erases every prompt: the attacker meets the second look on
-        # the adapter's drawing, substituted whenever the detector still fires on it, never when it cannot fire
-        for image_threshold, substituted in ((1e9, 1.0), (-1e9, 0.0)):
-            front = Defence(toy_bundle, UnGuide(adapter, gate=PromptGate("value", threshold=1e-12), rule=rule,
-                                                image_gate=ImageGate(concept, anchors, image_threshold),
+        # a prompt gate in front (calibrated+image) erases nothing itself: a prompt over it is a suspect, and the
+        # attacker meets the image gate's lenient threshold for it (here: always flags) and the usual one otherwise
+        for prompt_threshold, flagged in ((1e-12, 1.0), (1e12, 0.0)):
+            front = Defence(toy_bundle, UnGuide(adapter, gate=PromptGate("value", threshold=prompt_threshold),
+                                                rule=rule, image_gate=ImageGate(concept, anchors, -1e9, suspect_threshold=1e9),
                                                 substitute_prompt=spec.reference), adapter, 2, 20)
             seen = front.exposures([spec.target])[0]
-            assert (seen.w, seen.flag_rate, seen.substitute_rate, seen.w_erased) == (0.0, 1.0, substituted, 0.0)
+            assert (seen.w, seen.flag_rate, seen.decision.suspects) == (1.0, flagged, ("concept",) if flagged else None)
+            assert seen.substitute_rate == (1.0 if flagged else None)
     finally:
         adapter.remove()
 

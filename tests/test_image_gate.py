@@ -6,7 +6,8 @@ import torch
 
 from unguide.errors import UnguideError
 from unguide.sampling.images import Item, sample_latents_batched
-from unguide.guidance.image_gate import DetectorConfig, ImageGate, candidate_prompts, detector_scores, image_threshold
+from unguide.guidance.image_gate import (SUSPECT_POSITION, DetectorConfig, ImageGate, candidate_prompts, detector_scores,
+                                         image_threshold)
 
 SUN = ["a photo of the sun", "a photo of the sunshine"]
 ANCHORS = ["a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", ""]
@@ -55,6 +56,40 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
     assert ImageGate.from_stored(stored, 0.5).threshold == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], 0.5))
     with pytest.raises(UnguideError, match="outside"):
         ImageGate.from_stored(stored, 1.5)
+    # a suspect's threshold: past the anchors' calibration images (SUSPECT_POSITION), never stricter than the usual
+    lenient = ImageGate.from_stored(stored).suspect_threshold
+    assert lenient == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], SUSPECT_POSITION)) and lenient > 0.6
+    assert ImageGate.from_stored(stored).threshold_for(True) == lenient
+    assert ImageGate.from_stored(stored).threshold_for(False) == 0.1
+
+
+def test_a_prompt_gate_in_front_of_the_image_gate_suspects_and_never_erases():
+    """calibrated+image: a prompt over the prompt gate keeps w_keep and is marked a suspect of its concept (a group
+    marks every member whose gate it is over); without an image gate the same prompt is erased."""
+    from unguide.guidance.decision import Decision
+    from unguide.guidance.group import GroupGuide
+    from unguide.guidance.prompt_gate import PromptGate
+    from unguide.guidance.unguidance import UnGuide
+
+    def guide(image: bool, name: str = "cat", scores=(2.0, 0.5)):
+        g = UnGuide(None, gate=PromptGate("value", threshold=1.0), concept=name,
+                    image_gate=ImageGate((name,), ("",), 0.0, suspect_threshold=1.0) if image else None)
+        g.scores = lambda bundle, prompts, guidance: list(scores)
+        return g
+
+    over, under = guide(True).decide(None, ["a cat", "a dog"], 5.0)
+    assert (over.w, over.suspects, over.score) == (2.0, ("cat",), 2.0) and (under.w, under.suspects) == (2.0, None)
+    assert [d.w for d in guide(False).decide(None, ["a cat", "a dog"], 5.0)] == [-1.0, 2.0]
+
+    class Adapter:
+        def only(self, names):
+            from contextlib import nullcontext
+            return nullcontext()
+
+    group = GroupGuide(Adapter(), {"cat": guide(True, "cat", (2.0, 0.5)), "dog": guide(True, "dog", (0.5, 0.5))})
+    first, second = group.decide(None, ["a cat", "a dog"], 5.0)
+    assert (first.w, first.suspects, first.concepts) == (2.0, ("cat",), ()) and second.suspects is None
+    assert isinstance(first, Decision)
 
 
 def test_v_prediction_output_is_converted_to_noise():
@@ -115,19 +150,21 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
 
 
-def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
-    """calibrated+image: a row the prompt gate erased is drawn by the erasure at once and skips the first look, but
-    its drawing meets the second look: still the concept, the base model draws the reference prompt instead."""
+def test_a_suspect_prompts_image_meets_the_lenient_threshold(monkeypatch):
+    """calibrated+image: the prompt gate erases nothing on its own; a prompt over it is a suspect, whose image is
+    flagged under the lenient threshold (another prompt's image with the same score is kept), redrawn, and meets the
+    second look under the same lenient threshold."""
     from types import SimpleNamespace
 
     import torch
 
     from unguide.guidance import review as review_module
     from unguide.guidance.decision import Decision
+    from unguide.guidance.image_gate import ImageGate
 
     class Reviewer:
         adapter, keep_w = None, 1.0
-        image_gates = {"cat": SimpleNamespace(threshold=0.0)}
+        image_gates = {"cat": ImageGate(("cat",), ("",), threshold=0.0, suspect_threshold=1.0)}
 
         def flagged(self, decision, hits, scores):
             looked = decision.but(image_score=scores["cat"], image_flagged=bool(hits))
@@ -136,11 +173,11 @@ def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
         def substitute_for(self, concept):
             return "a photo of the forest"
 
-    # rows: 0 kept and clean; 1 kept, flagged, its redraw clean; 2 erased by the prompt gate, its drawing still the
-    # concept; 3 erased, its drawing clean
-    first = {0: 1.0, 1: -1.0}
-    second = {1: 0.5, 2: -2.0, 3: 0.3}
-    calls, tables = [], [first, second]  # what each look in turn sees
+    # rows 0, 1 kept; rows 2, 3 suspects. Scores 0.5 (between the thresholds) for rows 0 and 2; row 3 also 0.5 after
+    # its redraw (still the concept under the lenient threshold -> the reference prompt); row 1 well over both
+    first = {0: 0.5, 1: 2.0, 2: 0.5, 3: 0.5}
+    second = {2: 1.5, 3: 0.5}
+    calls, tables = [], [first, second]
 
     def look(reviewer, bundle, latents, seeds):
         table = tables.pop(0)
@@ -149,7 +186,8 @@ def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
 
     monkeypatch.setattr(review_module, "look", look)
     items = [SimpleNamespace(seed=r) for r in range(4)]
-    decisions = [Decision(1.0), Decision(1.0), Decision(0.0, gate="calibrated"), Decision(0.0, gate="calibrated")]
+    suspect = Decision(1.0, gate="calibrated", suspects=("cat",))
+    decisions = [Decision(1.0), Decision(1.0), suspect, suspect]
     redrawn = []
 
     def redraw(rows, ds):
@@ -157,15 +195,11 @@ def test_rows_a_prompt_gate_erased_meet_the_second_look(monkeypatch):
         return torch.full((len(rows), 1), 7.0)
 
     latents, out = review_module.review(Reviewer(), None, items, torch.zeros(4, 1), decisions, redraw)
-    assert calls == [[0, 1], [1, 2, 3]]  # kept rows at the first look; the redraw and both erased rows at the second
-    assert redrawn == [([1], [None]), ([2], ["a photo of the forest"])]
-    assert out[0].w == 1.0 and out[0].image_flagged is False and out[0].image_score_redrawn is None
-    assert out[1].w == 0.0 and out[1].image_flagged and out[1].substitute_prompt is None
-    assert out[2].w == 1.0 and out[2].substitute_prompt == "a photo of the forest" and out[2].image_score_redrawn == -2.0
-    assert out[3].w == 0.0 and out[3].substitute_prompt is None and out[3].image_score_redrawn == 0.3
-    assert latents[:, 0].tolist() == [0.0, 7.0, 7.0, 0.0]
-    # a batch the prompt gate erased whole: no first look at all (an empty look is never asked for)
-    calls.clear()
-    tables.append(second)
-    _, out = review_module.review(Reviewer(), None, items[2:], torch.zeros(2, 1), decisions[2:], redraw)
-    assert calls == [[2, 3]] and out[0].substitute_prompt == "a photo of the forest"
+    assert calls == [[0, 1, 2, 3], [2, 3]]  # every row looked at; the suspects' redraws looked at again
+    assert redrawn == [([2, 3], [None, None]), ([3], ["a photo of the forest"])]
+    assert out[0].w == 1.0 and out[0].image_flagged is False  # same score as row 2, not a suspect: kept
+    assert out[1].w == 1.0 and out[1].image_flagged is False
+    assert out[2].w == 0.0 and out[2].image_flagged and out[2].substitute_prompt is None
+    assert out[3].w == 1.0 and out[3].substitute_prompt == "a photo of the forest"
+    assert latents[:, 0].tolist() == [0.0, 0.0, 7.0, 7.0]
+    assert suspect.record()["suspects"] == ["cat"] and Decision.from_record(suspect.record()) == suspect

@@ -93,14 +93,13 @@ class Defence:
 
     def exposures(self, prompts: Sequence[str]) -> list[Exposure]:
         """Each prompt's decision as the pipeline would make it; against an image gate, the attacker draws
-        ``gate_images`` images of each prompt (other seeds than the judged ones) through the pipeline's own decision
-        sequence (:func:`~unguide.sampling.images.draw_batch`: prompt gate, drawing, image gate's review) and counts
-        what the review did to them (a prompt a gate in front erased: how often its drawing is substituted)."""
+        ``gate_images`` images of each kept prompt (other seeds than the judged ones) through the pipeline's own
+        decision sequence (:func:`~unguide.sampling.images.draw_batch`: prompt gate, drawing, image gate's review) and
+        counts what the review did to them."""
         if self.guide is None:
             return [Exposure(Decision(1.0)) for _ in prompts]
         decisions = self.guide.decide(self.bundle, list(prompts), self.guidance)
-        # every drawing is looked at: kept rows first, rows a prompt gate erased at the second look
-        kept = list(range(len(decisions))) if self.image_gated else []
+        kept = [i for i, d in enumerate(decisions) if d.w == self.guide.keep_w] if self.image_gated else []
         if not kept:
             return [Exposure(d) for d in decisions]
         size = self.bundle.image_size
@@ -114,11 +113,9 @@ class Defence:
         out = [Exposure(d) for d in decisions]
         for n, i in enumerate(kept):
             mine = looked[n * len(seeds):(n + 1) * len(seeds)]
-            # an erased row counts as flagged on every draw: the erasure drew it, the second look judged that drawing
-            hit = mine if decisions[i].w != self.guide.keep_w else [d for d in mine if d.redrawn]
+            hit = [d for d in mine if d.redrawn]
             out[i] = Exposure(decisions[i], len(hit) / len(mine), sum(d.substituted for d in hit) / len(hit) if hit
-                              and self.reference is not None else None,
-                              decisions[i].w if decisions[i].w != self.guide.keep_w else self.guide.rule.w_erase)
+                              and self.reference is not None else None, self.guide.rule.w_erase)
         return out
 
     def _redraw(self, batch: Sequence[Item]):

@@ -74,8 +74,9 @@ def add_parser(sub) -> None:
     g.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="rule from scores to w")
     g.add_argument("--gate", default=None, help="calibrated (the run's stored threshold), empty (the paper's d(\"\") "
                    "rule), a number, image (every prompt drawn by the base model, its image checked by the run's "
-                   "detector and redrawn with the erasure if it shows the concept) or calibrated+image (prompts over "
-                   "the calibrated gate erased at once, the rest checked on the image); default: the run's recipe's")
+                   "detector and redrawn with the erasure if it shows the concept) or calibrated+image (as image, "
+                   "but a prompt over the calibrated prompt gate is a suspect: its image is checked under a more "
+                   "lenient threshold); default: the run's recipe's")
     g.add_argument("--image-gate-position", type=float, default=None, help=IMAGE_POSITION_HELP)
     g.add_argument("--keep", default=None, choices=list(KEEP_WEIGHTS),
                    help="weight of prompts under the gate: base (w = 1, the base model's image, no adapter cost) or "

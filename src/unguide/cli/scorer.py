@@ -21,7 +21,8 @@ def _print_image_gate_cost(bundle, adapter, meta: dict, prompts: list[str], guid
             c = cost[name]
             print(f"  gate {gate}, {name} ({c['prompts']} prompts, one image each): {c['evals_per_image_gated']:.0f} UNet "
                   f"evals per image, detector and redraws included (plain generation {c['evals_per_image_base']:.0f}); "
-                  f"{c['erased']} erased, {c['image_flagged']} flagged by the image gate, {c['substituted']} drawn "
+                  f"{c['erased']} erased, {c['suspects']} suspects of the prompt gate, {c['image_flagged']} flagged by "
+                  f"the image gate, {c['substituted']} drawn "
                   f"from the reference prompt; wall clock "
                   f"x{c['ratio_gated_to_base']:.2f}")
     return 0

@@ -113,6 +113,7 @@ def gate_cost_by_group(bundle, adapter, meta, groups: dict, guidance: float, gat
                         "evals_per_image_gated": n_gate / len(items), "ratio_gated_to_base": t_gate / t_base,
                         "erased": sum(1 for d in infos if d.w != guide.rule.w_keep or d.redrawn),
                         "image_flagged": sum(1 for d in infos if d.redrawn),
+                        "suspects": sum(1 for d in infos if d.suspects),
                         "substituted": sum(1 for d in infos if d.substituted)}
     first = next(iter(meta.members.values())).guide(adapter, GuidanceConfig(gate=gate))
     result["gate"] = first.gate.kind + ("+image" if guide.image_gates else "")

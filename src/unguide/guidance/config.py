@@ -2,8 +2,9 @@
 
 * :class:`GateSpec`: the one spelling of a gate. ``empty`` (the paper's d("") rule), ``calibrated`` (the run's stored
   threshold), a positive number (that threshold), ``image`` (no prompt gate: every prompt is drawn by the base model
-  and its image checked) or ``calibrated+image`` (prompts over the calibrated gate erased at once, the rest checked on
-  the image). A recipe stores its default in the same spelling.
+  and its image checked) or ``calibrated+image`` (as ``image``, but a prompt over the calibrated gate is a suspect,
+  its image checked under a more lenient threshold: the words raise the image gate's suspicion, never erase on their
+  own). A recipe stores its default in the same spelling.
 * :class:`ScorerConfig` (how a prompt's influence is scored), :class:`WeightRule` (score -> w), the weights of kept
   and erased prompts (:data:`KEEP_WEIGHTS`, :data:`ERASE_WEIGHTS`), :class:`GateDefaults` (what a recipe's runs use
   unless told otherwise) and :class:`GuidanceConfig` (what a caller asks for; None fields take the run's defaults).

@@ -10,15 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
-SCORE_FIELDS = ("score", "threshold", "score_empty", "image_score", "image_threshold", "image_flagged", "concepts",
-                "members", "image_scores")
+SCORE_FIELDS = ("score", "threshold", "score_empty", "suspects", "image_score", "image_threshold", "image_flagged",
+                "concepts", "members", "image_scores")
 
 
 @dataclass(frozen=True)
 class Decision:
     """``w``: the image's weight (``w * base + (1 - w) * adapter``); ``gate``: the prompt gate that decided (``empty``,
     ``calibrated``, ``value``, ``none`` for the image gate alone; unset without UnGuidance); ``score`` /
-    ``threshold`` / ``score_empty``: the prompt gate's numbers; ``image_*``: the image gate's first look
+    ``threshold`` / ``score_empty``: the prompt gate's numbers; ``suspects``: the concepts whose prompt gate the prompt
+    is over where an image gate follows (``calibrated+image``): their image gates look at it more leniently; ``image_*``: the image gate's first look
     (``image_flagged``: it redrew the image) and second look at the redraw; ``negative_prompt``: erased rows guided away
     from the concept's prompt; ``substitute_prompt``: the redraw still showed the concept, so the base model drew
     this prompt instead; ``concepts`` / ``members`` / ``image_scores``: a group run's erased concepts and each member's
@@ -29,6 +30,7 @@ class Decision:
     score: Optional[float] = None
     threshold: Optional[float] = None
     score_empty: Optional[float] = None
+    suspects: Optional[tuple] = None
     image_score: Optional[float] = None
     image_threshold: Optional[float] = None
     image_flagged: Optional[bool] = None
@@ -41,8 +43,9 @@ class Decision:
 
     def __post_init__(self):
         object.__setattr__(self, "w", float(self.w))
-        if self.concepts is not None:
-            object.__setattr__(self, "concepts", tuple(self.concepts))
+        for name in ("concepts", "suspects"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def redrawn(self) -> bool:
@@ -58,8 +61,9 @@ class Decision:
     def record(self) -> dict:
         """The fields that are set, as JSON values (what PNG metadata and index.jsonl hold)."""
         out = {k: v for k, v in asdict(self).items() if v is not None}
-        if "concepts" in out:
-            out["concepts"] = list(out["concepts"])
+        for name in ("concepts", "suspects"):
+            if name in out:
+                out[name] = list(out[name])
         return out
 
     def scores(self) -> dict:

@@ -68,7 +68,9 @@ class GroupGuide:
         lead = min(member_decisions, key=lambda k: member_decisions[k].w) if flagged else next(iter(member_decisions))
         scores = {k: {f: getattr(d, f) for f in ("score", "threshold") if getattr(d, f) is not None}
                   for k, d in member_decisions.items()}
-        return member_decisions[lead].but(concepts=flagged, members=scores if any(scores.values()) else None)
+        suspects = [k for k, d in member_decisions.items() if d.suspects]
+        return member_decisions[lead].but(concepts=flagged, members=scores if any(scores.values()) else None,
+                                          suspects=suspects or None)
 
     # -- drawing ----------------------------------------------------------------------------------------------
     def noise_fn(self, bundle, cond, uncond, scale, decisions: Sequence[Decision]):
@@ -84,9 +86,10 @@ class GroupGuide:
     def flagged(self, decision: Decision, hits: list[str], scores: dict[str, float]) -> Decision:
         """Every member's image score, the nearest member's under the single-concept fields; a flagged row is erased
         with the flagged members' adapters."""
-        margin = {k: scores[k] - g.threshold for k, g in self.image_gates.items()}
+        limit = {k: g.threshold_for(k in (decision.suspects or ())) for k, g in self.image_gates.items()}
+        margin = {k: scores[k] - limit[k] for k in self.image_gates}
         lead = min(margin, key=margin.get)
-        looked = decision.but(image_score=scores[lead], image_threshold=self.image_gates[lead].threshold,
+        looked = decision.but(image_score=scores[lead], image_threshold=limit[lead],
                               image_scores={k: round(scores[k], 5) for k in self.image_gates},
                               image_flagged=bool(hits))
         return self.members[hits[0]].erased(looked).but(concepts=hits) if hits else looked

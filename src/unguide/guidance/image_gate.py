@@ -117,6 +117,10 @@ def detector_errors(bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]
 
 
 IMAGE_GATE_POSITION = 0.8  # chosen on fresh words (docs/findings-toyworld.md), never on benchmark prompts
+# where the threshold sits for a prompt the calibrated prompt gate suspects (``calibrated+image``): past the anchors'
+# calibration images by as much again, so a suspect image is flagged unless it clearly looks like an anchor; chosen on
+# fresh words (scripts/gate_fresh.py, docs/findings-toyworld.md), never on benchmark prompts
+SUSPECT_POSITION = 2.0
 QUANTILE = 0.9  # calibration reads the concept images' 90th and the anchor images' 10th percentile
 IMAGE_RULE = ("threshold = q90(concept images' scores) + position x (q10(anchor images' scores) - q90(concept images' "
               "scores)); scores from the base model's own generations of the concept's prompts and of the anchors")
@@ -166,12 +170,17 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
 
 @dataclass(frozen=True)
 class ImageGate:
-    """The stored detector and its threshold: ``flags(scores)`` says which images show the concept."""
+    """The stored detector and its thresholds: ``threshold`` for every image, ``suspect_threshold`` (more lenient)
+    for images of a prompt the prompt gate in front suspects."""
 
     concept: tuple
     anchors: tuple
     threshold: float
     detector: DetectorConfig = DetectorConfig()
+    suspect_threshold: Optional[float] = None
+
+    def threshold_for(self, suspected: bool) -> float:
+        return self.suspect_threshold if suspected and self.suspect_threshold is not None else self.threshold
 
     @staticmethod
     def from_stored(stored: Optional[dict], position: Optional[float] = None) -> "ImageGate":
@@ -181,16 +190,16 @@ class ImageGate:
         det = dict(stored["detector"])
         det["timesteps"] = tuple(det["timesteps"])
         threshold = float(stored["threshold"])
+        concept = [s for p in stored["concept_candidates"] for s in stored["scores"][p]]
+        anchors = [s for p, v in stored["scores"].items() if p not in stored["concept_candidates"] for s in v]
         if position is not None:
             if not 0.0 <= position <= 1.0:
                 raise UnguideError(f"image gate position {position:g} is outside [0, 1]: 0 puts the threshold at the "
                                    "concept's calibration images, 1 at the anchors' (the run's own: "
                                    f"{stored.get('position', IMAGE_GATE_POSITION):g})")
-            concept = [s for p in stored["concept_candidates"] for s in stored["scores"][p]]
-            anchors = [s for p, v in stored["scores"].items() if p not in stored["concept_candidates"] for s in v]
             threshold = image_threshold(concept, anchors, position)
         return ImageGate(tuple(stored["concept_candidates"]), tuple(stored["anchor_candidates"]), threshold,
-                         DetectorConfig(**det))
+                         DetectorConfig(**det), max(threshold, image_threshold(concept, anchors, SUSPECT_POSITION)))
 
     def scores(self, bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return detector_scores(bundle, adapter, latents, seeds, self.concept, self.anchors, self.detector)

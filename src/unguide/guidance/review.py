@@ -4,10 +4,12 @@ After the prompt gate has decided and the batch is drawn, the rows it kept are l
 guide (one per erased concept; a single run has one). A row some gate flags is redrawn from the same noise with the
 erasure (the flagged concepts' adapters); the redraw is looked at again, and where it still shows a concept the base
 model draws that concept's reference prompt instead (an attacker who beats the adapter, e.g. by inversion, meets the
-base model drawing the reference). Where a prompt gate sits in front (``calibrated+image``), the rows it erased are
-drawn by the erasure at once and meet the same second look, so a prompt that gets past the prompt gate's way into
-the adapter is checked as one that gets past the image gate. Single runs, group runs and the attacker's defence all call :func:`review`, so the
-attack measures exactly the decision generation makes.
+base model drawing the reference). Where a prompt gate sits in front (``calibrated+image``), it erases nothing on its
+own: a prompt over it is a *suspect* (``Decision.suspects``), and its image is looked at under that concept's more
+lenient threshold (:attr:`ImageGate.suspect_threshold`), so the prompt's words raise the image gate's suspicion and an
+unrelated prompt the words mislead keeps the base model's image unless the image itself looks like the concept. Single
+runs, group runs and the attacker's defence all call :func:`review`, so the attack measures exactly the decision
+generation makes.
 """
 from __future__ import annotations
 
@@ -42,34 +44,29 @@ def look(reviewer: Reviewer, bundle, latents: torch.Tensor, seeds: Sequence[int]
     return [{k: scores[k][j] for k in scores} for j in range(len(latents))]
 
 
-def hits_of(reviewer: Reviewer, scores: dict[str, float]) -> list[str]:
-    return [k for k, g in reviewer.image_gates.items() if scores[k] < g.threshold]
+def hits_of(reviewer: Reviewer, scores: dict[str, float], suspects=()) -> list[str]:
+    """The concepts whose image gate flags the image (a suspect concept's under its lenient threshold)."""
+    return [k for k, g in reviewer.image_gates.items() if scores[k] < g.threshold_for(k in (suspects or ()))]
 
 
 def review(reviewer: Reviewer, bundle, items, latents: torch.Tensor, decisions: list[Decision],
            redraw: Redraw) -> tuple[torch.Tensor, list[Decision]]:
-    """The sequence over one drawn batch; returns the final latents and decisions. Without image gates, unchanged.
-    Rows a prompt gate in front already erased (``calibrated+image``) skip the first look: their drawing is the
-    erasure's, so it meets the second look, as a redraw does."""
+    """The sequence over one drawn batch; returns the final latents and decisions. Without image gates, unchanged."""
     rows = [r for r, d in enumerate(decisions) if d.w == reviewer.keep_w] if reviewer.image_gates else []
-    erased = [r for r, d in enumerate(decisions) if d.w != reviewer.keep_w] if reviewer.image_gates else []
-    if not rows and not erased:
+    if not rows:
         return latents, decisions
     decisions, flagged = list(decisions), []
-    first = look(reviewer, bundle, latents[rows], [items[r].seed for r in rows]) if rows else []
-    for r, scores in zip(rows, first):
-        hits = hits_of(reviewer, scores)
+    for r, scores in zip(rows, look(reviewer, bundle, latents[rows], [items[r].seed for r in rows])):
+        hits = hits_of(reviewer, scores, decisions[r].suspects)
         decisions[r] = reviewer.flagged(decisions[r], hits, scores)
         flagged += [r] if hits else []
-    if not flagged and not erased:
+    if not flagged:
         return latents, decisions
     latents = latents.clone()
-    if flagged:
-        latents[flagged] = redraw(flagged, [decisions[r] for r in flagged])
-    second = sorted(flagged + erased)
+    latents[flagged] = redraw(flagged, [decisions[r] for r in flagged])
     still = []
-    for r, scores in zip(second, look(reviewer, bundle, latents[second], [items[r].seed for r in second])):
-        hits = hits_of(reviewer, scores)
+    for r, scores in zip(flagged, look(reviewer, bundle, latents[flagged], [items[r].seed for r in flagged])):
+        hits = hits_of(reviewer, scores, decisions[r].suspects)
         decisions[r] = decisions[r].but(image_score_redrawn=min(scores.values()))
         prompt = reviewer.substitute_for(hits[0]) if hits else None
         if prompt is not None:

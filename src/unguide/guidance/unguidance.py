@@ -65,8 +65,9 @@ class UnGuide:
         return decision.but(w=self.rule.w_erase, **negative)
 
     def flagged(self, decision: Decision, hits: list[str], scores: dict[str, float]) -> Decision:
-        looked = decision.but(image_score=scores[self.concept], image_threshold=self.image_gate.threshold,
-                              image_flagged=bool(hits))
+        suspected = self.concept in (decision.suspects or ())
+        looked = decision.but(image_score=scores[self.concept], image_flagged=bool(hits),
+                              image_threshold=self.image_gate.threshold_for(suspected))
         return self.erased(looked) if hits else looked
 
     def substitute_for(self, concept: str) -> Optional[str]:
@@ -97,8 +98,11 @@ class UnGuide:
             threshold = empty = self.scores(bundle, [""], guidance)[0]  # the neutral prompt: once per guidance scale
         else:
             threshold = self.gate.threshold
-        out = [Decision(self.rule.weight(s, threshold), self.gate.kind, s, threshold, empty)
-               for s in self.scores(bundle, prompts, guidance)]
+        scores = self.scores(bundle, prompts, guidance)
+        if self.image_gates:  # an image gate follows: a prompt over the gate is a suspect, its image decides
+            return [Decision(self.rule.w_keep, self.gate.kind, s, threshold, empty,
+                             suspects=(self.concept,) if s > threshold else None) for s in scores]
+        out = [Decision(self.rule.weight(s, threshold), self.gate.kind, s, threshold, empty) for s in scores]
         binary = self.rule.rule == "binary"
         return [self.erased(d) if binary and d.w == self.rule.w_erase else d for d in out]
 
