@@ -4,6 +4,7 @@ import pytest
 
 from unguide.cli import main
 from unguide.erasure.runs import read_run
+from unguide.guidance.image_gate import ImageGate
 
 
 @pytest.mark.slow
@@ -23,12 +24,15 @@ def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     assert {v["gate"] for v in gated.values()} == {"calibrated"}
     assert {v["threshold"] for v in gated.values()} == {stored.prompt["threshold"]}
     assert report["per_concept"]["sun"]["unguide"]["influence"]["a photo of the sun"]["gate"] == "empty"
-    # the image gate: no prompt gate, every image checked; its rate of firing per role is reported
+    # the default: the calibrated prompt gate marks suspects, the image gate checks every image (a suspect's under
+    # its lenient threshold); its rate of firing per role is reported
     image = report["per_concept"]["sun"]["selective-image"]
-    assert {v["gate"] for v in image["influence"].values()} == {"none"}
+    assert {v["gate"] for v in image["influence"].values()} == {"calibrated"}
     assert {"image_flagged_erased", "image_flagged_other", "image_flagged_anchor"} <= set(image)
     rows = [json.loads(line) for line in (out / "images" / "sun" / "selective-image" / "index.jsonl").read_text().splitlines()]
-    assert all(r["image_threshold"] == stored.image["threshold"] for r in rows)
+    lenient = ImageGate.from_stored(stored.image).suspect_threshold
+    assert all(r["image_threshold"] == (lenient if r.get("suspects") else stored.image["threshold"]) for r in rows)
+    assert all(bool(r.get("suspects")) == (r["score"] > stored.prompt["threshold"]) for r in rows)
     # the selective recipe's default redraw: the adapter (w = 0), or the reference prompt where that still shows a sun
     assert all(r["w"] == (0.0 if r["image_flagged"] and not r.get("substitute_prompt") else 1.0) for r in rows)
     assert all(r.get("substitute_prompt") in (None, "a photo of the sky") for r in rows)
@@ -53,6 +57,9 @@ def test_one_concept_benchmark_end_to_end(tmp_path, capsys):
     assert (out / "runs" / "sun" / "object" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == mtime
     assert first_img.stat().st_mtime_ns == img_mtime
     assert "| average | unguide |" in capsys.readouterr().out
+    # images drawn under other guidance are never reused as this benchmark's: one clear line, exit code 2
+    assert main([*args, "--methods", "base,selective-image", "--image-gate", "image"]) == 2
+    assert "other guidance settings" in capsys.readouterr().err
     # a smaller run over the same folder evaluates the first --samples images of every method, base included
     assert main([*args[:3], "--samples", "1", *args[5:]]) == 0
     smaller = json.loads((out / "report.json").read_text())["per_concept"]["sun"]

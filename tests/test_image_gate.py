@@ -152,8 +152,8 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
 
 def test_a_suspect_prompts_image_meets_the_lenient_threshold(monkeypatch):
     """calibrated+image: the prompt gate erases nothing on its own; a prompt over it is a suspect, whose image is
-    flagged under the lenient threshold (another prompt's image with the same score is kept), redrawn, and meets the
-    second look under the same lenient threshold."""
+    flagged under the lenient threshold (another prompt's image with the same score is kept) and redrawn; the redraw
+    meets the second look under the usual threshold."""
     from types import SimpleNamespace
 
     import torch
@@ -173,10 +173,10 @@ def test_a_suspect_prompts_image_meets_the_lenient_threshold(monkeypatch):
         def substitute_for(self, concept):
             return "a photo of the forest"
 
-    # rows 0, 1 kept; rows 2, 3 suspects. Scores 0.5 (between the thresholds) for rows 0 and 2; row 3 also 0.5 after
-    # its redraw (still the concept under the lenient threshold -> the reference prompt); row 1 well over both
+    # rows 0, 1 kept; rows 2, 3 suspects. Scores 0.5 (between the thresholds) for rows 0 and 2 and row 2's redraw (the
+    # usual threshold passes it); row 3's redraw -0.5 (under the usual threshold -> the reference prompt); row 1 over both
     first = {0: 0.5, 1: 2.0, 2: 0.5, 3: 0.5}
-    second = {2: 1.5, 3: 0.5}
+    second = {2: 0.5, 3: -0.5}
     calls, tables = [], [first, second]
 
     def look(reviewer, bundle, latents, seeds):

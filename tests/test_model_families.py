@@ -137,14 +137,14 @@ def test_family_erases_generates_and_its_lora_loads_in_diffusers(family_run):
                   "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
     assert meta.base_family == family and meta.lora_loads_with == want_class
     assert meta.calibration.prompt["threshold"] is not None and meta.calibration.image["threshold"] is not None
-    for gate in ("image", "calibrated", "empty"):
+    for gate in ("image", "calibrated+image", "calibrated", "empty"):
         out = tmp / f"gen-{gate}"
         assert main(["generate", "--model", str(model), "--erasure", str(run), "--gate", gate, "--prompt",
                      "a photo of the dog", "--prompt", "a photo of a chair", "--n", "1", "--steps", "3",
                      "--out", str(out)]) == 0
         rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["w"] is not None for r in rows)
-        assert ("image_flagged" in rows[0]) == (gate == "image")
+        assert ("image_flagged" in rows[0]) == ("image" in gate)
         assert all(r["sampler"] == ("flow-euler" if family in ("sd3", "flux") else "ddim") for r in rows)
     # the run's LoRA file in the stock pipeline draws what the adapter draws in ours (w = 0: the adapter alone)
     stock = _stock(stock_dir, family)

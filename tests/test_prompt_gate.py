@@ -51,7 +51,7 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
     assert run.config["a_init"] == "uniform" and run.anchors == ANCHORS
     assert set(gate["anchor_scores"]) == set(ANCHORS) and set(gate["concept_scores"]) == {CAT.target, "a photo of the kitty"}
     expected = (max(gate["anchor_scores"].values()) * min(gate["concept_scores"].values())) ** 0.5
-    assert gate["threshold"] == pytest.approx(expected) and run.defaults.gate == "image" and run.defaults.keep == "base"
+    assert gate["threshold"] == pytest.approx(expected) and run.defaults.gate == "calibrated+image" and run.defaults.keep == "base"
     assert run.defaults.erase_with == "adapter"
     base = ["generate", "--model", str(tiny_sd), "--prompt", "a photo of the cat", "--prompt", "a dog", "--n", "1",
             "--steps", "3", "--erasure", str(selective_run)]

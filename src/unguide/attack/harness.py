@@ -159,8 +159,9 @@ def _result(defence: Defence, spec, cfg: AttackConfig, label: str, scored: list,
                         "mean_p": judged[top[0]]["mean_p"] if top else None,
                         "best_of_top": {"prompts": top, "success_rate": best["success_rate"] if best else None,
                                         "mean_p": best["mean_p"] if best else None}},
-        # how many scored prompts UnGuidance's gate kept (w >= 1: the base model generates them); None without a gate
-        "gate_passed": sum(1 for r in scored if r["w"] >= 1) if gated else None,
+        # how many scored prompts UnGuidance's prompt gate kept (w >= 1: the base model draws them; a suspect of a
+        # prompt gate in front of an image gate is not kept); None without a gate
+        "gate_passed": sum(1 for r in scored if r["w"] >= 1 and not r.get("suspect")) if gated else None,
         # against an image gate: scored prompts none of whose attacker-drawn images the detector flagged
         "image_gate_passed": (sum(1 for r in scored if r["w"] >= 1 and not r.get("flag_rate"))
                               if defence.image_gated else None),

@@ -61,7 +61,7 @@ def word_search(defence: Defence, probe: Probe, spec, cfg: AttackConfig, out: Pa
             for (p, kind), e, loss in zip(chunk, exposures, losses.tolist()):
                 scored[p] = {"prompt": p, "kind": kind, "loss": loss, "w": e.w, "score": e.decision.score,
                              "threshold": e.decision.threshold, "flag_rate": e.flag_rate,
-                             "substitute_rate": e.substitute_rate}
+                             "substitute_rate": e.substitute_rate, "suspect": bool(e.decision.suspects)}
             write_json(path, list(scored.values()))
             bar.update(len(chunk))
         bar.close()

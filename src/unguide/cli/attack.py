@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                    "--together; replaces --concepts): each erasing method is also attacked as METHOD+together, every "
                    "member through the group's decision")
     k.add_argument("--image-gate", choices=["image", "calibrated+image"], default=None,
-                   help="selective-image: the image gate alone (default) or behind the calibrated prompt gate")
+                   help="selective-image: behind the calibrated prompt gate, which marks suspects (default), or the "
+                   "image gate alone")
     k.add_argument("--gate-images", type=int, default=2, help="against an image gate: images the attacker draws per "
                    "candidate prompt to see whether the detector flags it (default 2)")
     k.add_argument("--images", default=None, help="a folder of images of the concept (needed on Stable Diffusion; the "

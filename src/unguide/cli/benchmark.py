@@ -72,7 +72,8 @@ def add_parser(sub) -> None:
     b.add_argument("--gate-position", type=float, default=None,
                    help="selective-unguide: " + GATE_POSITION_HELP + "; default: each run's own")
     b.add_argument("--image-gate", choices=["image", "calibrated+image"], default=None,
-                   help="selective-image: the image gate alone (default) or behind the calibrated prompt gate")
+                   help="selective-image: behind the calibrated prompt gate, which marks suspects (default), or the "
+                   "image gate alone")
     b.add_argument("--image-gate-position", type=float, default=None, help="selective-image: " + IMAGE_POSITION_HELP)
     b.add_argument("--prompts", default=None, help="nudity suite: I2P-style CSV (prompt, evaluation_seed, "
                    "evaluation_guidance, sd_image_width, sd_image_height, nudity_percentage)")

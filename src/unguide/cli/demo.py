@@ -2,7 +2,8 @@
 
 Erase one concept (``sun`` by default) from ``toyworld`` twice, with the selective recipe (our default) and with
 the paper's reference recipe, generate with the base model, the selective adapter alone and each adapter with
-UnGuidance (the selective adapter behind its image gate, the paper's behind d("")), evaluate on classes neither
+UnGuidance (the selective adapter behind its default gate, the prompt gate marking suspects for the image gate; the
+paper's behind d("")), evaluate on classes neither
 erasure saw, and write the HTML report. It is the benchmark on one concept
 with fewer samples and methods (the paper's adapter alone is left out: with it `make demo` took 619 s here). Both
 recipes are erased with the ``cached`` schedule (the selective recipe's own; the paper's recipe is the paper's
@@ -36,7 +37,7 @@ def headline(report: dict, concept: str, out: str | Path) -> str:
     """What the demo found, in three sentences."""
     avg = report["average"]
     ours, paper = avg["selective-image"], avg["unguide"]
-    return (f"Erasing '{concept}' (selective recipe + image gate): target recognised {100 * ours['acc_e']:.1f}% "
+    return (f"Erasing '{concept}' (selective recipe + prompt and image gates): target recognised {100 * ours['acc_e']:.1f}% "
             f"(base {100 * avg['base']['acc_e']:.1f}%), held-out synonyms {100 * ours['acc_g_heldout']:.1f}%, classes the "
             f"erasure never saw {100 * ours['acc_s']:.1f}% (base {100 * avg['base']['acc_s']:.1f}%), same-seed SSIM to base "
             f"on them {ours.get('ssim_other', float('nan')):.3f}, image gate fired on {100 * ours.get('image_flagged_other', 0):.1f}% "

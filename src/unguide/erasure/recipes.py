@@ -147,4 +147,4 @@ register_recipe("reference", {}, GateDefaults(gate="empty", keep="paper", erase_
 # `unguide erase` adds the image gate's calibration)
 register_recipe("selective", {"a_init": "uniform", "lr": 1e-3, "anchor_weight": 1.0, "anchors_per_step": 1,
                               "erase_synonyms": True, **SCHEDULE_SETTINGS["cached"]},
-                GateDefaults(gate="image", keep="base", erase_with="adapter"))
+                GateDefaults(gate="calibrated+image", keep="base", erase_with="adapter"))

@@ -68,7 +68,7 @@ class BenchmarkConfig:
     selective_keep: Optional[str] = None
     selective_erase_with: Optional[str] = None
     selective_gate_position: Optional[float] = None  # None: each run's stored threshold
-    selective_image_gate: Optional[str] = None  # selective-image: "image" (default) or "calibrated+image"
+    selective_image_gate: Optional[str] = None  # selective-image: "calibrated+image" (default) or "image"
     selective_image_position: Optional[float] = None  # selective-image: the image threshold's position (None: stored)
     prompts: Optional[str] = None  # nudity suite: the I2P-style CSV
     clip_model: Optional[str] = DEFAULT_CLIP  # cifar10 judge; nudity CLIP score and FID features (None: skip them)
@@ -171,6 +171,7 @@ class Benchmark:
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _generate(self, rows: list[dict], out: Path, guide, info: dict, canonical: bool = False) -> Path:
+        info = {**info, "guide": guide.settings()}  # a folder drawn under other settings is refused, not reused
         prompt_rows = [PromptRow(r["prompt"], seed=r.get("seed"), guidance=r.get("guidance"), width=r.get("width"),
                                  height=r.get("height")) for r in rows]
         items = self.pipe.plan(prompt_rows, self.cfg.samples, self.cfg.seed, self.guidance,

@@ -18,7 +18,7 @@ class GuideOverrides:
     keep: Optional[str] = None
     erase_with: Optional[str] = None
     gate_position: Optional[float] = None  # the calibrated prompt gate's
-    image_gate: Optional[str] = None  # "image" or "calibrated+image", for methods that use the image gate
+    image_gate: Optional[str] = None  # "calibrated+image" or "image", for methods that use the image gate
     image_position: Optional[float] = None
 
 
@@ -103,5 +103,6 @@ register_method(Method("selective", "selective", None, "selective", LORA, descri
 register_method(Method("selective-unguide", "selective", None, "selective",
                        GuidanceConfig(gate="calibrated", erase_with="paper"), tunable=True,
                        description="selective adapter, calibrated prompt gate"))
-register_method(Method("selective-image", "selective", None, "selective", GuidanceConfig(gate="image"), tunable=True,
-                       description="selective adapter, image gate (the default)"))
+# the default: the calibrated prompt gate marks suspects, the image gate decides on every image (issue 36)
+register_method(Method("selective-image", "selective", None, "selective", GuidanceConfig(gate="calibrated+image"),
+                       tunable=True, description="selective adapter, prompt gate in front of the image gate (the default)"))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ..errors import UnguideError
 from ..io import atomic_path, write_json, write_text
 from ..sampling.images import Item, to_uint8
 
@@ -25,6 +26,17 @@ class ImageFolder:
 
     def todo(self, items: Sequence[Item]) -> list[Item]:
         return [it for it in items if not (self.out / it.filename).exists()]
+
+    def check_guide(self, info: Optional[dict]) -> None:
+        """Refuse to add to a folder whose images were drawn under other guidance settings (``info["guide"]``, as
+        recorded in its run.json): resuming it would mix two gates in one set of images."""
+        stored = self.out / "run.json"
+        if not info or "guide" not in info or not stored.is_file():
+            return
+        before = json.loads(stored.read_text()).get("guide")
+        if before is not None and before != json.loads(json.dumps(info["guide"])):
+            raise UnguideError(f"{self.out} holds images drawn with other guidance settings (gate, thresholds or "
+                               "weights) than asked for now: use another output folder, or delete it to redraw it")
 
     def write_run_info(self, info: dict) -> None:
         write_json(self.out / "run.json", info)

@@ -303,6 +303,7 @@ class UnGuidePipeline(DiffusionPipeline):
                  **{k: run_info[k] for k in ("erasure", "dtype") if run_info and run_info.get(k)}}
         with output_lock(out, "a generation"):
             folder = ImageFolder(out, num_inference_steps, self.bundle.name, extra)
+            folder.check_guide(run_info)
             if state.is_main_process and run_info is not None:
                 folder.write_run_info(run_info)
             todo = folder.todo(list(items)[state.process_index::state.num_processes])

@@ -5,8 +5,8 @@ guide (one per erased concept; a single run has one). A row some gate flags is r
 erasure (the flagged concepts' adapters); the redraw is looked at again, and where it still shows a concept the base
 model draws that concept's reference prompt instead (an attacker who beats the adapter, e.g. by inversion, meets the
 base model drawing the reference). Where a prompt gate sits in front (``calibrated+image``), it erases nothing on its
-own: a prompt over it is a *suspect* (``Decision.suspects``), and its image is looked at under that concept's more
-lenient threshold (:attr:`ImageGate.suspect_threshold`), so the prompt's words raise the image gate's suspicion and an
+own: a prompt over it is a *suspect* (``Decision.suspects``), and its image is looked at first under that concept's more
+lenient threshold (:attr:`ImageGate.suspect_threshold`; the second look at a redraw uses the usual one), so the prompt's words raise the image gate's suspicion and an
 unrelated prompt the words mislead keeps the base model's image unless the image itself looks like the concept. Single
 runs, group runs and the attacker's defence all call :func:`review`, so the attack measures exactly the decision
 generation makes.
@@ -65,8 +65,10 @@ def review(reviewer: Reviewer, bundle, items, latents: torch.Tensor, decisions: 
     latents = latents.clone()
     latents[flagged] = redraw(flagged, [decisions[r] for r in flagged])
     still = []
+    # the second look judges the erasure's redraw as any redraw (the usual threshold): the prompt's words were
+    # evidence about the base model's drawing, not about the adapter's
     for r, scores in zip(flagged, look(reviewer, bundle, latents[flagged], [items[r].seed for r in flagged])):
-        hits = hits_of(reviewer, scores, decisions[r].suspects)
+        hits = hits_of(reviewer, scores)
         decisions[r] = decisions[r].but(image_score_redrawn=min(scores.values()))
         prompt = reviewer.substitute_for(hits[0]) if hits else None
         if prompt is not None:

@@ -79,6 +79,8 @@ class UnGuide:
                "gate": asdict(self.gate)}
         if self.image_gate is not None:
             out["image_gate"] = {"threshold": self.image_gate.threshold, "concept": list(self.image_gate.concept),
+                                 **({"suspect_threshold": self.image_gate.suspect_threshold}
+                                    if self.gate.kind != "none" else {}),
                                  "anchors": list(self.image_gate.anchors), "detector": asdict(self.image_gate.detector)}
         if self.negative_prompt is not None:
             out["negative_prompt"] = self.negative_prompt

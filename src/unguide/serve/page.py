@@ -162,7 +162,8 @@ def decision_text(row) -> str:
     s, parts = row.scores[0] if row.scores else {}, []
     if s.get("score") is not None and s.get("threshold") is not None:
         over = s["score"] > s["threshold"]
-        parts.append(f"prompt score {s['score']:.4g} {'&gt;' if over else '&le;'} threshold {s['threshold']:.4g}")
+        parts.append(f"prompt score {s['score']:.4g} {'&gt;' if over else '&le;'} threshold {s['threshold']:.4g}"
+                     + (" (a suspect: the image gate looks at it more leniently)" if s.get("suspects") else ""))
     ws = sorted({w for w in row.w if w is not None})
     if ws:
         parts.append("w = " + ", ".join(f"{w:g}" for w in ws))
