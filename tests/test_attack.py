@@ -165,13 +165,14 @@ def test_the_attack_scores_candidates_through_the_image_gate(toy_bundle, tmp_pat
         assert torch.allclose(both, 0.5 * kept + 0.5 * (0.5 * erased + 0.5 * ref), atol=1e-6)
         # a prompt gate in front (calibrated+image) erases nothing itself: a prompt over it is a suspect, and the
         # attacker meets the image gate's lenient threshold for it (here: always flags) and the usual one otherwise
+        # (here: never flags), the second look at the redraw included (never substituted)
         for prompt_threshold, flagged in ((1e-12, 1.0), (1e12, 0.0)):
             front = Defence(toy_bundle, UnGuide(adapter, gate=PromptGate("value", threshold=prompt_threshold),
                                                 rule=rule, image_gate=ImageGate(concept, anchors, -1e9, suspect_threshold=1e9),
                                                 substitute_prompt=spec.reference), adapter, 2, 20)
             seen = front.exposures([spec.target])[0]
             assert (seen.w, seen.flag_rate, seen.decision.suspects) == (1.0, flagged, ("concept",) if flagged else None)
-            assert seen.substitute_rate == (1.0 if flagged else None)
+            assert seen.substitute_rate == (0.0 if flagged else None)
     finally:
         adapter.remove()
 

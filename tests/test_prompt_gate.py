@@ -14,6 +14,7 @@ from unguide.generation.folders import read_png_metadata
 from unguide.sampling.images import Item, PlainGuide, sample_images
 from unguide.guidance.config import GateSpec, ScorerConfig
 from unguide.guidance.decision import Decision
+from unguide.guidance.image_gate import ImageGate
 from unguide.guidance.prompt_gate import PromptGate, gate_threshold
 from unguide.guidance.unguidance import guide_for_run
 from unguide.sampling.ddim import EvalCounter
@@ -59,9 +60,13 @@ def test_gate_threshold_is_stored_and_used(tiny_sd, selective_run, tmp_path):
     m = read_png_metadata(tmp_path / "calibrated" / "00000_000.png")
     assert m["gate"] == "calibrated" and m["threshold"] == gate["threshold"]
     assert m["w"] == (0.0 if m["score"] > gate["threshold"] else 1.0)  # the recipe's erase_with: the adapter alone
-    assert main(base + ["--out", str(tmp_path / "default")]) == 0  # the default: the image gate, redraw by the adapter
+    # the default: the prompt gate marks suspects, the image gate judges every image (a suspect's more leniently),
+    # a flagged one redrawn by the adapter
+    assert main(base + ["--out", str(tmp_path / "default")]) == 0
     m = read_png_metadata(tmp_path / "default" / "00000_000.png")
-    assert m["gate"] == "none" and m["image_threshold"] == image["threshold"] and not m["erasure"]["note"]
+    lenient = ImageGate.from_stored(image).suspect_threshold
+    assert m["gate"] == "calibrated" and bool(m.get("suspects")) == (m["score"] > gate["threshold"])
+    assert m["image_threshold"] == (lenient if m.get("suspects") else image["threshold"]) and not m["erasure"]["note"]
     assert m["w"] == (0.0 if m["image_flagged"] and not m.get("substitute_prompt") else 1.0)
     assert main(base + ["--gate", "1e9", "--out", str(tmp_path / "keep")]) == 0
     assert main(base + ["--gate", "1e-9", "--keep", "paper", "--erase-with", "paper", "--out", str(tmp_path / "erase")]) == 0
