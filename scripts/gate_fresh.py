@@ -32,7 +32,7 @@ from unguide.erasure.runs import read_run
 from unguide.evaluation.judges import make_judge
 from unguide.generation.pipeline import UnGuidePipeline
 from unguide.guidance.config import ScorerConfig
-from unguide.guidance.image_gate import ImageGate, image_threshold
+from unguide.guidance.image_gate import ImageGate, calibration_scores, image_threshold
 from unguide.guidance.prompt_gate import gate_threshold, influence_scores
 from unguide.sampling.images import Item, sample_latents_batched
 from unguide.toyworld.plugin import ALIASES, OBJECTS
@@ -84,10 +84,7 @@ def run_scores(pipe, run_dir: Path, words, latents, out: Path) -> dict:
 def thresholds(scores: dict, p: float, q: float) -> tuple[float, float]:
     cal = scores["prompt_calibration"]
     prompt = gate_threshold(max(cal["anchor_scores"].values()), min(cal["concept_scores"].values()), p)
-    img = scores["image_calibration"]
-    concept = [s for c in img["concept_candidates"] for s in img["scores"][c]]
-    anchors = [s for c, v in img["scores"].items() if c not in img["concept_candidates"] for s in v]
-    return prompt, image_threshold(concept, anchors, q)
+    return prompt, image_threshold(*calibration_scores(scores["image_calibration"]), q)
 
 
 def decide(scores: dict, words, rule: str, p: float, q: float) -> list[bool]:

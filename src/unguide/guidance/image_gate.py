@@ -168,6 +168,14 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
             "separated": max(concept_scores) < min(anchor_scores)}
 
 
+def calibration_scores(stored: dict) -> tuple[list, list]:
+    """A stored calibration's scores of the concept's images and of the anchors' (what every threshold is placed
+    between)."""
+    concept = [s for p in stored["concept_candidates"] for s in stored["scores"][p]]
+    anchors = [s for p, v in stored["scores"].items() if p not in stored["concept_candidates"] for s in v]
+    return concept, anchors
+
+
 @dataclass(frozen=True)
 class ImageGate:
     """The stored detector and its thresholds: ``threshold`` for every image, ``suspect_threshold`` (more lenient)
@@ -190,8 +198,7 @@ class ImageGate:
         det = dict(stored["detector"])
         det["timesteps"] = tuple(det["timesteps"])
         threshold = float(stored["threshold"])
-        concept = [s for p in stored["concept_candidates"] for s in stored["scores"][p]]
-        anchors = [s for p, v in stored["scores"].items() if p not in stored["concept_candidates"] for s in v]
+        concept, anchors = calibration_scores(stored)
         if position is not None:
             if not 0.0 <= position <= 1.0:
                 raise UnguideError(f"image gate position {position:g} is outside [0, 1]: 0 puts the threshold at the "
