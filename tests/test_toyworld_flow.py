@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unguide.cli import main
+from unguide.errors import UnguideError
 from unguide.toyworld.train_flow import FlowConfig, train_flow
 
 TINY = dict(steps=4, batch_size=4, dataset_size=48, num_layers=1, num_heads=2, checkpoint_every=2)
@@ -61,6 +62,29 @@ def test_the_export_is_a_flow_model_that_draws_and_erases(trained, tmp_path):
 
     keys = load_tensors(run / "pytorch_lora_weights.safetensors")
     assert keys and all(k.startswith("transformer.") and (".add_k_proj." in k or ".add_v_proj." in k) for k in keys)
+
+
+@pytest.mark.slow
+def test_training_continues_from_an_exported_model(trained, tmp_path):
+    """``--init-from``: a folder without a checkpoint starts from an exported model's weights at its step count."""
+    from unguide.io import load_tensors
+
+    model = trained[0] / "toyworld-flow"
+    out = tmp_path / "more"
+    out.mkdir()
+    shutil.copy(trained[0] / "unet_data.safetensors", out / "unet_data.safetensors")
+    train_flow(out, FlowConfig(**{**TINY, "steps": 6, "stop_after": 4}, init_from=str(model)))
+    start = load_tensors(out / "mmdit_checkpoint.safetensors")
+    exported = load_tensors(trained[0] / "mmdit_checkpoint.safetensors")
+    assert json.loads((out / "mmdit_checkpoint.json").read_text())["step"] == 4  # nothing trained: 4 of 4 done
+    assert all(torch.equal(start[f"model.{k[4:]}"], v) and torch.equal(start[k], v)
+               for k, v in exported.items() if k.startswith("ema."))
+    train_flow(out, FlowConfig(**{**TINY, "steps": 6}, init_from=str(model)))
+    after = load_tensors(out / "mmdit_checkpoint.safetensors")
+    assert json.loads((out / "mmdit_checkpoint.json").read_text())["step"] == 6
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("model."))
+    with pytest.raises(UnguideError, match="already has 4 steps"):
+        train_flow(tmp_path / "short", FlowConfig(**TINY, init_from=str(model)))
 
 
 def test_a_missing_toyworld_flow_says_how_to_get_it(monkeypatch, tmp_path, capsys):

@@ -42,7 +42,7 @@ def _cmd_train_toy(args) -> int:
     if args.stage != "export":  # export takes the architecture and text side from the checkpoint it exports
         unet.update(text_states=args.text_states, stop_after=args.stop_after, block_out_channels=args.unet_channels)
     mmdit = dict(steps=args.mmdit_steps, stop_after=args.stop_after, num_layers=args.mmdit_layers,
-                 num_heads=args.mmdit_heads)
+                 num_heads=args.mmdit_heads, init_from=args.init_from)
     get_world("toyworld").train(args.out, args.stage, args.classifier_steps, args.vae_steps, unet, args.max_minutes, device,
                                 mmdit)
     return 0
@@ -86,6 +86,9 @@ def add_parser(sub) -> None:
     t.add_argument("--mmdit-steps", type=int, default=6000)
     t.add_argument("--mmdit-layers", type=int, default=8, help="toyworld-flow's joint blocks (default 8)")
     t.add_argument("--mmdit-heads", type=int, default=4, help="attention heads of 32 channels (default 4)")
+    t.add_argument("--init-from", default=None, help="mmdit: continue from a trained toyworld-flow directory "
+                   "('toyworld-flow': the shipped weights) when --out has no checkpoint: adds steps up to --mmdit-steps "
+                   "with a fresh optimizer")
     t.add_argument("--max-minutes", type=float, default=None, help="stop the UNet or MMDiT stage (checkpointed) after this long")
     t.add_argument("--stop-after", type=int, default=None,
                    help="end the UNet stage at this step of the --unet-steps schedule (checkpointed, then exported)")

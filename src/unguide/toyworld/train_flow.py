@@ -9,6 +9,7 @@ world's 10% (captions.P_DROP) so classifier-free guidance works.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +42,9 @@ class FlowConfig(DenoiserConfig):
     logit_mean: float = 0.0  # sigma ~ sigmoid(N(logit_mean, logit_std)): SD3's logit-normal timestep sampling
     logit_std: float = 1.0
     text_states: str = TEXT_STATES
+    # a trained toyworld-flow directory to continue from when `out` holds no checkpoint (its EMA weights become model
+    # and EMA at its own step count; Adam starts afresh): how a CPU-only machine adds steps to the shipped weights
+    init_from: str | None = None
 
 
 def build_mmdit(cfg: FlowConfig, sample_size: int = 16):
@@ -88,9 +92,40 @@ def train_flow(out: str | Path, cfg: FlowConfig = FlowConfig(), max_minutes: flo
     with torch.random.fork_rng():  # the initial weights depend on the seed alone: a resumed run starts from them too
         torch.manual_seed(cfg.seed)
         model = build_mmdit(cfg, latents.shape[-1])
+    if cfg.init_from and _load_ckpt(out, STAGE)[1] is None:
+        _checkpoint_from_model(out, cfg, model)
     train_denoiser(out, cfg, model, STAGE, lambda m, x0, cond, g: flow_loss(m, cfg, x0, cond, g, device),
                    latents, text, max_minutes, device)
     return export_flow(out, cfg)
+
+
+def _checkpoint_from_model(out: Path, cfg: FlowConfig, model) -> None:
+    """Write a step-N checkpoint holding a trained toyworld-flow's weights (no optimizer state), so that
+    :func:`train_denoiser` resumes from it along the ``cfg.steps`` schedule like from any checkpoint."""
+    from diffusers import SD3Transformer2DModel
+
+    from .model import FLOW_MARKER, FLOW_WEIGHTS_DIR
+    from .train import _save_ckpt
+
+    src = FLOW_WEIGHTS_DIR if cfg.init_from == NAME else Path(cfg.init_from)
+    marker = src / FLOW_MARKER
+    if not marker.exists():
+        raise UnguideError(f"--init-from {src}: not a toyworld-flow directory (no {FLOW_MARKER}); name one that "
+                           f"`unguide train-toy --stage export-mmdit` wrote, or the shipped one")
+    info = json.loads(marker.read_text())
+    trained = info.get("train_config", {})
+    if any(trained.get(k) != getattr(cfg, k) for k in ("num_layers", "num_heads", "head_dim", "text_states")):
+        raise UnguideError(f"--init-from {src}: its transformer's shape or text side differs from this run's; "
+                           f"give the same --mmdit-layers / --mmdit-heads")
+    step = int(info["denoiser_steps"])
+    if step >= cfg.steps:
+        raise UnguideError(f"--init-from {src} already has {step} steps: give --mmdit-steps above that")
+    weights = SD3Transformer2DModel.from_pretrained(str(src / "transformer"), use_safetensors=True).state_dict()
+    model.load_state_dict(weights)
+    state = model.state_dict()
+    _save_ckpt(out, STAGE, step, {**{f"model.{k}": v for k, v in state.items()},
+                                  **{f"ema.{k}": v.clone() for k, v in state.items()}}, {"config": asdict(cfg)})
+    LOG.info(f"continuing from {src} at step {step} (fresh optimizer)")
 
 
 def export_flow(out: str | Path, cfg: FlowConfig = FlowConfig(), target: str | Path | None = None) -> Path:
