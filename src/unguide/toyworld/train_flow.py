@@ -86,26 +86,23 @@ def train_flow(out: str | Path, cfg: FlowConfig = FlowConfig(), max_minutes: flo
                device: str = "cpu") -> Path:
     """Train (or resume) the MMDiT, then export it as a ``toyworld-flow`` model directory."""
     out = Path(out)
+    start_from = _init_source(cfg) if cfg.init_from and _load_ckpt(out, STAGE)[1] is None else None
     _ensure_vae(out)
     latents, text = _unet_training_data(out, cfg, device, _text_key(TEXT_STATES),
                                         lambda caps: _encode_captions(caps, TEXT_STATES))
     with torch.random.fork_rng():  # the initial weights depend on the seed alone: a resumed run starts from them too
         torch.manual_seed(cfg.seed)
         model = build_mmdit(cfg, latents.shape[-1])
-    if cfg.init_from and _load_ckpt(out, STAGE)[1] is None:
-        _checkpoint_from_model(out, cfg, model)
+    if start_from is not None:
+        _checkpoint_from_model(out, cfg, model, *start_from)
     train_denoiser(out, cfg, model, STAGE, lambda m, x0, cond, g: flow_loss(m, cfg, x0, cond, g, device),
                    latents, text, max_minutes, device)
     return export_flow(out, cfg)
 
 
-def _checkpoint_from_model(out: Path, cfg: FlowConfig, model) -> None:
-    """Write a step-N checkpoint holding a trained toyworld-flow's weights (no optimizer state), so that
-    :func:`train_denoiser` resumes from it along the ``cfg.steps`` schedule like from any checkpoint."""
-    from diffusers import SD3Transformer2DModel
-
+def _init_source(cfg: FlowConfig) -> tuple[Path, int]:
+    """(directory, step count) of ``cfg.init_from``, checked before any data is rendered or any file written."""
     from .model import FLOW_MARKER, FLOW_WEIGHTS_DIR
-    from .train import _save_ckpt
 
     src = FLOW_WEIGHTS_DIR if cfg.init_from == NAME else Path(cfg.init_from)
     marker = src / FLOW_MARKER
@@ -120,8 +117,18 @@ def _checkpoint_from_model(out: Path, cfg: FlowConfig, model) -> None:
     step = int(info["denoiser_steps"])
     if step >= cfg.steps:
         raise UnguideError(f"--init-from {src} already has {step} steps: give --mmdit-steps above that")
-    weights = SD3Transformer2DModel.from_pretrained(str(src / "transformer"), use_safetensors=True).state_dict()
-    model.load_state_dict(weights)
+    return src, step
+
+
+def _checkpoint_from_model(out: Path, cfg: FlowConfig, model, src: Path, step: int) -> None:
+    """Write a step-N checkpoint holding a trained toyworld-flow's weights (no optimizer state), so that
+    :func:`train_denoiser` resumes from it along the ``cfg.steps`` schedule like from any checkpoint."""
+    from diffusers import SD3Transformer2DModel
+
+    from .train import _save_ckpt
+
+    model.load_state_dict(SD3Transformer2DModel.from_pretrained(str(src / "transformer"),
+                                                                use_safetensors=True).state_dict())
     state = model.state_dict()
     _save_ckpt(out, STAGE, step, {**{f"model.{k}": v for k, v in state.items()},
                                   **{f"ema.{k}": v.clone() for k, v in state.items()}}, {"config": asdict(cfg)})
