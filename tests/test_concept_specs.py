@@ -6,6 +6,7 @@ from unguide.evaluation.suites import concept_rows as benchmark_rows
 from unguide.cli import main
 from unguide.erasure.concepts import PRESET_DIR, load_concept_file, load_preset, preset_names, read_anchor_file
 from unguide.erasure.runs import read_run
+from unguide.erasure.recipes import ANCHOR_WEIGHT_MMDIT
 from unguide.erasure.training import EraseConfig
 from unguide.toyworld.captions import HELDOUT_SYNONYMS, TRAIN_SYNONYMS
 from unguide.toyworld.render import OBJECTS
@@ -62,6 +63,11 @@ def test_a_spec_sets_the_selective_anchor_weight_but_never_the_reference_recipe(
     assert EraseConfig.for_concept("selective", red, anchor_weight=0.5).anchor_weight == 0.5  # a flag wins
     assert EraseConfig.for_concept("selective", sun).anchor_weight == 1.0
     assert EraseConfig.for_concept("reference", red).anchor_weight == 0.0  # the paper's protocol has no anchors
+    # a transformer's selective runs hold their anchors harder (recipes.ANCHOR_WEIGHT_MMDIT); a spec or flag still wins
+    assert EraseConfig.for_concept("selective", sun, "mmdit").anchor_weight == ANCHOR_WEIGHT_MMDIT > 1.0
+    assert EraseConfig.for_concept("selective", red, "mmdit").anchor_weight == 2.0
+    assert EraseConfig.for_concept("selective", sun, "flux", anchor_weight=3.0).anchor_weight == 3.0
+    assert EraseConfig.for_concept("reference", sun, "mmdit").anchor_weight == 0.0
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"target": "a cat", "reference": "a sky", "anchor_weight": "high"}))
     assert main(["erase", "--concept-file", str(path), "--out", str(tmp_path / "run")]) == 2

@@ -1,6 +1,6 @@
 """``toyworld-flow``: the toy world's MMDiT trained by rectified flow. Its trainer resumes to the same weights as an
 uninterrupted run (the same loop as the UNet's), its export loads as an SD3-family flow model that draws, and its
-erasure trains LoRA on the context stream's key/value."""
+erasure trains LoRA on the context embedder (where the text enters) with the transformer's anchor weight."""
 import json
 import shutil
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unguide.cli import main
+from unguide.erasure.recipes import ANCHOR_WEIGHT_MMDIT
 from unguide.errors import UnguideError
 from unguide.toyworld.train_flow import FlowConfig, train_flow
 
@@ -61,7 +62,9 @@ def test_the_export_is_a_flow_model_that_draws_and_erases(trained, tmp_path):
     from unguide.io import load_tensors
 
     keys = load_tensors(run / "pytorch_lora_weights.safetensors")
-    assert keys and all(k.startswith("transformer.") and (".add_k_proj." in k or ".add_v_proj." in k) for k in keys)
+    # the object preset on an MMDiT: a LoRA on the context embedder alone (adapters.TEXT_ENTRY)
+    assert keys and all(k.startswith("transformer.context_embedder.lora_") for k in keys)
+    assert meta.config["anchor_weight"] == ANCHOR_WEIGHT_MMDIT  # the selective recipe's weight for a transformer
 
 
 @pytest.mark.slow

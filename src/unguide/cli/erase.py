@@ -15,6 +15,7 @@ def _cmd_erase(args) -> int:
     from ..erasure.concepts import read_anchor_file, resolve_concepts
     from ..erasure.groups import erase_group
     from ..erasure.runs import read_run
+    from ..erasure.adapters import denoiser_kind
     from ..erasure.training import EraseConfig, erase
     from ..models.loading import load_model
 
@@ -23,8 +24,9 @@ def _cmd_erase(args) -> int:
         for concept in specs:
             concept.vocabulary = read_anchor_file(args.vocabulary, "vocabulary")
     anchors = read_anchor_file(args.anchors) if args.anchors else None
-    cfgs = [EraseConfig.for_concept(args.recipe, concept, preset=args.preset, iterations=args.iterations,
-                                    lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
+    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfgs = [EraseConfig.for_concept(args.recipe, concept, denoiser_kind(bundle.unet), preset=args.preset,
+                                    iterations=args.iterations, lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
                                     alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
                                     a_init=args.a_init, anchor_weight=args.anchor_weight,
                                     anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
@@ -32,7 +34,6 @@ def _cmd_erase(args) -> int:
                                     calibration_samples=args.calibration_samples, anchors=anchors,
                                     schedule=args.schedule, batch=args.batch, trajectories=args.trajectories)
             for concept in specs]
-    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     t0 = time.time()
     if len(specs) == 1:
         meta = erase(bundle, specs[0], args.out, cfgs[0])

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..erasure.adapters import denoiser_kind
 from ..erasure.runs import read_run
 from ..erasure.training import EraseConfig, erase
 from ..errors import UnguideError
@@ -151,7 +152,8 @@ class Benchmark:
         with (the recipe's own calibration steps otherwise)."""
         cfg = get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
                                               calibration_samples=self.cfg.calibration_samples,
-                                              schedule=self.cfg.erase_schedule)
+                                              schedule=self.cfg.erase_schedule,
+                                              denoiser=denoiser_kind(self.bundle.unet))
         return replace(cfg, calibration_steps=min(cfg.calibration_steps, self.cfg.steps))
 
     def ensure_run(self, concept: str, method: str) -> Path:

@@ -49,8 +49,8 @@ class Method:
 
     def erase_config(self, spec, iterations: Optional[int] = None, lr: Optional[float] = None,
                      calibration_steps: Optional[int] = None, calibration_samples: Optional[int] = None,
-                     schedule: Optional[str] = None) -> EraseConfig:
-        return EraseConfig.for_concept(self.recipe, spec, preset=self.preset, iterations=iterations,
+                     schedule: Optional[str] = None, denoiser: str = "unet") -> EraseConfig:
+        return EraseConfig.for_concept(self.recipe, spec, denoiser, preset=self.preset, iterations=iterations,
                                        lr=lr if self.recipe == "reference" else None,
                                        calibration_steps=calibration_steps, calibration_samples=calibration_samples,
                                        schedule=schedule)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .catalog import RunCatalog, RunEntry
+from ..erasure.adapters import denoiser_kind
 from ..erasure.concepts import concept_from_dict, load_preset, preset_names
 from ..errors import UnguideError, check_number
 from ..erasure.runs import load_run
@@ -169,7 +170,8 @@ class Studio:
         with self._lock:
             self.pipe.unload_erasure()
             erase(self.pipe.bundle, spec, self.catalog.new_run_path(name),
-                  EraseConfig.for_concept(recipe, spec, iterations=iterations, **settings), progress=progress)
+                  EraseConfig.for_concept(recipe, spec, denoiser_kind(self.pipe.bundle.unet), iterations=iterations,
+                                          **settings), progress=progress)
         self.catalog.refresh()
         return name
 
