@@ -148,12 +148,11 @@ class Benchmark:
                                                                                          self.cfg.erase_schedule))
 
     def erase_config(self, method: str, concept: str) -> EraseConfig:
-        """The run's settings; its image gate is never calibrated on drawings of more steps than the benchmark draws
-        with (the recipe's own calibration steps otherwise)."""
+        """The run's settings for this model's kind of denoiser; its image gate is never calibrated on drawings of
+        more steps than the benchmark draws with (the recipe's own calibration steps otherwise)."""
         cfg = get_method(method).erase_config(self.specs[concept], self.cfg.erase_iterations, self.cfg.erase_lr,
                                               calibration_samples=self.cfg.calibration_samples,
-                                              schedule=self.cfg.erase_schedule,
-                                              denoiser=denoiser_kind(self.bundle.unet))
+                                              schedule=self.cfg.erase_schedule, denoiser=denoiser_kind(self.bundle.unet))
         return replace(cfg, calibration_steps=min(cfg.calibration_steps, self.cfg.steps))
 
     def ensure_run(self, concept: str, method: str) -> Path:
@@ -235,8 +234,7 @@ class Benchmark:
             t0 = time.time()
             try:
                 folder = method_folder(self.out, "", method + TOGETHER, self.group, self.cfg.erase_schedule)
-                self._generate(rows, folder, guide,
-                               {"method": method + TOGETHER, "run": str(self.group_dir(method))})
+                self._generate(rows, folder, guide, {"method": method + TOGETHER, "run": str(self.group_dir(method))})
             finally:
                 self.pipe.unload_erasure()
             self.timings[f"generate/together/{method}"] = round(time.time() - t0, 1)
