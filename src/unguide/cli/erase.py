@@ -26,8 +26,9 @@ def _cmd_erase(args) -> int:
     anchors = read_anchor_file(args.anchors) if args.anchors else None
     bundle = load_model(args.model, device=args.device, dtype=args.dtype)
     cfgs = [EraseConfig.for_concept(args.recipe, concept, denoiser_kind(bundle.unet), preset=args.preset,
-                                    iterations=args.iterations, lr=args.lr, eta=args.eta, start_guidance=args.start_guidance, rank=args.rank,
-                                    alpha=args.alpha, seed=args.seed, timestep_mapping=args.timestep_mapping,
+                                    iterations=args.iterations, lr=args.lr, eta=args.eta,
+                                    start_guidance=args.start_guidance, rank=args.rank, alpha=args.alpha,
+                                    seed=args.seed, timestep_mapping=args.timestep_mapping,
                                     a_init=args.a_init, anchor_weight=args.anchor_weight,
                                     anchors_per_step=args.anchors_per_step, erase_synonyms=args.erase_synonyms,
                                     gate_position=args.gate_position, calibration_steps=args.calibration_steps,
@@ -90,7 +91,8 @@ def add_parser(sub) -> None:
                    "comma-separated, as --concept")
     e.add_argument("--out", required=True, help="run directory (a rerun resumes from its last checkpoint)")
     e.add_argument("--preset", choices=LAYER_PRESETS, default=None,
-                   help="layers: object (LoRA on attn2 k/v), explicit (LoRA on non-cross-attention Linear), full (ESD-x)")
+                   help="layers: object (LoRA where the text enters: a UNet's attn2 k/v, a transformer's context "
+                   "embedder), explicit (LoRA on every other Linear), full (ESD-x: the text's k/v weights)")
     e.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
                    help="selective (default): learnable LoRA A + anchor preservation + a calibrated gate; reference: the "
                    "paper's protocol exactly (A ~ N(0,1), lr 3e-5, no anchors). Flags below override the recipe")
@@ -112,7 +114,7 @@ def add_parser(sub) -> None:
     e.add_argument("--lr", type=float, default=None, help="default: the recipe's (reference 3e-5, selective 1e-3)")
     e.add_argument("--a-init", choices=A_INITS, default=None,
                    help="LoRA A init: gaussian N(0,1) (reference) or uniform +-1/sqrt(fan_in) (selective)")
-    e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective 1, reference 0)")
+    e.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (selective: 1 on a UNet, 32 on a transformer; reference 0)")
     e.add_argument("--anchors-per-step", type=int, default=None, help="anchor prompts per iteration (default: the spec's, else 1)")
     e.add_argument("--gate-position", type=float, default=None,
                    help=GATE_POSITION_HELP + "; stored with the run (default: the spec's, else 0.5)")
