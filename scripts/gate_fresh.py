@@ -6,7 +6,13 @@ word 8 times (seeds 0-7) and the toy classifier judges each image; every run the
 gate (fast scorer) and the images with its image gate's detector. From those scores, each rule's decision per image
 follows without drawing again:
 
-* ``image``: flagged when the detector's score is under the image gate's threshold (position 0.8);
+* ``image q``: flagged when the detector's score is under the image gate's threshold at position q (0.8 today);
+* ``cap a``: position 0.8, but never past the a-quantile of the anchors' calibration scores (a bound on the
+  false alarms where the concept's calibration images overlap the anchors', e.g. a concept the base model draws badly);
+* ``below b``: position 0.8, but never above the score b (at 0 an image is flagged only when one of the concept's
+  prompts explains it better than every anchor does);
+* ``suspect-below p/q/b``: ``suspect p/q`` with the usual threshold capped at b, as in ``below b``;
+* ``suspect-at p/q/u``: ``suspect p/q`` with the usual threshold at position u instead of 0.8;
 * ``front p``: the prompt gate at position p in front (``calibrated+image`` today): over it -> erased, else the image
   gate judges;
 * ``suspect p/q``: the prompt gate at position p marks a prompt *suspect*; a suspect prompt's image is flagged under
@@ -18,6 +24,7 @@ the other words' images (judged any other class) it erases or flags. The criteri
 mean over runs of the harmonic mean of recall and 1 - false positives.
 
     .venv/bin/python scripts/gate_fresh.py work/bench35/runs work/s43
+    .venv/bin/python scripts/gate_fresh.py work/flow46/runs work/g46 toyworld-flow   # the flow model's runs
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,9 +56,10 @@ def fresh_words(path: Path) -> list[tuple[str, str]]:
 def base_images(pipe, words, out: Path):
     """Base latents of every fresh word and the class the judge sees in each (cached in ``out``)."""
     path = out / "fresh_base.safetensors"
+    labels = make_judge("toy").label_set(list(OBJECTS))  # the toy classifier's own columns (its "nothing" among them)
     if path.is_file():
         t = load_file(path)
-        return t["latents"], [OBJECTS[i] for i in t["predicted"].tolist()]
+        return t["latents"], [labels[i] for i in t["predicted"].tolist()]
     bundle = pipe.bundle
     size = bundle.image_size
     items = [Item(p, s, bundle.default_guidance, size, size, prompt_index=i, sample_index=s)
@@ -60,7 +69,7 @@ def base_images(pipe, words, out: Path):
     probs = make_judge("toy").probabilities(images, list(OBJECTS), ALIASES)
     predicted = probs.argmax(-1)
     save_file({"latents": latents.contiguous(), "predicted": predicted.contiguous()}, str(path))
-    return latents, [OBJECTS[i] for i in predicted.tolist()]
+    return latents, [labels[i] for i in predicted.tolist()]
 
 
 def run_scores(pipe, run_dir: Path, words, latents, out: Path) -> dict:
@@ -84,10 +93,10 @@ def run_scores(pipe, run_dir: Path, words, latents, out: Path) -> dict:
 def thresholds(scores: dict, p: float, q: float) -> tuple[float, float]:
     cal = scores["prompt_calibration"]
     prompt = gate_threshold(max(cal["anchor_scores"].values()), min(cal["concept_scores"].values()), p)
-    return prompt, image_threshold(*calibration_scores(scores["image_calibration"]), q)
+    return prompt, image_threshold(*calibration_scores(scores["image_calibration"]), q, ceiling=None)  # rules cap below
 
 
-def decide(scores: dict, words, rule: str, p: float, q: float) -> list[bool]:
+def decide(scores: dict, words, rule: str, p: float, q: float, b: float = 0.0) -> list[bool]:
     """Per image: erased or flagged under ``rule``."""
     if p is None:  # the run's own stored position
         p = scores["prompt_calibration"].get("position", 0.5)
@@ -98,12 +107,21 @@ def decide(scores: dict, words, rule: str, p: float, q: float) -> list[bool]:
         over = scores["prompt_scores"][i] > prompt_t
         for k, _ in enumerate(SEEDS):
             s = scores["image_scores"][i * len(SEEDS) + k]
-            if rule == "image":
-                out.append(s < usual)
+            if rule == "image":  # the image gate alone at position q
+                out.append(s < lenient)
+            elif rule == "cap":  # position 0.8, never past the anchors' calibration scores' q-quantile
+                concept_cal, anchor_cal = calibration_scores(scores["image_calibration"])
+                out.append(s < min(usual, float(np.quantile(anchor_cal, q))))
+            elif rule == "below":  # position 0.8, never above the score q (0: the concept explains it better)
+                out.append(s < min(usual, q))
             elif rule == "front":
                 out.append(over or s < usual)
             elif rule == "suspect":
                 out.append(s < (lenient if over else usual))
+            elif rule == "suspect-below":  # suspects at position q, the others at 0.8 but never above b
+                out.append(s < (lenient if over else min(usual, b)))
+            elif rule == "suspect-at":  # suspects at position q, the others at position b
+                out.append(s < (lenient if over else thresholds(scores, p, b)[1]))
             elif rule == "prompt":
                 out.append(over)
     return out
@@ -111,10 +129,10 @@ def decide(scores: dict, words, rule: str, p: float, q: float) -> list[bool]:
 
 def table(all_scores: dict, words, predicted, rules) -> list[dict]:
     rows = []
-    for name, rule, p, q in rules:
+    for name, rule, p, q, *b in rules:
         per = {}
         for concept, scores in all_scores.items():
-            acted = decide(scores, words, rule, p, q)
+            acted = decide(scores, words, rule, p, q, *b)
             own = [a for (w, c), a, pr in zip([wc for wc in words for _ in SEEDS], acted, predicted)
                    if c == concept and pr == concept]
             other = [a for (w, c), a, pr in zip([wc for wc in words for _ in SEEDS], acted, predicted)
@@ -129,16 +147,23 @@ def table(all_scores: dict, words, predicted, rules) -> list[dict]:
     return rows
 
 
-def main(runs: str, out: str):
+def main(runs: str, out: str, model: str = "toyworld"):
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     words = fresh_words(Path(__file__).with_name("fresh_words.tsv"))
-    pipe = UnGuidePipeline.from_pretrained("toyworld")
+    pipe = UnGuidePipeline.from_pretrained(model)
     latents, predicted = base_images(pipe, words, out_dir)
     run_dirs = sorted(d for d in Path(runs).glob("*/selective") if (d / "erasure.json").is_file())
     all_scores = {d.parent.name: run_scores(pipe, d, words, latents, out_dir) for d in run_dirs}
-    rules = [("image (0.8)", "image", None, 0.8), ("prompt alone (run's p)", "prompt", None, 0.8),
+    rules = [(f"image ({q})", "image", None, q) for q in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    rules += [(f"cap: 0.8, at most q{a} of anchors", "cap", None, a) for a in (0.0, 0.02, 0.05, 0.1)]
+    rules += [(f"below: 0.8, at most {b}", "below", None, b) for b in (0.0, -0.02, -0.05, -0.1)]
+    rules += [(f"suspect-below p={p} q={q} b={b}", "suspect-below", p, q, b) for p in (None, 0.5) for q in (0.8, 1.0, 1.5, 2.0)
+              for b in (0.0, -0.02, -0.03, -0.05, -0.07, -0.1)]
+    rules += [(f"suspect-at p={p} q={q} u={u}", "suspect-at", p, q, u) for p in (None,) for q in (1.0, 2.0)
+              for u in (0.4, 0.5, 0.6, 0.7)]
+    rules += [("prompt alone (run's p)", "prompt", None, 0.8),
              ("front, run's p (calibrated+image today)", "front", None, 0.8)]
     rules += [(f"front p={p}", "front", p, 0.8) for p in (0.5, 0.7, 0.8, 0.9)]
     rules += [(f"suspect p={p} q={q}", "suspect", p, q) for p in (None, 0.0, 0.5) for q in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)]
@@ -153,4 +178,4 @@ def main(runs: str, out: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
