@@ -6,8 +6,8 @@ import torch
 
 from unguide.errors import UnguideError
 from unguide.sampling.images import Item, sample_latents_batched
-from unguide.guidance.image_gate import (IMAGE_GATE_CEILING, SUSPECT_POSITION, DetectorConfig, ImageGate,
-                                         candidate_prompts, detector_scores, image_threshold)
+from unguide.guidance.image_gate import (SUSPECT_POSITION, DetectorConfig, ImageGate, candidate_prompts, detector_scores,
+                                         image_threshold)
 
 SUN = ["a photo of the sun", "a photo of the sunshine"]
 ANCHORS = ["a photo of the moon", "a photo of the star", "a photo of the heart", "a photo of the house", ""]
@@ -43,13 +43,11 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
     concept, anchors = candidate_prompts(SUN, ["a photo of the moon", "a photo of the sky", "a photo of the sand"],
                                          DetectorConfig(anchors=2))
     assert concept == SUN and anchors == ["a photo of the moon", ""]
-    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.5, ceiling=None) == pytest.approx((-0.22 + 0.44) / 2,
-                                                                                                  abs=0.01)
-    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.0) < image_threshold([-0.5], [0.4], 1.0, ceiling=None)
-    # never above the ceiling: an image no anchor explains better than the concept's prompts by 7% is not flagged
-    assert IMAGE_GATE_CEILING < 0
-    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.5) == IMAGE_GATE_CEILING
-    assert image_threshold([-0.9, -0.8], [-0.4, -0.3], 0.5) == pytest.approx((-0.81 - 0.39) / 2, abs=0.01)  # under it
+    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.5) == pytest.approx((-0.22 + 0.44) / 2, abs=0.01)
+    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.0) < image_threshold([-0.5], [0.4], 1.0)
+    # a ceiling caps the placed threshold and leaves one under it alone
+    assert image_threshold([-0.5, -0.3, -0.2], [0.4, 0.6, 0.8], 0.5, ceiling=-0.07) == -0.07
+    assert image_threshold([-0.9, -0.8], [-0.4, -0.3], 0.5, ceiling=-0.07) == pytest.approx(-0.6, abs=0.01)
     with pytest.raises(UnguideError):
         DetectorConfig(timesteps=(0, 1200))
     with pytest.raises(UnguideError, match="no calibrated image gate"):
@@ -57,16 +55,15 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
     stored = {"threshold": 0.1, "detector": {"timesteps": [400, 600], "draws": 1, "anchors": 9, "seed": 0,
                                              "batch_size": 64},
               "concept_candidates": ["c"], "anchor_candidates": [""], "scores": {"c": [-0.5, -0.3], "": [0.4, 0.6]}}
-    assert ImageGate.from_stored(stored).threshold == IMAGE_GATE_CEILING  # the run's own (0.1), capped
+    assert ImageGate.from_stored(stored).threshold == 0.1  # the run's own
     assert ImageGate.from_stored(stored, 0.5).threshold == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], 0.5))
     with pytest.raises(UnguideError, match="outside"):
         ImageGate.from_stored(stored, 1.5)
     # a suspect's threshold: past the anchors' calibration images (SUSPECT_POSITION), never stricter than the usual
     lenient = ImageGate.from_stored(stored).suspect_threshold
-    assert lenient == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], SUSPECT_POSITION, None)) and lenient > 0.6
+    assert lenient == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], SUSPECT_POSITION)) and lenient > 0.6
     assert ImageGate.from_stored(stored).threshold_for(True) == lenient
-    assert ImageGate.from_stored(stored).threshold_for(False) == IMAGE_GATE_CEILING
-    assert ImageGate.from_stored({**stored, "threshold": -0.4}).threshold == -0.4  # under the ceiling: the run's own
+    assert ImageGate.from_stored(stored).threshold_for(False) == 0.1
 
 
 def test_a_prompt_gate_in_front_of_the_image_gate_suspects_and_never_erases():

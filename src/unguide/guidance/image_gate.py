@@ -15,11 +15,9 @@ one's output is converted to noise first).
 
 The threshold is calibrated at the end of erasure on the base model's own generations of the concept's prompts and of
 the anchors (never on evaluation prompts) and stored in the run beside the prompt gate's:
-``threshold = min(high_concept + position * (low_anchor - high_concept), ceiling)``, with ``high_concept`` a high
-quantile of the concept images' scores and ``low_anchor`` a low quantile of the anchor images' (quantiles, not extremes,
-so one badly drawn calibration image does not move the gate), and the ceiling a score below 0 (an image of a class
-that is no anchor has only "" and the backgrounds to compete with the concept's prompts: its score sits near 0, where
-the anchors' own images, explained by their own prompts, do not tell the gate to stop).
+``threshold = high_concept + position * (low_anchor - high_concept)``, with ``high_concept`` a high quantile of the
+concept images' scores and ``low_anchor`` a low quantile of the anchor images' (quantiles, not extremes, so one
+badly drawn calibration image does not move the gate).
 
 What a flagged image becomes is the guide's business (:class:`unguide.guidance.unguidance.UnGuide`): it is redrawn from the same
 noise with the erasure.
@@ -123,22 +121,15 @@ IMAGE_GATE_POSITION = 0.8  # chosen on fresh words (docs/findings-toyworld.md), 
 # calibration images by as much again, so a suspect image is flagged unless it clearly looks like an anchor; chosen on
 # fresh words (scripts/gate_fresh.py, docs/findings-toyworld.md), never on benchmark prompts
 SUSPECT_POSITION = 2.0
-# the usual threshold never lies above this score: an image is flagged only where one of the concept's prompts explains
-# it at least 7% better (in the log of the error) than every anchor does. Why: the anchors' calibration images are
-# explained by their own prompts, but an image of a class that is no anchor has only "" and the backgrounds to compete
-# with the concept's prompts, so a threshold placed by the anchors' images alone can lie above such images' scores
-# (toyworld-flow: 0.01-0.03); chosen on fresh words on both embedded models (scripts/gate_fresh.py,
-# docs/findings-toyworld.md), never on benchmark prompts. A suspect's threshold (SUSPECT_POSITION) is not capped.
-IMAGE_GATE_CEILING = -0.07
 QUANTILE = 0.9  # calibration reads the concept images' 90th and the anchor images' 10th percentile
-IMAGE_RULE = ("threshold = min(q90(concept images' scores) + position x (q10(anchor images' scores) - q90(concept "
-              f"images' scores)), {IMAGE_GATE_CEILING}); scores from the base model's own generations of the concept's "
-              "prompts and of the anchors")
+IMAGE_RULE = ("threshold = q90(concept images' scores) + position x (q10(anchor images' scores) - q90(concept images' "
+              "scores)); scores from the base model's own generations of the concept's prompts and of the anchors")
 
 
 def image_threshold(concept_scores: Sequence[float], anchor_scores: Sequence[float],
-                    position: float = IMAGE_GATE_POSITION, ceiling: Optional[float] = IMAGE_GATE_CEILING) -> float:
-    """Where the threshold sits between the two groups of calibration scores, at most ``ceiling`` (None: no cap)."""
+                    position: float = IMAGE_GATE_POSITION, ceiling: Optional[float] = None) -> float:
+    """Where the threshold sits between the two groups of calibration scores; ``ceiling``: never above this score
+    (None, the default: no cap; studied on both embedded models, not adopted: docs/findings-toyworld.md)."""
     high_concept = float(np.quantile(concept_scores, QUANTILE))
     low_anchor = float(np.quantile(anchor_scores, 1 - QUANTILE))
     placed = high_concept + position * (low_anchor - high_concept)
@@ -209,7 +200,7 @@ class ImageGate:
                                "settings and `out` (it adds the image gate's calibration to the finished run)")
         det = dict(stored["detector"])
         det["timesteps"] = tuple(det["timesteps"])
-        threshold = min(float(stored["threshold"]), IMAGE_GATE_CEILING)  # a run calibrated before the cap gets it
+        threshold = float(stored["threshold"])
         concept, anchors = calibration_scores(stored)
         if position is not None:
             if not 0.0 <= position <= 1.0:
@@ -218,7 +209,7 @@ class ImageGate:
                                    f"{stored.get('position', IMAGE_GATE_POSITION):g})")
             threshold = image_threshold(concept, anchors, position)
         return ImageGate(tuple(stored["concept_candidates"]), tuple(stored["anchor_candidates"]), threshold,
-                         DetectorConfig(**det), max(threshold, image_threshold(concept, anchors, SUSPECT_POSITION, ceiling=None)))
+                         DetectorConfig(**det), max(threshold, image_threshold(concept, anchors, SUSPECT_POSITION)))
 
     def scores(self, bundle, adapter, latents: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return detector_scores(bundle, adapter, latents, seeds, self.concept, self.anchors, self.detector)
