@@ -102,6 +102,15 @@ def decide(scores: dict, words, rule: str, p: float, q: float, b: float = 0.0) -
         p = scores["prompt_calibration"].get("position", 0.5)
     usual = thresholds(scores, p, 0.8)[1]
     prompt_t, lenient = thresholds(scores, p, q)
+    calibration = calibration_scores(scores["image_calibration"])
+    # the threshold a rule puts on images that are no suspects (computed once per run, not per image)
+    other = usual
+    if rule == "cap":  # never past the anchors' q-quantile
+        other = min(usual, float(np.quantile(calibration[1], q)))
+    elif rule in ("below", "suspect-below"):  # never above the score q (below) or b (suspects at q)
+        other = image_threshold(*calibration, 0.8, ceiling=q if rule == "below" else b)
+    elif rule == "suspect-at":  # suspects at q, the others at position b
+        other = thresholds(scores, p, b)[1]
     out = []
     for i, _ in enumerate(words):
         over = scores["prompt_scores"][i] > prompt_t
@@ -109,19 +118,12 @@ def decide(scores: dict, words, rule: str, p: float, q: float, b: float = 0.0) -
             s = scores["image_scores"][i * len(SEEDS) + k]
             if rule == "image":  # the image gate alone at position q
                 out.append(s < lenient)
-            elif rule == "cap":  # position 0.8, never past the anchors' calibration scores' q-quantile
-                concept_cal, anchor_cal = calibration_scores(scores["image_calibration"])
-                out.append(s < min(usual, float(np.quantile(anchor_cal, q))))
-            elif rule == "below":  # position 0.8, never above the score q (0: the concept explains it better)
-                out.append(s < min(usual, q))
+            elif rule in ("cap", "below"):
+                out.append(s < other)
             elif rule == "front":
                 out.append(over or s < usual)
-            elif rule == "suspect":
-                out.append(s < (lenient if over else usual))
-            elif rule == "suspect-below":  # suspects at position q, the others at 0.8 but never above b
-                out.append(s < (lenient if over else min(usual, b)))
-            elif rule == "suspect-at":  # suspects at position q, the others at position b
-                out.append(s < (lenient if over else thresholds(scores, p, b)[1]))
+            elif rule in ("suspect", "suspect-below", "suspect-at"):
+                out.append(s < (lenient if over else other))
             elif rule == "prompt":
                 out.append(over)
     return out
