@@ -1,5 +1,6 @@
 """The image gate: a diffusion-classifier detector on the finished latent, its calibration, and the redraw."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,6 +60,8 @@ def test_candidates_keep_the_empty_prompt_and_the_threshold_sits_between_the_gro
     assert ImageGate.from_stored(stored, 0.5).threshold == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], 0.5))
     with pytest.raises(UnguideError, match="outside"):
         ImageGate.from_stored(stored, 1.5)
+    # a run calibrated under a ceiling keeps it when the position is changed at generation
+    assert ImageGate.from_stored({**stored, "ceiling": -0.07}, 0.5).threshold == -0.07
     # a suspect's threshold: past the anchors' calibration images (SUSPECT_POSITION), never stricter than the usual
     lenient = ImageGate.from_stored(stored).suspect_threshold
     assert lenient == pytest.approx(image_threshold([-0.5, -0.3], [0.4, 0.6], SUSPECT_POSITION)) and lenient > 0.6
@@ -150,6 +153,10 @@ def test_the_image_gate_runs_on_stable_diffusion_and_a_rerun_adds_its_calibratio
     weights = (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
     again = erase(bundle, spec, run, cfg, progress=False)
     assert again.calibration.image["threshold"] == pytest.approx(image["threshold"])
+    assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
+    # asked for a ceiling on the threshold: recalibrated under it (stored with it), nothing retrained
+    capped = erase(bundle, spec, run, replace(cfg, calibration_ceiling=-5.0), progress=False).calibration.image
+    assert capped["ceiling"] == -5.0 and capped["threshold"] == -5.0
     assert (run / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == weights
 
 

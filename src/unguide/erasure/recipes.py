@@ -38,6 +38,10 @@ def register_recipe(name: str, settings: dict, gates: GateDefaults,
     RECIPE_DENOISER_SETTINGS[name] = per_denoiser
 
 
+# EraseConfig fields that say how a run's gates are calibrated, not how its adapter is trained: a finished run asked for
+# other values is recalibrated, not retrained
+CALIBRATION_SETTINGS = ("calibration_steps", "calibration_samples", "calibration_ceiling")
+
 TimestepMapping = Literal["reference", "aligned"]
 TIMESTEP_MAPPINGS: tuple[str, ...] = get_args(TimestepMapping)
 
@@ -77,6 +81,9 @@ class EraseConfig:
     # base images per calibration prompt (the same rule: another value recalibrates, does not retrain); fewer make
     # quick runs and tests cheaper at the price of a noisier threshold
     calibration_samples: int = CALIBRATION_SAMPLES
+    # the image gate's usual threshold never above this score (None: no cap; image_gate.image_threshold); the same
+    # rule: another value recalibrates, does not retrain
+    calibration_ceiling: Optional[float] = None
     # where each iteration's points z_k come from (erasure/schedule.py): "fresh" (reference, ESD's) draws a partial
     # trajectory with the model being trained for every sample; "cached" draws the base model's trajectories of the
     # erased prompts once (``trajectories`` noises each, in one batch) and reads every sample's z_k from them

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from .adapters import LORA_FILE, make_adapter
 from .concepts import ConceptSpec, default_anchors
-from .recipes import RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS, EraseConfig, register_recipe  # noqa: F401
+from .recipes import (CALIBRATION_SETTINGS, RECIPE_GATES, RECIPE_SETTINGS, RECIPES, TIMESTEP_MAPPINGS,  # noqa: F401
+                      EraseConfig, register_recipe)
 from .objective import BASE_BATCH, base_outputs, negative_guidance_loss
 from .schedule import TrajectoryPool, fresh_points, plan_iteration
 from .runs import METADATA_FILE, RUN_VERSION, ErasureRun, read_run
@@ -171,7 +172,8 @@ def calibrate(bundle, adapter, concept: ConceptSpec, cfg: EraseConfig, progress:
     anchors = gate_anchors(concept, cfg)
     prompt = calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position)
     image = calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps,
-                                 samples=cfg.calibration_samples, progress=progress) if anchors else None
+                                 samples=cfg.calibration_samples, ceiling=cfg.calibration_ceiling,
+                                 progress=progress) if anchors else None
     return Calibration(prompt, image)
 
 
@@ -293,9 +295,11 @@ def _log_iteration(out: Path, i: int, samples, loss: float, several_prompts: boo
 
 def _image_gate_current(stored: Optional[dict], cfg: EraseConfig) -> bool:
     """Whether a run's image gate was calibrated with today's detector on ``cfg.calibration_samples`` drawings of
-    ``cfg.calibration_steps`` steps (a calibration is only valid for its detector and the images it saw)."""
+    ``cfg.calibration_steps`` steps and placed under ``cfg.calibration_ceiling`` (a calibration is only valid for its
+    detector and the images it saw)."""
     if not stored or "detector" not in stored or stored.get("steps", 50) != cfg.calibration_steps \
-            or stored.get("samples", CALIBRATION_SAMPLES) != cfg.calibration_samples:
+            or stored.get("samples", CALIBRATION_SAMPLES) != cfg.calibration_samples \
+            or stored.get("ceiling") != cfg.calibration_ceiling:
         return False
     return DetectorConfig(**{**stored["detector"], "timesteps": tuple(stored["detector"]["timesteps"])}) == DetectorConfig()
 
@@ -312,7 +316,7 @@ def _recalibrate(bundle, concept: ConceptSpec, cfg: EraseConfig, run: ErasureRun
             calibrate_gate(bundle, adapter, concept, anchors, progress=progress, position=cfg.gate_position) if prompt
             else run.calibration.prompt,
             calibrate_image_gate(bundle, adapter, concept, anchors, steps=cfg.calibration_steps,
-                                 samples=cfg.calibration_samples, progress=progress)
+                                 samples=cfg.calibration_samples, ceiling=cfg.calibration_ceiling, progress=progress)
             if image else run.calibration.image)
     finally:
         adapter.remove()
@@ -327,7 +331,7 @@ def _same_config(stored: Optional[dict], cfg: EraseConfig) -> bool:
     so runs of earlier versions still resume and attach."""
     if stored is None:
         return False
-    calibration = {"calibration_steps": None, "calibration_samples": None}  # how the gate is calibrated, not trained
+    calibration = dict.fromkeys(CALIBRATION_SETTINGS)  # how the gate is calibrated, not how the adapter is trained
     return {**asdict(EraseConfig()), **stored, **calibration} == {**asdict(cfg), **calibration}
 
 
@@ -336,7 +340,7 @@ def _differences(stored: dict, cfg: EraseConfig) -> str:
     agree (the concept or the base model differ)."""
     now = asdict(cfg)
     differ = [f"{k}: {v!r} there, {now[k]!r} here" for k, v in {**asdict(EraseConfig()), **stored}.items()
-              if k in now and v != now[k] and not k.startswith("calibration_")]
+              if k in now and v != now[k] and k not in CALIBRATION_SETTINGS]
     return f" ({'; '.join(differ[:4])})" if differ else ""
 
 

@@ -138,9 +138,11 @@ def image_threshold(concept_scores: Sequence[float], anchor_scores: Sequence[flo
 
 def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: DetectorConfig = DetectorConfig(),
                          samples: int = CALIBRATION_SAMPLES, seed: int = 10_000, position: float = IMAGE_GATE_POSITION,
-                         batch_size: int = 32, steps: int = 50, progress: bool = True) -> dict:
+                         batch_size: int = 32, steps: int = 50, ceiling: Optional[float] = None,
+                         progress: bool = True) -> dict:
     """Draw ``samples`` base images of each concept prompt and each anchor candidate (seeds from ``seed``, apart
-    from the usual evaluation seeds), score them, and store the detector's candidates, scores and threshold. Cost:
+    from the usual evaluation seeds), score them, and store the detector's candidates, scores and threshold (never
+    above ``ceiling`` when one is given, stored with it so a changed ``position`` keeps it). Cost:
     (concept prompts + anchor candidates) x samples images, 13 x 8 = 104 for a toy preset."""
     from ..sampling.images import Item, sample_latents_batched
 
@@ -166,8 +168,8 @@ def calibrate_image_gate(bundle, adapter, concept, anchors: Sequence[str], cfg: 
     return {"rule": IMAGE_RULE, "detector": asdict(cfg), "concept_candidates": cand_concept,
             "anchor_candidates": cand_anchors, "samples": samples, "seed": seed, "guidance": bundle.default_guidance,
             **({"steps": steps} if steps != 50 else {}),
-            "position": position, "scores": per_prompt,
-            "threshold": image_threshold(concept_scores, anchor_scores, position),
+            "position": position, **({"ceiling": ceiling} if ceiling is not None else {}), "scores": per_prompt,
+            "threshold": image_threshold(concept_scores, anchor_scores, position, ceiling),
             "separated": max(concept_scores) < min(anchor_scores)}
 
 
@@ -207,7 +209,7 @@ class ImageGate:
                 raise UnguideError(f"image gate position {position:g} is outside [0, 1]: 0 puts the threshold at the "
                                    "concept's calibration images, 1 at the anchors' (the run's own: "
                                    f"{stored.get('position', IMAGE_GATE_POSITION):g})")
-            threshold = image_threshold(concept, anchors, position)
+            threshold = image_threshold(concept, anchors, position, stored.get("ceiling"))
         return ImageGate(tuple(stored["concept_candidates"]), tuple(stored["anchor_candidates"]), threshold,
                          DetectorConfig(**det), max(threshold, image_threshold(concept, anchors, SUSPECT_POSITION)))
 
